@@ -1,0 +1,70 @@
+"""The contract every backend meets, and the records they hand back.
+
+A backend runs one model. It tokenizes with the model's own tokenizer, returns
+logits for every position, and the hidden state after every decoder layer on a
+common index: ``hidden[i]`` is the output of decoder layer ``i``; the last
+layer's entry is taken *before* the final norm, so that index means the same
+thing for transformers, llama.cpp and exllamav2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class ModelInfo:
+    """What can be known about a model without running it (cheap: config/header reads only)."""
+
+    path: str
+    backend: str
+    architecture: str | None = None
+    num_layers: int | None = None
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    dtype: str | None = None
+    library_version: str | None = None
+    quantization: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ForwardOutput:
+    """One sequence's outputs.
+
+    logits: float32 ``[T, V]``; hidden: float32 ``[L, T, H]`` or None;
+    sublayers: optional per-layer sub-block outputs, e.g. ``{"attn": [L, T, H], "mlp": [L, T, H]}``.
+    """
+
+    logits: np.ndarray
+    hidden: np.ndarray | None = None
+    sublayers: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A loaded model. Create with ``open_backend``; call ``close`` to free it."""
+
+    info: ModelInfo
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids as the model would see ``text``, special tokens (BOS) added as the model does."""
+
+    def decode_piece(self, token_id: int) -> str:
+        """The text of one token, for readable diffs."""
+
+    def forward(self, tokens: Sequence[int], *, hidden_states: bool = True) -> ForwardOutput:
+        """Logits for every position (and per-layer hidden states) for one sequence."""
+
+    def special_tokens(self) -> dict[str, Any]:
+        """BOS/EOS ids and whether the tokenizer adds them, for the tokenizer checks."""
+
+    def close(self) -> None:
+        """Free the model's memory (CPU and GPU) deterministically."""

@@ -1,0 +1,213 @@
+"""On-disk store of one model's outputs over one corpus.
+
+An entry is a directory named by its key, holding one ``.npy`` file per array
+(read back memory-mapped, so a large corpus is never all in memory) and a
+``meta.json`` with a SHA-256 for every file. Entries are written into a private
+temporary directory and renamed into place in one step, so a killed run, a full
+disk or two xdist workers racing never leave a torn entry; a damaged entry fails
+its checksum and is recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheError
+
+FORMAT_VERSION = 1
+META = "meta.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_fingerprint(files: Iterable[Path], root: Path | None = None) -> str:
+    """A cheap content fingerprint: size plus hashes of the first, middle and last MiB of each file.
+
+    Small files (< 8 MiB) are hashed whole. Re-converting a model in place changes it;
+    copying it elsewhere does not.
+    """
+    h = hashlib.sha256()
+    window = 1 << 20
+    for f in sorted(Path(p) for p in files):
+        size = f.stat().st_size
+        name = str(f.relative_to(root)) if root and f.is_relative_to(root) else f.name
+        h.update(f"{name}:{size}\n".encode())
+        with f.open("rb") as fh:
+            if size <= 8 * window:
+                h.update(fh.read())
+            else:
+                for off in (0, size // 2, size - window):
+                    fh.seek(off)
+                    h.update(fh.read(window))
+    return h.hexdigest()[:20]
+
+
+def make_key(parts: dict[str, Any]) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class CacheEntry:
+    """A complete, verified entry (read side)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.meta = meta
+
+    def has(self, name: str) -> bool:
+        return name in self.meta["files"]
+
+    def array(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+
+class EntryWriter:
+    """Builds an entry in a temporary directory; ``commit`` moves it into place atomically."""
+
+    def __init__(self, cache: Cache, key: str) -> None:
+        self.cache = cache
+        self.key = key
+        cache.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache.root))
+        self.files: dict[str, str] = {}
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        target = self.tmp / f"{name}.npy"
+        try:
+            with target.open("wb") as fh:
+                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.cache.root, exc) from exc
+        self.files[name] = sha256_file(target)
+
+    def array(self, name: str) -> np.ndarray:
+        """Read back something already written (before commit)."""
+        return np.load(self.tmp / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+
+    def commit(self, meta: dict[str, Any]) -> CacheEntry:
+        meta = {**meta, "format": FORMAT_VERSION, "key": self.key, "files": self.files}
+        try:
+            with (self.tmp / META).open("w", encoding="utf-8") as fh:
+                json.dump(meta, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self.abort()
+            raise _write_error(self.cache.root, exc) from exc
+        final = self.cache.root / self.key
+        try:
+            os.rename(self.tmp, final)
+        except OSError:
+            # Someone else finished the same entry first (xdist), or a damaged one is in the way.
+            existing = self.cache.get(self.key)
+            if existing is not None:
+                self.abort()
+                return existing
+            trash = self.cache.root / f".trash-{self.key}-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(OSError):
+                os.rename(final, trash)
+            os.rename(self.tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        return CacheEntry(final, meta)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_error(root: Path, exc: OSError) -> CacheError:
+    if exc.errno == errno.ENOSPC:
+        why = "the disk is full"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "it is not writable"
+    else:
+        why = str(exc)
+    return CacheError(
+        f"convdiff cache {root}: could not write an entry because {why}; nothing partial was kept. "
+        "Free space or point --convdiff-cache-dir elsewhere."
+    )
+
+
+@dataclass
+class Cache:
+    """A directory of entries. ``enabled=False`` still writes (to a scratch dir) but never reads."""
+
+    root: Path
+    read: bool = True
+
+    def get(self, key: str) -> CacheEntry | None:
+        """The verified entry, or None. A damaged entry is removed (and reported) so it is recomputed."""
+        if not self.read:
+            return None
+        path = self.root / key
+        meta_path = path / META
+        if not meta_path.is_file():
+            return None
+        problem = None
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+                problem = "written by another format version"
+            else:
+                for name, digest in meta["files"].items():
+                    f = path / f"{name}.npy"
+                    if not f.is_file():
+                        problem = f"{f.name} is missing"
+                        break
+                    if sha256_file(f) != digest:
+                        problem = f"{f.name} fails its checksum"
+                        break
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = f"meta.json is unreadable ({exc})"
+        if problem:
+            warnings.warn(f"convdiff cache entry {path} is damaged ({problem}); recomputing it.", stacklevel=2)
+            self.discard(key)
+            return None
+        return CacheEntry(path, meta)
+
+    def writer(self, key: str) -> EntryWriter:
+        return EntryWriter(self, key)
+
+    def discard(self, key: str) -> None:
+        path = self.root / key
+        trash = self.root / f".trash-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(path, trash)
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_stale(self) -> None:
+        """Remove leftovers of killed runs (temporary and trash directories)."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.name.startswith((".tmp-", ".trash-")):
+                # Only leftovers of dead processes: a live writer's dir is young.
+                with contextlib.suppress(OSError):
+                    import time
+
+                    if time.time() - p.stat().st_mtime > 3600:
+                        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,486 @@
+"""pytest glue: options, collection of check items, the pair fixture, reports.
+
+Everything that computes lives in the library (compare, runner, metrics, cache,
+report); this module parses options at configure time, turns each planned check
+of each pair into a test item, runs the pair lazily on its first item, and ships
+each item's result through ``user_properties`` so the summary and the JSON
+report also work under pytest-xdist.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from . import report
+from .bounds import Bounds, default_bounds, parse_bound_overrides
+from .cache import Cache
+from .compare import ERROR, FAILED, SKIPPED, CheckResult, PairResult, error_result, evaluate, plan_checks
+from .corpus import Corpus, load_corpus
+from .errors import ConvdiffError
+from .runner import ModelRun, ModelSpec, RunSettings, run_model
+
+PROPERTY = "convdiff"
+
+
+# --------------------------------------------------------------------------- options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("convdiff", "model-conversion checks (pytest-convdiff)")
+
+    def add(*names: str, ini: str, help: str, type_: str | None = None, default: Any = None, **kw: Any) -> None:
+        g.addoption(*names, dest=ini, default=None, help=help, **kw)
+        parser.addini(ini, help=help, type=type_, default=default)
+
+    add("--model-a", ini="convdiff_model_a", metavar="PATH",
+        help="reference model: transformers checkpoint dir, .gguf, EXL2 dir, or saved reference")
+    add("--model-b", ini="convdiff_model_b", action="append", metavar="PATH", type_="linelist", default=[],
+        help="converted model to check against --model-a; repeat for several (one pair each)")
+    add("--convdiff-backend-a", "--backend-a", ini="convdiff_backend_a", metavar="NAME",
+        help="backend for model A (transformers, llama.cpp, exllamav2, reference); default: detected from the path")
+    add("--convdiff-backend-b", "--backend-b", ini="convdiff_backend_b", metavar="NAME",
+        help="backend for the B models; default: detected from each path")
+    add("--convdiff-option-a", ini="convdiff_options_a", action="append", metavar="KEY=VALUE", type_="linelist",
+        default=[], help="backend option for model A, e.g. dtype=float32, device=cuda, n_gpu_layers=99")
+    add("--convdiff-option-b", ini="convdiff_options_b", action="append", metavar="KEY=VALUE", type_="linelist",
+        default=[], help="backend option for the B models, e.g. no_sdpa=true, n_threads=8")
+    add("--convdiff-prompts", ini="convdiff_prompts", metavar="FILE",
+        help="evaluation corpus: .txt (one prompt per line), .jsonl, .parquet, or 'default' / 'quick'")
+    add("--convdiff-max-tokens", ini="convdiff_max_tokens", metavar="N",
+        help="truncate each prompt to N tokens (reported); default: no truncation")
+    add("--convdiff-bound", ini="convdiff_bounds", action="append", metavar="NAME=VALUE", type_="linelist",
+        default=[], help=f"override a default bound ({', '.join(Bounds.names())}); repeatable")
+    add("--convdiff-cache-dir", ini="convdiff_cache_dir", metavar="DIR",
+        help="where model outputs are cached (default: .pytest_cache/d/convdiff)")
+    add("--convdiff-json", ini="convdiff_json", metavar="PATH", help="write a JSON report of every pair")
+    g.addoption("--convdiff-refresh", action="store_true", default=False,
+                help="recompute model outputs even when the cache holds valid entries")
+    add("--convdiff-no-layers", ini="convdiff_no_layers", action="store_true", type_="bool", default=False,
+        help="skip per-layer hidden states (logit checks only)")
+    add("--convdiff-no-tokenizer-cases", ini="convdiff_no_tokenizer_cases", action="store_true", type_="bool",
+        default=False, help="skip the built-in tricky tokenizer strings")
+    add("--convdiff-no-causality", ini="convdiff_no_causality", action="store_true", type_="bool", default=False,
+        help="skip the prefix-vs-full causality probe")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class PairSpec:
+    id: str
+    a: ModelSpec
+    b: ModelSpec
+    marks: tuple[str, ...] = ()
+    bound_overrides: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    """Everything a session needs, in config.stash."""
+
+    pairs: list[PairSpec]
+    corpus: Corpus
+    settings: RunSettings
+    bound_overrides: dict[str, float]
+    cache: Cache
+    refresh: bool
+    json_path: Path | None
+    results: dict[str, PairResult] = field(default_factory=dict)
+    runs: dict[str, tuple[ModelRun, ModelRun]] = field(default_factory=dict)
+    evaluations: dict[tuple[str, tuple], PairResult] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+STATE = pytest.StashKey[State]()
+
+
+def _opt(config: pytest.Config, name: str) -> Any:
+    """Command line first, then ini/pyproject."""
+    value = config.getoption(name)
+    if value in (None, [], False):
+        value = config.getini(name)
+    return value
+
+
+def parse_options(items: list[str], option: str) -> dict[str, Any]:
+    """``["dtype=float16", "n_gpu_layers=99"]`` -> typed dict; UsageError naming the option on bad input."""
+    out: dict[str, Any] = {}
+    for raw in items or []:
+        for part in str(raw).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise pytest.UsageError(f"{option}: expected KEY=VALUE, got {part!r}")
+            out[key.strip()] = _typed(value.strip())
+    return out
+
+
+def _typed(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def pair_ids(a: str, bs: list[str]) -> list[str]:
+    """Readable, unique ids: ``<A name>-vs-<B name>``."""
+    name_a = _UNSAFE.sub("_", Path(a).name) or "A"
+    ids = []
+    for b in bs:
+        base = f"{name_a}-vs-{_UNSAFE.sub('_', Path(b).name) or 'B'}"
+        candidate, n = base, 2
+        while candidate in ids:
+            candidate, n = f"{base}-{n}", n + 1
+        ids.append(candidate)
+    return ids
+
+
+def _validate_backend(name: str | None, option: str) -> str | None:
+    if not name:
+        return None
+    from .backends import normalize_backend_name
+
+    try:
+        return normalize_backend_name(name)
+    except ValueError as exc:
+        raise pytest.UsageError(f"{option}: {exc}") from None
+
+
+def build_state(config: pytest.Config) -> State | None:
+    model_a = _opt(config, "convdiff_model_a")
+    model_bs = [b for b in (_opt(config, "convdiff_model_b") or []) if str(b).strip()]
+    if not model_a and not model_bs:
+        return None
+    if not model_a:
+        raise pytest.UsageError("--model-b was given without --model-a: give the reference model with --model-a PATH.")
+    if not model_bs:
+        raise pytest.UsageError("--model-a was given without --model-b: give the converted model(s) with --model-b PATH.")
+    backend_a = _validate_backend(_opt(config, "convdiff_backend_a"), "--convdiff-backend-a")
+    backend_b = _validate_backend(_opt(config, "convdiff_backend_b"), "--convdiff-backend-b")
+    options_a = parse_options(_opt(config, "convdiff_options_a"), "--convdiff-option-a")
+    options_b = parse_options(_opt(config, "convdiff_options_b"), "--convdiff-option-b")
+
+    bounds: dict[str, float] = {}
+    for text in _opt(config, "convdiff_bounds") or []:
+        try:
+            bounds.update(parse_bound_overrides(str(text)))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+    max_tokens = _opt(config, "convdiff_max_tokens")
+    if max_tokens not in (None, ""):
+        try:
+            max_tokens = int(max_tokens)
+            if max_tokens < 2:
+                raise ValueError
+        except ValueError:
+            raise pytest.UsageError(f"--convdiff-max-tokens: expected an integer >= 2, got {max_tokens!r}") from None
+    else:
+        max_tokens = None
+
+    try:
+        corpus = load_corpus(_opt(config, "convdiff_prompts") or None)
+    except ConvdiffError as exc:
+        raise pytest.UsageError(f"--convdiff-prompts: {exc}") from None
+
+    settings = RunSettings(
+        hidden_states=not _opt(config, "convdiff_no_layers"),
+        tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),
+        causality=not _opt(config, "convdiff_no_causality"),
+        max_tokens=max_tokens,
+    )
+    cache_dir = _opt(config, "convdiff_cache_dir")
+    if cache_dir:
+        root = Path(os.path.expanduser(str(cache_dir)))
+        if root.exists() and not root.is_dir():
+            raise pytest.UsageError(f"--convdiff-cache-dir: {root} exists and is not a directory.")
+    elif getattr(config, "cache", None) is not None:
+        root = Path(config.cache.mkdir("convdiff"))
+    else:
+        from .compare import default_cache_dir
+
+        root = default_cache_dir()
+    json_path = _opt(config, "convdiff_json")
+    refresh = bool(config.getoption("convdiff_refresh"))
+    ids = pair_ids(str(model_a), [str(b) for b in model_bs])
+    pairs = [
+        PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(str(b), backend_b, options_b))
+        for pid, b in zip(ids, model_bs, strict=True)
+    ]
+    return State(pairs, corpus, settings, bounds, Cache(root, read=not refresh), refresh,
+                 Path(json_path) if json_path else None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "convdiff: a model-conversion check generated by pytest-convdiff")
+    config.addinivalue_line("markers", "convdiff_bounds(**bounds): override convdiff bounds for the marked checks")
+    state = build_state(config)
+    if state is not None:
+        config.stash[STATE] = state
+        state.cache.clean_stale()
+
+
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # Under xdist, keep all checks of a pair on one worker (each model loads once) unless
+    # the user chose a distribution mode themselves.
+    opt = config.option
+    if getattr(opt, "numprocesses", None) and getattr(opt, "dist", None) == "load":
+        args = [str(a) for a in config.invocation_params.args]
+        if not any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in args):
+            opt.dist = "loadgroup"
+
+
+# --------------------------------------------------------------------------- collection
+
+
+class ConvdiffCheckFailure(AssertionError):
+    """A check outside its bound; the message is the whole report."""
+
+
+class PairCollector(pytest.Collector):
+    """``convdiff[<pair>]``: the checks of one A/B pair."""
+
+    def __init__(self, *, pair: PairSpec, plan: list[tuple[str, str]], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.pair = pair
+        self.plan = plan
+
+    def collect(self) -> Iterator[ConvdiffItem]:
+        for name, param in self.plan:
+            item_name = f"{name}[{param}]" if param else name
+            item = ConvdiffItem.from_parent(self, name=item_name, check=(name, param))
+            item.order = len(self.plan) and self.plan.index((name, param))
+            item.add_marker(pytest.mark.convdiff)
+            item.add_marker(pytest.mark.xdist_group(self.pair.id))
+            for mark in self.pair.marks:
+                item.add_marker(getattr(pytest.mark, mark))
+            yield item
+
+
+class ConvdiffItem(pytest.Item):
+    def __init__(self, *, check: tuple[str, str], **kw: Any) -> None:
+        super().__init__(**kw)
+        self.check = check
+        self.order = 0
+        self.result: CheckResult | None = None
+        self.pair_result: PairResult | None = None
+
+    @property
+    def pair(self) -> PairSpec:
+        return self.parent.pair  # type: ignore[attr-defined]
+
+    def setup(self) -> None:
+        state = self.config.stash[STATE]
+        pair_result = pair_result_for(self.config, state, self.pair, self._marker_bounds())
+        self.pair_result = pair_result
+        if pair_result.error:
+            raise ConvdiffError(pair_result.error)
+
+    def _marker_bounds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for mark in reversed(list(self.iter_markers("convdiff_bounds"))):
+            for key, value in mark.kwargs.items():
+                out.update(parse_bound_overrides(f"{key}={value}", "@pytest.mark.convdiff_bounds"))
+        return out
+
+    def runtest(self) -> None:
+        assert self.pair_result is not None
+        check_id = f"{self.check[0]}[{self.check[1]}]" if self.check[1] else self.check[0]
+        try:
+            result = self.pair_result.check(check_id)
+        except KeyError:
+            raise ConvdiffError(f"check {check_id} was planned but not computed for pair {self.pair.id}") from None
+        self.result = result
+        if result.outcome == SKIPPED:
+            pytest.skip(result.message)
+        if result.outcome in (FAILED, ERROR):
+            raise ConvdiffCheckFailure(result.message)
+
+    def repr_failure(self, excinfo, style=None):  # type: ignore[override]
+        if isinstance(excinfo.value, (ConvdiffCheckFailure, ConvdiffError)):
+            head = f"convdiff {self.pair.id} :: {self.name}\n  A: {self.pair.a.path}\n  B: {self.pair.b.path}\n"
+            rerun = f"\nRerun just this check: pytest ... -k '{self.name}'" if isinstance(
+                excinfo.value, ConvdiffCheckFailure) else ""
+            return head + str(excinfo.value) + rerun
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return Path(self.pair.b.path), None, f"convdiff[{self.pair.id}]::{self.name}"
+
+
+def _probe_layers(spec: ModelSpec) -> int | None:
+    try:
+        return spec.probe().num_layers
+    except Exception:  # noqa: BLE001 - reported as the pair's error when it runs
+        return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    for pair in state.pairs:
+        plan = plan_checks(state.corpus, _probe_layers(pair.a), state.settings)
+        collector = PairCollector.from_parent(session, name=f"convdiff[{pair.id}]",
+                                              nodeid=f"convdiff[{pair.id}]", pair=pair, plan=plan)
+        items.extend(collector.collect())
+
+
+# --------------------------------------------------------------------------- running pairs
+
+
+def _progress(config: pytest.Config):
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or hasattr(config, "workerinput") or config.option.verbose < 0:
+        return lambda _msg: None
+
+    def emit(msg: str) -> None:
+        reporter.ensure_newline()
+        reporter.write_line(f"convdiff: {msg}", cyan=True)
+
+    return emit
+
+
+def pair_runs(config: pytest.Config, state: State, pair: PairSpec) -> tuple[ModelRun, ModelRun]:
+    """A then B (on A's tokens), each loaded only if its cache entry is missing, one at a time."""
+    if pair.id not in state.runs:
+        progress = _progress(config)
+        run_a = run_model(pair.a, state.corpus, state.cache, settings=state.settings, progress=progress,
+                          label=f"[{pair.id}] A ")
+        run_b = run_model(pair.b, state.corpus, state.cache, feed=run_a, settings=state.settings,
+                          progress=progress, label=f"[{pair.id}] B ")
+        state.runs[pair.id] = (run_a, run_b)
+    return state.runs[pair.id]
+
+
+def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
+                    marker_bounds: dict[str, float] | None = None) -> PairResult:
+    overrides = {**state.bound_overrides, **pair.bound_overrides, **(marker_bounds or {})}
+    key = (pair.id, tuple(sorted(overrides.items())))
+    if key in state.evaluations:
+        return state.evaluations[key]
+    if pair.id in state.results and state.results[pair.id].error:
+        return state.results[pair.id]
+    try:
+        run_a, run_b = pair_runs(config, state, pair)
+        cls, chosen = default_bounds(run_a.info, run_b.info)
+        result = evaluate(run_a, run_b, state.corpus, chosen.with_overrides(overrides), pair_id=pair.id, precision=cls)
+    except ConvdiffError as exc:
+        result = error_result(pair.id, pair.a, pair.b, [], f"{type(exc).__name__}: {exc}")
+    state.evaluations[key] = result
+    state.results.setdefault(pair.id, result)
+    return result
+
+
+# --------------------------------------------------------------------------- user fixture
+
+
+@dataclass
+class PairHandle:
+    """What a user's own test gets: both runs (cached logits, hidden states), the result, the metrics."""
+
+    id: str
+    a: ModelRun
+    b: ModelRun
+    result: PairResult
+    corpus: Corpus
+
+    @property
+    def metrics(self):
+        from . import metrics
+
+        return metrics
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "convdiff_pair" not in metafunc.fixturenames:
+        return
+    state = metafunc.config.stash.get(STATE, None)
+    ids = [p.id for p in state.pairs] if state else ["no-models"]
+    metafunc.parametrize("convdiff_pair", ids, indirect=True, ids=ids)
+
+
+@pytest.fixture
+def convdiff_pair(request: pytest.FixtureRequest) -> PairHandle:
+    """The pair's cached runs and evaluated result, for custom checks (parametrized over every --model-b)."""
+    state = request.config.stash.get(STATE, None)
+    if state is None:
+        pytest.skip("convdiff_pair needs --model-a and --model-b")
+    pair = next(p for p in state.pairs if p.id == request.param)
+    result = pair_result_for(request.config, state, pair)
+    if result.error:
+        raise ConvdiffError(result.error)
+    run_a, run_b = state.runs[pair.id]
+    return PairHandle(pair.id, run_a, run_b, result, state.corpus)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    outcome = yield
+    rep = outcome.get_result()
+    if not isinstance(item, ConvdiffItem):
+        return
+    if call.when == "call" or (call.when == "setup" and rep.outcome != "passed"):
+        pr = item.pair_result
+        payload = report.item_payload(item.pair.id, item.check, item.result, pr,
+                                      item.pair.a.path, item.pair.b.path, rep.outcome,
+                                      str(rep.longrepr) if rep.failed and item.result is None else None)
+        payload["check"]["order"] = item.order
+        rep.user_properties.append((PROPERTY, json.dumps(payload)))
+        if item.result is not None and item.result.value is not None:
+            rep.user_properties.append((f"convdiff_{item.check[0]}", repr(item.result.value)))
+            if item.result.threshold is not None:
+                rep.user_properties.append(("convdiff_bound", repr(item.result.threshold)))
+
+
+def _collect_payload(config: pytest.Config, rep: pytest.TestReport) -> None:
+    state = config.stash.get(STATE, None)
+    if state is None:
+        return
+    for name, value in rep.user_properties:
+        if name == PROPERTY:
+            report.merge_payload(state.reports, json.loads(value))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ARG001
+    state = config.stash.get(STATE, None)
+    if state is None or hasattr(config, "workerinput"):
+        return
+    for stat in ("passed", "failed", "error", "skipped"):
+        for rep in terminalreporter.stats.get(stat, []):
+            if isinstance(rep, pytest.TestReport) and rep.when in ("setup", "call"):
+                _collect_payload(config, rep)
+    pairs = report.build_pairs(state.reports, [p.id for p in state.pairs])
+    if not pairs:
+        return
+    terminalreporter.write_sep("=", "convdiff summary")
+    for line in report.summary_lines(pairs):
+        terminalreporter.write_line(line)
+    if state.json_path is not None:
+        report.write_json(state.json_path, pairs)
+        terminalreporter.write_line(f"convdiff: JSON report written to {state.json_path}")
