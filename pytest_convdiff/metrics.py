@@ -129,6 +129,7 @@ def first_divergent_layer(rfns: Sequence[float], bound: float, jump: float = 4.0
     late; a real defect shows as a jump. So, once some layer fails, the answer is
     the first layer at or before it whose rfn is more than ``jump`` times the
     largest rfn before it (and above a tenth of the bound), else the first failing layer.
+    A layer after exact zeros (identical so far) counts as a jump only when it fails itself.
     """
     values = [math.inf if (v is None or math.isnan(v)) else float(v) for v in rfns]
     failing = [i for i, v in enumerate(values) if not v <= bound]
@@ -139,7 +140,8 @@ def first_divergent_layer(rfns: Sequence[float], bound: float, jump: float = 4.0
     running_max = 0.0
     for i in range(first_fail + 1):
         v = values[i]
-        if v > floor and (running_max == 0.0 or v > jump * running_max):
+        jumped = v > jump * running_max if running_max > 0.0 else v > bound
+        if v > floor and jumped:
             return i
         running_max = max(running_max, v)
     return first_fail

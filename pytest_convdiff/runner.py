@@ -23,7 +23,7 @@ from .backends import backend_module, detect_backend, normalize_backend_name
 from .backends.base import ModelInfo
 from .cache import Cache, CacheEntry, content_fingerprint, make_key
 from .corpus import Corpus
-from .errors import ConvdiffError, ContextLengthError, ModelLoadError
+from .errors import ContextLengthError, ConvdiffError, ModelLoadError
 from .tokenizer_cases import TOKENIZER_CASES
 
 Progress = Callable[[str], None]

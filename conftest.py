@@ -1,0 +1,41 @@
+"""Shared fixtures for the project's own tests: the tiny models, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> Path:
+    """fixtures/models, built deterministically if missing (a few seconds)."""
+    from fixtures.tiny import build
+
+    return build(ROOT / "fixtures" / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_models: Path) -> Path:
+    return tiny_models / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for plugin runs that only read results, so each model runs once per test session."""
+    return tmp_path_factory.mktemp("convdiff-cache")
+
+
+@pytest.fixture
+def subprocess_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plugin runs in subprocesses: quiet, deterministic, single-threaded BLAS is not required."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

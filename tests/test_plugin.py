@@ -1,0 +1,153 @@
+"""The plugin end to end on the tiny transformers models (pytester, subprocess where models load)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("subprocess_env")
+
+
+def _run(pytester, *args):
+    return pytester.runpytest_subprocess(*[str(a) for a in args], "-p", "no:randomly")
+
+
+def _report(pytester, name="r.json"):
+    return json.loads((pytester.path / name).read_text())
+
+
+def test_bf16_conversion_passes_with_every_check_kind(pytester, tiny_models, shared_cache):
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-bf16",
+               "--convdiff-json", "r.json", "--convdiff-cache-dir", shared_cache, "-v")
+    assert res.ret == 0, res.stdout.str()[-3000:]
+    out = res.stdout.str()
+    for check in ("tokens[prose-en]", "nmse", "topk[1]", "kl[mean]", "rfn[layer-0]", "rfn[layer-5]",
+                  "tokenizer[emoji]", "causality[B]"):
+        assert f"convdiff[tiny-llama-vs-tiny-llama-bf16]::{check} PASSED" in out
+    rep = _report(pytester)
+    assert rep["version"] == 1
+    (pair,) = rep["pairs"]
+    assert pair["verdict"] == "pass" and pair["error"] is None and pair["first_divergent_layer"] is None
+    assert [layer["index"] for layer in pair["layers"]] == list(range(6))
+    assert all(0 < layer["rfn"] < 0.05 for layer in pair["layers"])
+    assert {"id", "model_a", "model_b", "backend_a", "backend_b", "verdict", "error", "first_divergent_layer",
+            "layers", "checks"} <= set(pair)
+    nmse = next(c for c in pair["checks"] if c["name"] == "nmse")
+    assert nmse["outcome"] == "passed" and nmse["threshold"] == 1e-2 and 0 < nmse["value"] < 1e-2
+    assert "convdiff summary" in out and "PASS  tiny-llama-vs-tiny-llama-bf16" in out
+
+
+def test_perturbed_layer_fails_from_that_layer_on(pytester, tiny_models, shared_cache):
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-broken-layer3",
+               "--convdiff-json", "r.json", "--convdiff-cache-dir", shared_cache, "-rA")
+    assert res.ret == 1
+    rep = _report(pytester)
+    (pair,) = rep["pairs"]
+    assert pair["verdict"] == "fail" and pair["first_divergent_layer"] == 3
+    outcomes = {c["param"]: c["outcome"] for c in pair["checks"] if c["name"] == "rfn"}
+    assert outcomes == {"layer-0": "passed", "layer-1": "passed", "layer-2": "passed",
+                        "layer-3": "failed", "layer-4": "failed", "layer-5": "failed"}
+    out = res.stdout.str()
+    # assert_close-style message: what, value, bound, where, how to change it
+    assert "Relative Frobenius error of the hidden state after decoder layer 3 is" in out
+    assert "above the bound 0.02" in out and "Worst position: layer 3, prompt" in out
+    assert "First divergent layer: 3 (mlp diverges first)" in out
+    assert "--convdiff-bound rfn=VALUE" in out
+    assert "first divergent layer: 3" in out  # terminal summary
+
+
+def test_second_run_is_served_from_cache_without_loading(pytester, tiny_models, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    args = ["--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
+            "--convdiff-cache-dir", cache, "--convdiff-json", "r.json"]
+    first = _run(pytester, *args)
+    assert first.ret == 0
+    assert _report(pytester)["pairs"][0]["from_cache"] == {"A": False, "B": False}
+    # In-process, with every backend's loader made to fail: a valid cache must not need them.
+    from pytest_convdiff.backends import hf
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a model was loaded although the cache was valid")
+
+    monkeypatch.setattr(hf, "load", no_load)
+    second = pytester.runpytest_inprocess(*[str(a) for a in args])
+    assert second.ret == 0, second.stdout.str()[-2000:]
+    assert _report(pytester)["pairs"][0]["from_cache"] == {"A": True, "B": True}
+    # --convdiff-refresh recomputes (and so needs the loader)
+    third = pytester.runpytest_inprocess(*[str(a) for a in args], "--convdiff-refresh")
+    assert third.ret != 0 and "a model was loaded although the cache was valid" in third.stdout.str()
+
+
+def test_xdist_gives_the_same_results(pytester, tiny_models, shared_cache):
+    pytest.importorskip("xdist")
+    args = ["--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
+            "--model-b", tiny_models / "tiny-llama-broken-layer3", "--convdiff-cache-dir", shared_cache]
+    plain = _run(pytester, *args, "--convdiff-json", "plain.json")
+    dist = _run(pytester, *args, "--convdiff-json", "dist.json", "-n", "2")
+    assert plain.ret == dist.ret == 1
+    a, b = _report(pytester, "plain.json"), _report(pytester, "dist.json")
+    strip = [{k: v for k, v in p.items() if k != "from_cache"} for p in a["pairs"]]
+    assert strip == [{k: v for k, v in p.items() if k != "from_cache"} for p in b["pairs"]]
+    assert "convdiff summary" in dist.stdout.str()
+    dist.assert_outcomes(passed=plain.parseoutcomes()["passed"], failed=plain.parseoutcomes()["failed"])
+
+
+def test_missing_model_errors_its_pair_and_others_still_run(pytester, tiny_models, shared_cache):
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", pytester.path / "no-such-model",
+               "--model-b", tiny_models / "tiny-llama-fp16", "--convdiff-cache-dir", shared_cache,
+               "--convdiff-json", "r.json")
+    assert res.ret == 1
+    pairs = {p["id"]: p for p in _report(pytester)["pairs"]}
+    bad = pairs["tiny-llama-vs-no-such-model"]
+    assert bad["verdict"] == "error" and "no such file or directory" in bad["error"]
+    assert pairs["tiny-llama-vs-tiny-llama-fp16"]["verdict"] == "pass"
+    out = res.stdout.str()
+    assert "no-such-model: no such file or directory" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model-b", "x"], "--model-b was given without --model-a"),
+    (["--model-a", "x"], "--model-a was given without --model-b"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-bound", "rfn=abc"], "rfn must be a number"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-bound", "bogus=1"], "unknown bound 'bogus'"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-option-a", "dtype"], "--convdiff-option-a: expected KEY=VALUE"),
+    (["--model-a", "x", "--model-b", "y", "--backend-b", "onnx"], "--convdiff-backend-b: unknown backend 'onnx'"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-max-tokens", "-3"], "--convdiff-max-tokens"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-prompts", "missing.txt"], "--convdiff-prompts: missing.txt"),
+])
+def test_bad_options_are_usage_errors_naming_the_option(pytester, args, message):
+    res = pytester.runpytest_inprocess(*args)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in res.stderr.str()
+
+
+def test_ini_options_and_custom_checks_through_the_fixture(pytester, tiny_models, shared_cache):
+    pytester.makeini(f"""
+        [pytest]
+        convdiff_model_a = {tiny_models / 'tiny-llama'}
+        convdiff_model_b = {tiny_models / 'tiny-llama-fp16'}
+        convdiff_cache_dir = {shared_cache}
+        convdiff_bounds = rfn=0.03
+    """)
+    pytester.makepyfile(test_custom="""
+        import numpy as np
+
+        def test_last_position_logits_close(convdiff_pair):
+            pid = convdiff_pair.corpus.prompts[0].id
+            a = np.asarray(convdiff_pair.a.logits(pid))[-1]
+            b = np.asarray(convdiff_pair.b.logits(pid))[-1]
+            assert convdiff_pair.metrics.nmse(a, b) < 1e-3
+            assert convdiff_pair.result.bounds["rfn"] == 0.03
+    """)
+    res = _run(pytester, "-v")
+    assert res.ret == 0, res.stdout.str()[-2000:]
+    res.stdout.fnmatch_lines(["*test_last_position_logits_close?tiny-llama-vs-tiny-llama-fp16? PASSED*",
+                              "*convdiff?tiny-llama-vs-tiny-llama-fp16?::rfn?layer-5? PASSED*"])
+
+
+def test_deselect_with_k_and_marker(pytester, tiny_models, shared_cache):
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
+               "--convdiff-cache-dir", shared_cache, "-k", "rfn", "-m", "convdiff")
+    res.assert_outcomes(passed=6)
