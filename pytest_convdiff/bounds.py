@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-UPPER = ("nmse", "kl_mean", "kl_p99", "rfn", "causality", "ppl_ratio")
+UPPER = ("nmse", "kl_mean", "kl_p99", "rfn", "causality", "ppl_ratio", "subblock_jump")
 LOWER = ("top1", "top5")
 
 
@@ -31,6 +31,7 @@ class Bounds:
     rfn: float = 0.05         # per decoder layer
     causality: float = 1e-4   # NMSE of prefix logits vs the same positions of the full run
     ppl_ratio: float = 1.05   # PPL(B) / PPL(A)
+    subblock_jump: float = 4.0  # a layer's attention/MLP error vs that sub-block's median over layers
 
     def with_overrides(self, overrides: dict[str, float]) -> Bounds:
         return replace(self, **overrides)
@@ -49,9 +50,12 @@ DEFAULT_BOUNDS: dict[str, Bounds] = {
     "float": Bounds(nmse=1e-2, kl_mean=2e-3, kl_p99=1e-2, top1=0.95, top5=0.9, rfn=0.02, ppl_ratio=1.01),
     "bf16": Bounds(nmse=1e-2, kl_mean=5e-3, kl_p99=3e-2, top1=0.9, top5=0.85, rfn=0.05, ppl_ratio=1.02),
     "q8": Bounds(nmse=1e-2, kl_mean=1e-2, kl_p99=5e-2, top1=0.9, top5=0.85, rfn=0.06, ppl_ratio=1.03),
-    "q5-6": Bounds(nmse=3e-2, kl_mean=3e-2, kl_p99=0.2, top1=0.85, top5=0.8, rfn=0.12, ppl_ratio=1.06),
-    "q4": Bounds(nmse=6e-2, kl_mean=6e-2, kl_p99=0.5, top1=0.8, top5=0.75, rfn=0.2, ppl_ratio=1.12),
-    "q2-3": Bounds(nmse=0.2, kl_mean=0.2, kl_p99=1.5, top1=0.6, top5=0.55, rfn=0.4, ppl_ratio=1.4),
+    "q5-6": Bounds(nmse=3e-2, kl_mean=3e-2, kl_p99=0.2, top1=0.85, top5=0.8, rfn=0.12, ppl_ratio=1.06,
+                   subblock_jump=5.0),
+    "q4": Bounds(nmse=6e-2, kl_mean=6e-2, kl_p99=0.5, top1=0.8, top5=0.75, rfn=0.2, ppl_ratio=1.12,
+                 subblock_jump=5.0),
+    "q2-3": Bounds(nmse=0.2, kl_mean=0.2, kl_p99=1.5, top1=0.6, top5=0.55, rfn=0.4, ppl_ratio=1.4,
+                   subblock_jump=8.0),
 }
 
 

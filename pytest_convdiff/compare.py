@@ -366,16 +366,25 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
         acc.update(p.id, a.hidden(p.id), b.hidden(p.id), a.sublayers(p.id), b.sublayers(p.id))
     lm = acc.result()
     fdl = metrics.first_divergent_layer(lm.rfn, bounds.rfn)
-    res.first_divergent_layer = fdl
+    anomalies = metrics.subblock_anomalies(lm.sublayers, bounds.subblock_jump, bounds.rfn / 10.0)
+    by_layer: dict[int, list[tuple[str, float]]] = {}
+    for layer, name, ratio in anomalies:
+        by_layer.setdefault(layer, []).append((name, ratio))
     sub = None
-    if fdl is not None and {"attn", "mlp"} <= set(lm.sublayers):
+    if anomalies and (fdl is None or anomalies[0][0] <= fdl):
+        fdl = anomalies[0][0]
+        sub = max(by_layer[fdl], key=lambda nr: nr[1])[0]
+    elif fdl is not None and {"attn", "mlp"} <= set(lm.sublayers):
         prev = lm.rfn[fdl - 1] if fdl > 0 else 0.0
         attn = lm.sublayers["attn"][fdl]
-        sub = "attention" if attn > max(bounds.rfn, 4.0 * prev) else "mlp"
-        res.divergent_sublayer = sub
+        sub = "attn" if attn > max(bounds.rfn, 4.0 * prev) else "mlp"
+    sub = {"attn": "attention", "mlp": "mlp"}.get(sub, sub) if sub else None
+    res.first_divergent_layer = fdl
+    res.divergent_sublayer = sub
     res.layers = [
         {"index": i, "rfn": lm.rfn[i], "worst_row_rfn": lm.worst_row_rfn[i],
-         **{f"rfn_{k}": v[i] for k, v in lm.sublayers.items()}}
+         **{f"rfn_{k}": v[i] for k, v in lm.sublayers.items()},
+         **{f"share_{k}": v[i] for k, v in lm.sub_contrib.items()}}
         for i in range(n_layers)
     ]
     out = []
@@ -391,8 +400,22 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
                 extra += f" This layer inherits the error from layer {fdl}."
         curve = ", ".join(_fmt(v) for v in lm.rfn[: i + 1])
         extra += f"\nrfn by layer up to here: {curve}"
-        out.append(_upper("rfn", f"layer-{i}", value, bounds.rfn,
-                          f"Relative Frobenius error of the hidden state after decoder layer {i}", extra))
+        check = _upper("rfn", f"layer-{i}", value, bounds.rfn,
+                       f"Relative Frobenius error of the hidden state after decoder layer {i}", extra)
+        if check.outcome == PASSED and i in by_layer:
+            parts = []
+            for name, ratio in by_layer[i]:
+                values = lm.sublayers[name]
+                typical = sorted(v for v in values if not math.isnan(v))[len(values) // 2]
+                parts.append(f"the {'attention' if name == 'attn' else name} output's relative error is "
+                             f"{_fmt(values[i])}, {_fmt(ratio)}x that sub-block's median over the layers "
+                             f"({_fmt(typical)})")
+            check = CheckResult(
+                "rfn", f"layer-{i}", value, bounds.rfn, FAILED,
+                f"Decoder layer {i} has a local defect although its rfn {_fmt(value)} is within the bound "
+                f"{_fmt(bounds.rfn)}: " + "; ".join(parts) + f", above the allowed {_fmt(bounds.subblock_jump)}x.\n"
+                + extra + "\n" + OVERRIDE_HINT.format(name="subblock_jump"))
+        out.append(check)
     return out
 
 

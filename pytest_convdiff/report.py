@@ -82,7 +82,7 @@ def build_pairs(store: dict[str, dict[str, Any]], order: list[str]) -> list[dict
             "divergent_sublayer": h.get("divergent_sublayer"),
             "precision_class": h.get("precision_class"),
             "layers": [{"index": layer["index"], "rfn": layer.get("rfn"),
-                        **{k: v for k, v in layer.items() if k.startswith("rfn_")}} for layer in h.get("layers", [])],
+                        **{k: v for k, v in layer.items() if k.startswith(("rfn_", "share_"))}} for layer in h.get("layers", [])],
             "checks": checks,
             "metrics": h.get("metrics", {}),
             "from_cache": h.get("from_cache", {}),
