@@ -76,6 +76,7 @@ class PairResult:
     info_a: dict[str, Any] = field(default_factory=dict)
     info_b: dict[str, Any] = field(default_factory=dict)
     from_cache: dict[str, bool] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -108,6 +109,7 @@ class PairResult:
             "checks": [c.to_dict() for c in self.checks],
             "metrics": _clean(self.logits),
             "from_cache": self.from_cache,
+            "notes": self.notes,
         }
 
 
@@ -283,6 +285,13 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, *, pair_i
                      precision_class=precision, bounds=bounds.to_dict(), info_a=a.info, info_b=b.info,
                      from_cache={"A": a.from_cache, "B": b.from_cache})
     checks = res.checks
+    swap_info = b.meta.get("layer_swap") or {}
+    if swap_info.get("error"):
+        res.notes.append(f"layer swap (k={swap_info.get('k')}) not run: {swap_info['error']}")
+    truncated = {**a.meta.get("truncated", {}), **b.meta.get("truncated", {})}
+    if truncated:
+        res.notes.append("prompts truncated by --convdiff-max-tokens: "
+                         + ", ".join(f"{k} ({v} tokens)" for k, v in sorted(truncated.items())))
     checks += _token_checks(a, b, corpus)
     if a.tokenizer_cases or b.tokenizer_cases:
         checks += _tokenizer_checks(a, b)
@@ -365,6 +374,12 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
     for p in corpus:
         acc.update(p.id, a.hidden(p.id), b.hidden(p.id), a.sublayers(p.id), b.sublayers(p.id))
     lm = acc.result()
+    swap = None
+    if b.hidden_swap(corpus.prompts[0].id) is not None:
+        swap_acc = metrics.LayerAccumulator(n_layers)
+        for p in corpus:
+            swap_acc.update(p.id, a.hidden(p.id), b.hidden_swap(p.id))
+        swap = swap_acc.result().rfn
     fdl = metrics.first_divergent_layer(lm.rfn, bounds.rfn)
     anomalies = metrics.subblock_anomalies(lm.sublayers, bounds.subblock_jump, bounds.rfn / 10.0)
     by_layer: dict[int, list[tuple[str, float]]] = {}
@@ -384,7 +399,8 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
     res.layers = [
         {"index": i, "rfn": lm.rfn[i], "worst_row_rfn": lm.worst_row_rfn[i],
          **{f"rfn_{k}": v[i] for k, v in lm.sublayers.items()},
-         **{f"share_{k}": v[i] for k, v in lm.sub_contrib.items()}}
+         **{f"share_{k}": v[i] for k, v in lm.sub_contrib.items()},
+         **({"rfn_swap": swap[i]} if swap is not None else {})}
         for i in range(n_layers)
     ]
     out = []
@@ -400,6 +416,10 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
                 extra += f" This layer inherits the error from layer {fdl}."
         curve = ", ".join(_fmt(v) for v in lm.rfn[: i + 1])
         extra += f"\nrfn by layer up to here: {curve}"
+        if swap is not None:
+            k = (b.meta.get("layer_swap") or {}).get("k")
+            extra += (f"\nWith A's hidden states fed into B for layers < {k}: rfn {_fmt(swap[i])} "
+                      "(error this layer adds given a correct input, when i >= k).")
         check = _upper("rfn", f"layer-{i}", value, bounds.rfn,
                        f"Relative Frobenius error of the hidden state after decoder layer {i}", extra)
         if check.outcome == PASSED and i in by_layer:

@@ -63,6 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--convdiff-json", ini="convdiff_json", metavar="PATH", help="write a JSON report of every pair")
     g.addoption("--convdiff-refresh", action="store_true", default=False,
                 help="recompute model outputs even when the cache holds valid entries")
+    add("--convdiff-plot", ini="convdiff_plot", metavar="DIR",
+        help="write a PNG per pair (per-layer rfn, KL) into DIR (needs matplotlib: the plot extra)")
+    add("--convdiff-html", ini="convdiff_html", metavar="PATH", help="write a self-contained HTML report")
+    add("--convdiff-save-reference", ini="convdiff_save_reference", metavar="PATH",
+        help="write model A's outputs to PATH (a safetensors golden reference); later runs pass it as --model-a "
+             "and never need the reference model again")
+    add("--convdiff-layer-swap", ini="convdiff_layer_swap", metavar="K",
+        help="layer-swap analysis: also run B with A's hidden states fed in for layers < K "
+             "(transformers and exllamav2 backends); reported per layer next to the plain rfn")
     add("--convdiff-no-layers", ini="convdiff_no_layers", action="store_true", type_="bool", default=False,
         help="skip per-layer hidden states (logit checks only)")
     add("--convdiff-no-tokenizer-cases", ini="convdiff_no_tokenizer_cases", action="store_true", type_="bool",
@@ -94,6 +103,10 @@ class State:
     cache: Cache
     refresh: bool
     json_path: Path | None
+    save_reference: Path | None = None
+    plot_dir: Path | None = None
+    html_path: Path | None = None
+    reference_saved: bool = False
     results: dict[str, PairResult] = field(default_factory=dict)
     runs: dict[str, tuple[ModelRun, ModelRun]] = field(default_factory=dict)
     evaluations: dict[tuple[str, tuple], PairResult] = field(default_factory=dict)
@@ -204,11 +217,19 @@ def build_state(config: pytest.Config) -> State | None:
     except ConvdiffError as exc:
         raise pytest.UsageError(f"--convdiff-prompts: {exc}") from None
 
+    layer_swap = _opt(config, "convdiff_layer_swap")
+    try:
+        layer_swap = int(layer_swap) if layer_swap not in (None, "") else 0
+        if layer_swap < 0:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--convdiff-layer-swap: expected an integer >= 0, got {layer_swap!r}") from None
     settings = RunSettings(
         hidden_states=not _opt(config, "convdiff_no_layers"),
         tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),
         causality=not _opt(config, "convdiff_no_causality"),
         max_tokens=max_tokens,
+        layer_swap=layer_swap,
     )
     cache_dir = _opt(config, "convdiff_cache_dir")
     if cache_dir:
@@ -228,8 +249,14 @@ def build_state(config: pytest.Config) -> State | None:
         PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(str(b), backend_b, options_b))
         for pid, b in zip(ids, model_bs, strict=True)
     ]
+    save_ref = _opt(config, "convdiff_save_reference")
+    plot_dir = _opt(config, "convdiff_plot")
+    html_path = _opt(config, "convdiff_html")
+    if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
+        raise pytest.UsageError(f"--convdiff-plot: {plot_dir} exists and is not a directory.")
     return State(pairs, corpus, settings, bounds, Cache(root, read=not refresh), refresh,
-                 Path(json_path) if json_path else None)
+                 Path(json_path) if json_path else None, Path(save_ref) if save_ref else None,
+                 plot_dir=Path(plot_dir) if plot_dir else None, html_path=Path(html_path) if html_path else None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -369,6 +396,12 @@ def pair_runs(config: pytest.Config, state: State, pair: PairSpec) -> tuple[Mode
         progress = _progress(config)
         run_a = run_model(pair.a, state.corpus, state.cache, settings=state.settings, progress=progress,
                           label=f"[{pair.id}] A ")
+        if state.save_reference is not None and not state.reference_saved:
+            from .reference import save_reference
+
+            save_reference(run_a, state.save_reference, state.corpus, state.settings)
+            state.reference_saved = True
+            progress(f"reference for {pair.a.path} saved to {state.save_reference}")
         run_b = run_model(pair.b, state.corpus, state.cache, feed=run_a, settings=state.settings,
                           progress=progress, label=f"[{pair.id}] B ")
         state.runs[pair.id] = (run_a, run_b)
@@ -389,6 +422,14 @@ def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
         result = evaluate(run_a, run_b, state.corpus, chosen.with_overrides(overrides), pair_id=pair.id, precision=cls)
     except ConvdiffError as exc:
         result = error_result(pair.id, pair.a, pair.b, [], f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a backend crash must error the pair, never pass it
+        import traceback
+
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        result = error_result(pair.id, pair.a, pair.b, [],
+                              f"unexpected {type(exc).__name__} while running the pair: {exc} "
+                              f"(at {Path(where.filename).name}:{where.lineno}). This is a bug in a backend or in "
+                              "pytest-convdiff; please report it with this message.")
     state.evaluations[key] = result
     state.results.setdefault(pair.id, result)
     return result
@@ -451,11 +492,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
                                       item.pair.a.path, item.pair.b.path, rep.outcome,
                                       str(rep.longrepr) if rep.failed and item.result is None else None)
         payload["check"]["order"] = item.order
-        rep.user_properties.append((PROPERTY, json.dumps(payload)))
+        props = [(PROPERTY, json.dumps(payload))]
         if item.result is not None and item.result.value is not None:
-            rep.user_properties.append((f"convdiff_{item.check[0]}", repr(item.result.value)))
+            props.append((f"convdiff_{item.check[0]}", repr(item.result.value)))
             if item.result.threshold is not None:
-                rep.user_properties.append(("convdiff_bound", repr(item.result.threshold)))
+                props.append(("convdiff_bound", repr(item.result.threshold)))
+        rep.user_properties.extend(props)
+        # junitxml writes properties from the teardown report, which copies item.user_properties
+        item.user_properties.extend(props)
 
 
 def _collect_payload(config: pytest.Config, rep: pytest.TestReport) -> None:
@@ -484,3 +528,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if state.json_path is not None:
         report.write_json(state.json_path, pairs)
         terminalreporter.write_line(f"convdiff: JSON report written to {state.json_path}")
+    _extra_reports(terminalreporter, state, pairs)
+
+
+def _extra_reports(terminalreporter, state: State, pairs: list[dict[str, Any]]) -> None:
+    """Plots, HTML and the GitHub Actions step summary; a failure here is reported, never fatal."""
+    from . import report_extra
+
+    plots: dict[str, Path] = {}
+    try:
+        if state.plot_dir is not None:
+            try:
+                paths = report_extra.plot_pairs(pairs, state.plot_dir)
+                plots = {p["id"]: path for p, path in zip(pairs, paths, strict=False)}
+                terminalreporter.write_line(f"convdiff: {len(paths)} plot(s) written to {state.plot_dir}")
+            except report_extra.PlotDependencyError as exc:
+                terminalreporter.write_line(f"convdiff: {exc}", yellow=True)
+        if state.html_path is not None:
+            state.html_path.parent.mkdir(parents=True, exist_ok=True)
+            state.html_path.write_text(report_extra.html_report(pairs, plots or None), encoding="utf-8")
+            terminalreporter.write_line(f"convdiff: HTML report written to {state.html_path}")
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as fh:  # append: other steps write there too
+                fh.write(report_extra.markdown_summary(pairs))
+            terminalreporter.write_line("convdiff: summary appended to $GITHUB_STEP_SUMMARY")
+    except OSError as exc:
+        terminalreporter.write_line(f"convdiff: could not write a report: {exc}", red=True)

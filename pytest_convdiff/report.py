@@ -41,6 +41,7 @@ def item_payload(pair_id: str, check: tuple[str, str], result, pair_result, mode
             "divergent_sublayer": pr.get("divergent_sublayer"), "precision_class": pr.get("precision_class"),
             "layers": pr.get("layers", []), "from_cache": pr.get("from_cache", {}),
             "metrics": _summary_metrics(pr.get("metrics")),
+            "notes": pr.get("notes", []),
         },
         "check": c,
     }
@@ -86,6 +87,7 @@ def build_pairs(store: dict[str, dict[str, Any]], order: list[str]) -> list[dict
             "checks": checks,
             "metrics": h.get("metrics", {}),
             "from_cache": h.get("from_cache", {}),
+            "notes": h.get("notes", []),
         })
     return out
 
@@ -134,10 +136,15 @@ def summary_lines(pairs: list[dict[str, Any]]) -> list[str]:
         if p.get("layers"):
             curve = " ".join(f"{layer['index']}:{_f(layer['rfn'])}" for layer in p["layers"])
             lines.append(f"      rfn by layer  {curve}")
+        if p.get("layers") and "rfn_swap" in p["layers"][0]:
+            curve = " ".join(f"{layer['index']}:{_f(layer['rfn_swap'])}" for layer in p["layers"])
+            lines.append(f"      rfn, layer swap {curve}")
         fdl = p.get("first_divergent_layer")
         if fdl is not None:
             sub = f" ({p['divergent_sublayer']} first)" if p.get("divergent_sublayer") else ""
             lines.append(f"      first divergent layer: {fdl}{sub}")
+        for note in p.get("notes") or []:
+            lines.append(f"      note: {note}")
         m = p.get("metrics") or {}
         if m.get("nmse") is not None:
             lines.append(f"      NMSE {_f(m['nmse'])} ({_f(m.get('nmse_db'))} dB, {m.get('nmse_label')}), "

@@ -67,9 +67,13 @@ class RunSettings:
     tokenizer_cases: bool = True
     causality: bool = True
     max_tokens: int | None = None
+    layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
 
-    def key(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def key(self, fed: bool = True) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        if not fed:
+            out.pop("layer_swap")
+        return out
 
 
 class ModelRun:
@@ -106,6 +110,11 @@ class ModelRun:
 
     def hidden(self, pid: str) -> np.ndarray | None:
         name = self._name(pid, "hidden")
+        return self.entry.array(name) if self.entry.has(name) else None
+
+    def hidden_swap(self, pid: str) -> np.ndarray | None:
+        """Hidden states from the layer-swap run (A's states fed in for the first k layers), if any."""
+        name = self._name(pid, "hidden_swap")
         return self.entry.array(name) if self.entry.has(name) else None
 
     def sublayers(self, pid: str) -> dict[str, np.ndarray]:
@@ -150,7 +159,7 @@ def run_key(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: Ru
         "options": spec.options,
         "corpus": corpus.digest,
         "inputs": _digest_tokens(feed),
-        "settings": settings.key(),
+        "settings": settings.key(fed=feed is not None),
     })
 
 
@@ -169,6 +178,10 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     tokenizer difference fails the token checks without hiding how logits compare.
     """
     settings = settings or RunSettings()
+    if spec.resolved_backend() == "reference":
+        from .reference import reference_run_for
+
+        return reference_run_for(spec, corpus, feed=feed, settings=settings, progress=progress, label=label)
     key = run_key(spec, corpus, feed, settings)
     entry = cache.get(key)
     if entry is not None:
@@ -202,6 +215,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     truncated: dict[str, int] = {}
     sub_names: set[str] = set()
     longest: tuple[str, list[int]] | None = None
+    swap_error: str | None = None
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
         if settings.max_tokens and len(own) > settings.max_tokens:
@@ -225,6 +239,8 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         writer.add(f"p{i}.logits", np.asarray(out.logits, dtype=np.float32))
         if out.hidden is not None:
             writer.add(f"p{i}.hidden", np.asarray(out.hidden, dtype=np.float32))
+        if feed is not None and settings.layer_swap and settings.hidden_states and swap_error is None:
+            swap_error = _layer_swap(backend, feed, prompt.id, inputs, settings.layer_swap, writer, i)
         for name, arr in out.sublayers.items():
             sub_names.add(name)
             writer.add(f"p{i}.sub_{name}", np.asarray(arr, dtype=np.float32))
@@ -241,6 +257,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         "truncated": truncated,
         "sublayers": sorted(sub_names),
         "special": backend.special_tokens(),
+        "layer_swap": {"k": settings.layer_swap, "error": swap_error} if feed is not None and settings.layer_swap else None,
         "created": time.time(),
     }
     if settings.tokenizer_cases:
@@ -258,6 +275,20 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     if settings.causality and longest is not None and len(longest[1]) >= 8:
         meta["causality"] = _causality_probe(backend, writer, prompts.index(longest[0]), longest)
     return meta
+
+
+def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int, writer, index: int) -> str | None:
+    """Run B again with A's hidden state replacing B's for layers < k; None when it worked."""
+    hidden_a = feed.hidden(pid)
+    if hidden_a is None:
+        return "model A has no hidden states"
+    k = min(k, hidden_a.shape[0])
+    try:
+        out = backend.forward(inputs, hidden_states=True, inject={j: np.asarray(hidden_a[j]) for j in range(k)})
+    except (NotImplementedError, TypeError):
+        return f"the {backend.info.backend} backend cannot take injected hidden states"
+    writer.add(f"p{index}.hidden_swap", np.asarray(out.hidden, dtype=np.float32))
+    return None
 
 
 def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]) -> dict[str, Any]:

@@ -151,3 +151,67 @@ def test_deselect_with_k_and_marker(pytester, tiny_models, shared_cache):
     res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
                "--convdiff-cache-dir", shared_cache, "-k", "rfn", "-m", "convdiff")
     res.assert_outcomes(passed=6)
+
+
+def test_layer_swap_separates_local_from_accumulated_error(pytester, tiny_models, shared_cache):
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-broken-layer3",
+               "--convdiff-cache-dir", shared_cache, "--convdiff-json", "r.json", "--convdiff-layer-swap", "4")
+    assert res.ret == 1
+    (pair,) = _report(pytester)["pairs"]
+    swap = [layer["rfn_swap"] for layer in pair["layers"]]
+    plain = [layer["rfn"] for layer in pair["layers"]]
+    # layers 0-3 take A's states; layers 4 and 5 are intact, so given A's input they add no error
+    assert swap[:4] == [0.0, 0.0, 0.0, 0.0]
+    assert max(swap[4:]) < 1e-5 and min(plain[3:]) > 0.5
+    assert "rfn, layer swap" in res.stdout.str()
+
+
+def test_layer_swap_on_a_backend_without_injection_is_noted(pytester, tiny_models, shared_cache):
+    pytest.importorskip("llama_cpp")
+    from fixtures import gguf_writer
+
+    gguf = gguf_writer.build_all()["tiny-f16"]
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", gguf, "--convdiff-no-tokenizer-cases",
+               "--convdiff-cache-dir", shared_cache, "--convdiff-json", "r.json", "--convdiff-layer-swap", "2")
+    assert res.ret == 0
+    (pair,) = _report(pytester)["pairs"]
+    assert "cannot take injected hidden states" in " ".join(pair["notes"])
+    assert "rfn_swap" not in pair["layers"][0]
+
+
+def test_reports_plots_html_step_summary_and_junit_properties(pytester, tiny_models, shared_cache, monkeypatch):
+    summary = pytester.path / "step-summary.md"
+    summary.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
+               "--model-b", tiny_models / "tiny-llama-broken-layer3", "--convdiff-cache-dir", shared_cache,
+               "--convdiff-plot", "plots", "--convdiff-html", "report.html", "--junitxml", "junit.xml", "-n", "2")
+    assert res.ret == 1
+    pngs = sorted((pytester.path / "plots").glob("*.png"))
+    assert len(pngs) == 2 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    html = (pytester.path / "report.html").read_text()
+    assert "tiny-llama-vs-tiny-llama-broken-layer3" in html and "data:image/png;base64," in html
+    md = summary.read_text()
+    assert md.startswith("earlier step\n")
+    assert "**FAIL**" in md and "**PASS**" in md and "rfn[layer-3]" in md
+    junit = (pytester.path / "junit.xml").read_text()
+    assert 'name="convdiff_rfn"' in junit and 'name="convdiff_bound"' in junit and 'name="convdiff"' in junit
+
+
+def test_saved_reference_replaces_the_reference_model(pytester, tiny_models, tmp_path):
+    import shutil
+
+    moved = tmp_path / "ref-ckpt"
+    shutil.copytree(tiny_models / "tiny-llama", moved)
+    args = ["--model-b", tiny_models / "tiny-llama-broken-layer3", "--convdiff-no-tokenizer-cases"]
+    first = _run(pytester, "--model-a", moved, *args, "--convdiff-save-reference", tmp_path / "ref.safetensors",
+                 "--convdiff-cache-dir", tmp_path / "c1", "--convdiff-json", "live.json")
+    assert first.ret == 1 and (tmp_path / "ref.safetensors").is_file()
+    shutil.rmtree(moved)  # the reference model is gone
+    second = _run(pytester, "--model-a", tmp_path / "ref.safetensors", *args, "--convdiff-cache-dir", tmp_path / "c2",
+                  "--convdiff-json", "saved.json")
+    assert second.ret == 1
+    live, saved = _report(pytester, "live.json")["pairs"][0], _report(pytester, "saved.json")["pairs"][0]
+    assert [(c["name"], c["param"], c["value"], c["outcome"]) for c in live["checks"]] == \
+        [(c["name"], c["param"], c["value"], c["outcome"]) for c in saved["checks"]]
+    assert saved["first_divergent_layer"] == 3

@@ -221,6 +221,10 @@ class TransformersBackend:
             hs = out.hidden_states
             per_layer = [hs[i + 1][0] for i in range(self.num_layers - 1)] + [captured["last"][0]]
             hidden = torch.stack([h.float() for h in per_layer]).cpu().numpy()
+            for idx, state in (inject or {}).items():
+                # What flows on from an injected layer is the injected state; transformers may record
+                # the layer's own output before the replacing hook runs.
+                hidden[idx] = np.asarray(state, dtype=np.float32)
         sublayers = {
             name: torch.stack([v[0].float() for v in values]).cpu().numpy()
             for name, values in subs.items() if hidden_states and all(v is not None for v in values)

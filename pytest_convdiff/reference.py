@@ -1,0 +1,504 @@
+"""Golden references: model A's outputs saved to one file, so A never has to be loaded again.
+
+``save_reference`` writes every array of a run (token ids, logits, hidden states,
+sub-block outputs) into one standard safetensors file whose ``__metadata__`` holds
+the run's meta (model info, pieces, tokenizer cases, causality probe), the corpus
+digest, the model fingerprint, library versions and a SHA-256 of the tensor data.
+``--model-a ref.safetensors`` (backend ``reference``) then reads it back through
+``ReferenceEntry``, which stands in for a cache entry: arrays are memory-mapped,
+one at a time, never all loaded.
+
+The file is written and read by this module's own small safetensors codec rather
+than ``safetensors.numpy``: ``save_file`` builds the whole file in memory (hidden
+states of a 7B model over the corpus are GBs) and ``get_tensor`` copies a tensor on
+every access, while the format itself is a JSON header and raw little-endian bytes.
+So a reference needs no optional dependency, and the files are ordinary safetensors
+(``safetensors.numpy.load_file`` reads them; the tests check both directions).
+
+Bonus: ``compare_llamacpp_bins`` checks a model against the files llama.cpp's
+model-conversion scripts write (``data/pytorch-<name>.bin``: float32 logits of the
+last position; ``data/pytorch-<name>-tokens.bin``: int32 token ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from .corpus import Corpus
+    from .runner import ModelRun, ModelSpec, RunSettings
+
+FORMAT = "1"
+HEADER_KEY = "convdiff_reference"
+MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_CHUNK = 1 << 24
+
+# safetensors dtype names <-> numpy (little-endian)
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NAMES = {dt.str: name for name, dt in _DTYPES.items()}
+
+SAVE_HINT = "Save one with --convdiff-save-reference PATH (or pytest_convdiff.reference.save_reference)."
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def plugin_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- the file format
+
+
+@dataclass
+class Header:
+    """A parsed safetensors header: tensors (name -> dtype, shape, offsets) and string metadata."""
+
+    path: Path
+    data_start: int
+    tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]]
+    metadata: dict[str, str]
+
+
+def _not_reference(path: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{path}: not a convdiff reference ({why}). --model-a accepts a reference file written by "
+        f"--convdiff-save-reference; otherwise pass the model itself (a transformers directory, a .gguf, "
+        f"an EXL2 directory) or choose its backend with --backend-a. {SAVE_HINT}"
+    )
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Parse and validate a safetensors header (reads only the header, never the tensors)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise _not_reference(path, f"only {len(head)} bytes long")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER, size - 8):
+                raise _not_reference(path, "no safetensors header: the file does not start with a header length")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the reference file ({exc}).") from exc
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _not_reference(path, f"the safetensors header is not valid JSON ({exc})") from exc
+    meta = obj.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _not_reference(path, "__metadata__ is not a map of strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    end = 0
+    try:
+        for name, t in sorted(obj.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _DTYPES[t["dtype"]]
+            shape = tuple(int(s) for s in t["shape"])
+            start, stop = (int(x) for x in t["data_offsets"])
+            if start != end or stop - start != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {name!r} has inconsistent data offsets")
+            end = stop
+            tensors[name] = (dtype, shape, start, stop)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _not_reference(path, f"damaged safetensors header: {exc!r}") from exc
+    if end != data_len:
+        raise ModelLoadError(
+            f"{path}: the reference file is truncated or damaged (its header describes {end} bytes of tensor "
+            f"data, the file holds {data_len}). Save it again. {SAVE_HINT}"
+        )
+    return Header(path, data_start, tensors, meta)
+
+
+def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, Callable[[], np.ndarray]],
+                      metadata_: dict[str, str]) -> str:
+    """Write a safetensors file streaming one array at a time, atomically (temp file, fsync, os.replace).
+
+    ``arrays`` maps each name to a function giving the array (a memory map: only its shape and dtype
+    are read before it is written, and only one array is held at a time). The SHA-256 of the tensor
+    data is stored as ``data_sha256`` in the metadata (a fixed-width slot filled in after the data)
+    and returned.
+    """
+    path = Path(path)
+    layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    header: dict[str, Any] = {"__metadata__": {**metadata_, "data_sha256": "0" * 64}}
+    off = 0
+    for name, get in arrays.items():
+        a = get()
+        dt_name = _NAMES.get(a.dtype.newbyteorder("<").str)
+        if dt_name is None:
+            raise TypeError(f"array {name!r}: dtype {a.dtype} cannot be stored in a reference")
+        nbytes = a.size * a.dtype.itemsize
+        layout[name] = (dt_name, tuple(a.shape))
+        header[name] = {"dtype": dt_name, "shape": list(a.shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+        del a
+
+    def encode(h: dict[str, Any]) -> bytes:
+        blob = json.dumps(h, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        return blob + b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
+
+    blob = encode(header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            h = hashlib.sha256()
+            for name, get in arrays.items():
+                a = get()
+                dt_name, shape = layout[name]
+                if tuple(a.shape) != shape:
+                    raise RuntimeError(f"array {name!r} changed shape while the reference was written")
+                for block in _blocks(a, _DTYPES[dt_name]):
+                    h.update(block)
+                    fh.write(block)
+                del a
+            digest = h.hexdigest()
+            header["__metadata__"]["data_sha256"] = digest
+            final = encode(header)
+            if len(final) != len(blob):
+                raise RuntimeError("the reference header changed length while it was written")
+            fh.seek(8)
+            fh.write(final)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _blocks(a: np.ndarray, dt: np.dtype):
+    """The array's bytes in C order as dtype ``dt``, in bounded chunks."""
+    flat = np.asarray(a).reshape(-1)
+    step = max(1, _CHUNK // max(1, dt.itemsize))
+    for i in range(0, flat.size, step):
+        yield np.ascontiguousarray(flat[i:i + step], dtype=dt).tobytes()
+
+
+def _data_sha256(header: Header) -> str:
+    h = hashlib.sha256()
+    with header.path.open("rb") as fh:
+        fh.seek(header.data_start)
+        while block := fh.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
+                   settings: RunSettings | None = None) -> Path:
+    """Write A's run (every array of its entry, and its meta) to one safetensors file; returns the path.
+
+    ``settings``: the RunSettings the run was made with, recorded so that a later run with other
+    settings (e.g. another --convdiff-max-tokens) is told instead of silently comparing other things.
+    """
+    path = Path(path)
+    meta = dict(run.meta)
+    if list(meta.get("prompts", [])) != [p.id for p in corpus]:
+        raise ValueError(f"{path}: the run was not made on this corpus ({corpus.source}); pass the run's corpus.")
+    entry = run.entry
+    names = _entry_arrays(entry, meta)
+    fingerprint = meta.get("fingerprint")  # set when the run is itself a reference: keep the model's
+    if not fingerprint:
+        try:
+            fingerprint = run.spec.fingerprint()
+        except Exception:  # noqa: BLE001 - informational; the model may be gone
+            fingerprint = None
+    info = meta.get("info", {})
+    spec = meta.get("spec", {})
+    meta.pop("files", None)
+    meta["fingerprint"] = fingerprint
+    meta.pop("reference", None)
+    if settings is not None:
+        meta["settings"] = {k: getattr(settings, k, None) for k in (*_SETTING_OPTIONS, "max_tokens")}
+    header = {
+        HEADER_KEY: FORMAT,
+        "meta": json.dumps(meta, ensure_ascii=False, default=str),
+        "corpus_digest": corpus.digest,
+        "corpus_source": corpus.source,
+        "fingerprint": str(fingerprint or ""),
+        "key": str(meta.get("key", "")),
+        "model": str(spec.get("path", run.spec.path)),
+        "backend": str(info.get("backend") or spec.get("backend") or ""),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": json.dumps({
+            "pytest_convdiff": plugin_version(),
+            "numpy": np.__version__,
+            "backend_library": info.get("library_version"),
+            "safetensors": _version("safetensors"),
+        }),
+    }
+    write_safetensors(path, {n: (lambda n=n: entry.array(n)) for n in names}, header)
+    return path
+
+
+def _entry_arrays(entry: Any, meta: dict[str, Any]) -> list[str]:
+    files = meta.get("files")
+    if isinstance(files, dict) and files:
+        return list(files)
+    if isinstance(entry, ReferenceEntry):
+        return list(entry.names)
+    raise ValueError("the run's entry lists no arrays (meta['files'] is missing)")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class ReferenceEntry:
+    """A saved reference, read like a cache entry: ``path``, ``meta``, ``has(name)``, ``array(name)``.
+
+    Arrays are read-only memory maps into the file, made on demand. ``hide`` names arrays to
+    treat as absent (hidden states when the current run asks for none).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], header: Header | None = None,
+                 hide: Callable[[str], bool] | None = None) -> None:
+        self.path = Path(path)
+        self.header = header or read_header(self.path)
+        md = self.header.metadata
+        if md.get(HEADER_KEY) is None:
+            raise _not_reference(self.path, "a safetensors file without a convdiff header, e.g. model weights")
+        if md[HEADER_KEY] != FORMAT:
+            raise ModelLoadError(
+                f"{self.path}: a convdiff reference in format {md[HEADER_KEY]!r}; this version of pytest-convdiff "
+                f"({plugin_version()}) reads format {FORMAT!r}. Save it again with this version. {SAVE_HINT}"
+            )
+        try:
+            self.meta: dict[str, Any] = json.loads(md["meta"])
+        except (KeyError, ValueError) as exc:
+            raise _not_reference(self.path, f"its convdiff header has no readable meta ({exc!r})") from exc
+        self._hide = hide or (lambda _n: False)
+        self.meta["files"] = {n: "" for n in self.names}
+        self.meta["reference"] = {k: v for k, v in md.items() if k not in ("meta",)}
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.header.tensors if not self._hide(n)]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata
+
+    def has(self, name: str) -> bool:
+        return name in self.header.tensors and not self._hide(name)
+
+    def array(self, name: str) -> np.ndarray:
+        if not self.has(name):
+            raise KeyError(f"{self.path}: the reference holds no array {name!r}")
+        dtype, shape, start, _stop = self.header.tensors[name]
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.header.data_start + start, shape=shape)
+
+    def verify(self) -> None:
+        """Check the tensor data against the SHA-256 stored when it was saved."""
+        want = self.header.metadata.get("data_sha256")
+        if want and _data_sha256(self.header) != want:
+            raise ModelLoadError(
+                f"{self.path}: the reference's tensor data fails its checksum (the file was modified or damaged "
+                f"after it was saved). Save it again from the model. {SAVE_HINT}"
+            )
+
+
+_SETTING_OPTIONS = {"hidden_states": "--convdiff-no-layers", "tokenizer_cases": "--convdiff-no-tokenizer-cases",
+                    "causality": "--convdiff-no-causality"}
+
+
+def load_reference_run(path: str | os.PathLike[str], corpus: Corpus, spec: ModelSpec | None = None,
+                       settings: RunSettings | None = None, *, verify: bool = True) -> ModelRun:
+    """A ModelRun served from a saved reference (no model is loaded).
+
+    Raises ModelLoadError when the file is not a convdiff reference, is damaged, was saved on
+    another corpus, or lacks what ``settings`` asks for (or was saved with another --convdiff-max-tokens).
+    """
+    from .runner import ModelRun, ModelSpec
+
+    path = Path(path)
+    spec = spec or ModelSpec(str(path), "reference")
+    header = read_header(path)
+    probe_entry = ReferenceEntry(path, header)
+    md, meta = header.metadata, probe_entry.meta
+    saved = md.get("corpus_digest")
+    if saved != corpus.digest:
+        raise ModelLoadError(
+            f"{path}: this reference was saved with another corpus ({md.get('corpus_source', '?')}, digest {saved}) "
+            f"than the current one ({corpus.source}, digest {corpus.digest}); its outputs cannot be compared. "
+            f"Pass the same --convdiff-prompts as when it was saved, or save the reference again on this corpus "
+            f"with --convdiff-save-reference."
+        )
+    hide: Callable[[str], bool] | None = None
+    drop: list[str] = []
+    if settings is not None:
+        stored = meta.get("settings")
+        if stored is not None and stored.get("max_tokens") != settings.max_tokens:
+            raise ModelLoadError(
+                f"{path}: this reference was saved with --convdiff-max-tokens {stored.get('max_tokens')}, the current "
+                f"run uses {settings.max_tokens}; pass the same value or save the reference again."
+            )
+        has_hidden = any(n.endswith(".hidden") for n in header.tensors)
+        present = {"hidden_states": has_hidden, "tokenizer_cases": "tokenizer_cases" in meta,
+                   "causality": "causality" in meta}
+        for key, option in _SETTING_OPTIONS.items():
+            wanted = getattr(settings, key)
+            if wanted and not present[key] and (stored is None or stored.get(key)):
+                # Saved with the feature on but it produced nothing (e.g. a backend without hidden
+                # states, or a corpus too short for the causality probe): a live run gives the same.
+                continue
+            if wanted and not present[key]:
+                raise ModelLoadError(
+                    f"{path}: this reference was saved without {key.replace('_', ' ')} ({option}); pass {option} "
+                    f"or save the reference again without it."
+                )
+        if not settings.hidden_states:
+            def hide(n: str) -> bool:
+                return n.endswith(".hidden") or ".sub_" in n
+        if not settings.tokenizer_cases:
+            drop.append("tokenizer_cases")
+        if not settings.causality:
+            drop.append("causality")
+    entry = ReferenceEntry(path, header, hide) if hide else probe_entry
+    for k in drop:
+        entry.meta.pop(k, None)
+    if hide:
+        entry.meta["sublayers"] = []
+    if verify:
+        entry.verify()
+    return ModelRun(spec, entry, from_cache=True)
+
+
+def reference_run_for(spec: ModelSpec, corpus: Corpus, *, feed: ModelRun | None = None,
+                      settings: RunSettings | None = None, progress: Callable[[str], None] | None = None,
+                      label: str = "") -> ModelRun:
+    """What ``run_model`` does for a spec whose backend is ``reference``: serve A from the file."""
+    if feed is not None:
+        raise ModelLoadError(
+            f"{spec.path}: a saved convdiff reference can only be model A (--model-a): it holds outputs, "
+            f"not a model that can be run on A's tokens. Pass the converted model itself as --model-b."
+        )
+    run = load_reference_run(spec.path, corpus, spec, settings)
+    if progress:
+        ref = run.meta.get("reference", {})
+        progress(f"{label}{spec.path}: outputs served from the saved reference of {ref.get('model', '?')} "
+                 f"({ref.get('backend', '?')}, saved {ref.get('created', '?')})")
+    return run
+
+
+# --------------------------------------------------------------------------- llama.cpp's conversion-script files
+
+
+@dataclass
+class LastPositionResult:
+    """B against llama.cpp-script reference logits, on the last position only (what those files hold)."""
+
+    reference: str
+    model: str
+    tokens: int
+    nmse: float
+    nmse_db: float
+    nmse_label: str
+    max_abs: float
+    top1_match: bool
+    top5_overlap: float
+    kl: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def load_llamacpp_bins(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Read ``pytorch-<name>.bin`` (float32 last-position logits) and ``pytorch-<name>-tokens.bin`` (int32 ids).
+
+    ``path``: the logits file, its tokens file, or a ``data`` directory holding exactly one pair.
+    Returns (logits [V] float32, token ids [T] int64, logits file).
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(f for f in p.glob("pytorch-*.bin") if not f.name.endswith("-tokens.bin"))
+        if len(found) != 1:
+            names = ", ".join(f.name for f in found) or "none"
+            raise ModelLoadError(f"{p}: expected one pytorch-<name>.bin logits file, found {names}; pass the file.")
+        p = found[0]
+    if p.name.endswith("-tokens.bin"):
+        p = p.with_name(p.name[: -len("-tokens.bin")] + ".bin")
+    tokens_path = p.with_name(p.stem + "-tokens.bin")
+    for f, what in ((p, "logits"), (tokens_path, "token ids")):
+        if not f.is_file():
+            raise ModelLoadError(f"{f}: llama.cpp reference {what} file not found (written by the model-conversion "
+                                 f"scripts' run-org-model.py next to {p.name}).")
+    logits = np.fromfile(p, dtype="<f4")
+    ids = np.fromfile(tokens_path, dtype="<i4").astype(np.int64)
+    if logits.size == 0 or ids.size == 0 or p.stat().st_size % 4 or tokens_path.stat().st_size % 4:
+        raise ModelLoadError(f"{p}: empty or not whole float32/int32 arrays; is it a llama.cpp reference file?")
+    return logits, ids, p
+
+
+def compare_llamacpp_bins(reference: str | os.PathLike[str], model_b: str | os.PathLike[str], *,
+                          backend: str | None = None, options: dict[str, Any] | None = None) -> LastPositionResult:
+    """Run B on the stored token ids and compare its last-position logits with the stored ones.
+
+    Only one position of one prompt: the method of llama.cpp's scripts, kept for moving over;
+    save a full reference with --convdiff-save-reference for the real checks.
+    """
+    from . import metrics
+    from .backends import open_backend
+
+    ref, ids, ref_path = load_llamacpp_bins(reference)
+    be = open_backend(model_b, backend, options)
+    try:
+        vocab = be.info.vocab_size
+        if vocab and int(ids.max()) >= vocab:
+            raise ModelLoadError(f"{ref_path}: token id {int(ids.max())} is outside {model_b}'s vocabulary ({vocab}).")
+        out = np.asarray(be.forward([int(t) for t in ids], hidden_states=False).logits, dtype=np.float32)[-1]
+    finally:
+        be.close()
+    if out.shape != ref.shape:
+        raise ModelLoadError(f"{ref_path}: {ref.size} reference logits but {model_b} gives {out.size}: the "
+                             f"vocabularies differ, the logits cannot be compared.")
+    value = metrics.nmse(ref, out)
+    top_a = metrics.topk_indices(ref[None, :], 5)[0]
+    top_b = metrics.topk_indices(out[None, :], 5)[0]
+    kl = float(metrics.kl_per_position(ref[None, :], out[None, :])[0])
+    return LastPositionResult(
+        reference=str(ref_path), model=str(model_b), tokens=int(ids.size), nmse=value,
+        nmse_db=metrics.nmse_db(value), nmse_label=metrics.nmse_label(value),
+        max_abs=float(np.max(np.abs(out.astype(np.float64) - ref))),
+        top1_match=bool(top_a[0] == top_b[0]),
+        top5_overlap=len(set(top_a.tolist()) & set(top_b.tolist())) / 5, kl=kl,
+    )

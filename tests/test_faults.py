@@ -1,0 +1,202 @@
+"""Fault injection: bad inputs and faults give clear errors, never a false pass, never a corrupt cache.
+
+Each test here backs one row of docs/faults.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+
+from pytest_convdiff import compare
+from pytest_convdiff.backends import open_backend
+from pytest_convdiff.errors import MissingDependencyError, ModelLoadError
+
+pytestmark = pytest.mark.usefixtures("subprocess_env")
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_models, tmp_path_factory):
+    """Damaged copies of the tiny model, made with transformers in a few seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("variants")
+    ref = tiny_models / "tiny-llama"
+
+    def save(model, name):
+        model.save_pretrained(out / name)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(ref / f, out / name / f)
+        return out / name
+
+    nan = LlamaForCausalLM.from_pretrained(ref)
+    with torch.no_grad():
+        nan.model.layers[4].mlp.down_proj.weight[0, 0] = float("nan")
+    wide = LlamaForCausalLM.from_pretrained(ref)
+    wide.resize_token_embeddings(520)
+    cfg = LlamaConfig.from_pretrained(ref)
+    cfg.num_hidden_layers = 4
+    shallow = LlamaForCausalLM(cfg)
+    shallow.load_state_dict(LlamaForCausalLM.from_pretrained(ref).state_dict(), strict=False)
+    short = LlamaForCausalLM.from_pretrained(ref)
+    short.config.max_position_embeddings = 64
+    return {"ref": ref, "nan": save(nan, "nan-layer4"), "wide": save(wide, "vocab-520"),
+            "shallow": save(shallow, "four-layers"), "short": save(short, "ctx-64")}
+
+
+def _run(pytester, *args):
+    return pytester.runpytest_subprocess(*[str(a) for a in args], "-p", "no:randomly")
+
+
+def _pair(pytester):
+    (pair,) = json.loads((pytester.path / "r.json").read_text())["pairs"]
+    return pair
+
+
+def test_nan_fails_counts_and_locates(variants, tmp_path):
+    r = compare(variants["ref"], variants["nan"], corpus="quick", cache_dir=tmp_path)
+    finite = r.check("finite")
+    assert finite.outcome == "failed" and "Non-finite logits: 0 in A," in finite.message
+    assert "first at prompt" in finite.message
+    assert r.check("nmse").outcome == "failed"  # NaN never satisfies a bound
+    assert r.check("kl[mean]").outcome == "failed"
+    rfn = {c.param: c for c in r.checks if c.name == "rfn"}
+    assert [rfn[f"layer-{i}"].outcome for i in range(6)] == ["passed"] * 4 + ["failed"] * 2
+    assert "non-finite values in A's hidden state" in rfn["layer-4"].message
+    assert r.first_divergent_layer == 4
+
+
+def test_vocab_mismatch_skips_logit_checks_with_reason(variants, tmp_path):
+    r = compare(variants["ref"], variants["wide"], corpus="quick", cache_dir=tmp_path)
+    nmse = r.check("nmse")
+    assert nmse.outcome == "skipped" and "vocabulary sizes differ (A 512 vs B 520" in nmse.message
+    assert all(c.outcome == "passed" for c in r.checks if c.name in ("tokens", "rfn"))
+
+
+def test_architecture_mismatch_skips_layer_checks_with_reason(variants, tmp_path):
+    r = compare(variants["ref"], variants["shallow"], corpus="quick", cache_dir=tmp_path)
+    rfn = [c for c in r.checks if c.name == "rfn"]
+    assert rfn and all(c.outcome == "skipped" and "hidden-state shapes differ" in c.message for c in rfn)
+    assert r.check("nmse").outcome == "failed"
+
+
+def test_prompt_longer_than_context_is_a_clear_error_or_documented_truncation(pytester, variants, tmp_path):
+    res = _run(pytester, "--model-a", variants["ref"], "--model-b", variants["short"], "--convdiff-json", "r.json",
+               "--convdiff-cache-dir", tmp_path)
+    assert res.ret == 1
+    pair = _pair(pytester)
+    assert pair["verdict"] == "error"
+    assert "longer than the model's max_position_embeddings (64)" in pair["error"]
+    assert "--convdiff-max-tokens" in pair["error"]
+    assert res.parseoutcomes()["errors"] == len(pair["checks"]) and "passed" not in res.parseoutcomes()
+    res = _run(pytester, "--model-a", variants["ref"], "--model-b", variants["short"], "--convdiff-json", "r.json",
+               "--convdiff-cache-dir", tmp_path, "--convdiff-max-tokens", "64")
+    assert res.ret == 0
+    assert "prompts truncated by --convdiff-max-tokens" in " ".join(_pair(pytester)["notes"])
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda p: p / "missing", "no such file or directory"),
+    (lambda p: (p / "empty-dir").mkdir() or p / "empty-dir", "a directory but not a model: it has no config.json"),
+    (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "not a model this plugin recognises"),
+    (lambda p: (p / "fake.gguf").write_bytes(b"NOPE" * 10) and p / "fake.gguf", "does not start with the GGUF magic"),
+])
+def test_bad_paths_error_their_pair_in_one_line(pytester, variants, tmp_path, make, message):
+    bad = make(tmp_path)
+    res = _run(pytester, "--model-a", variants["ref"], "--model-b", bad, "--convdiff-json", "r.json",
+               "--convdiff-cache-dir", tmp_path / "cache", "--convdiff-no-tokenizer-cases")
+    assert res.ret == 1
+    pair = _pair(pytester)
+    assert pair["verdict"] == "error" and message in pair["error"]
+    assert "\n" not in pair["error"].strip()
+    assert "Traceback" not in res.stdout.str()
+
+
+def test_truncated_gguf_is_detected(pytester, variants, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from fixtures import gguf_writer
+
+    src = gguf_writer.build_all()["tiny-f16"]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    r = compare(variants["ref"], cut, corpus="quick", cache_dir=tmp_path)
+    assert r.verdict == "error" and "cut.gguf" in r.error
+    assert "truncated" in r.error.lower() or "incomplete" in r.error.lower()
+    assert all(c.outcome == "error" for c in r.checks)
+
+
+def test_missing_extra_is_named(monkeypatch, tmp_path):
+    from fixtures import gguf_writer
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'pytest-convdiff\[llama-cpp\]'"):
+        open_backend(gguf_writer.build_all()["tiny-f16"])
+
+
+def test_unexpected_backend_crash_errors_the_pair_not_a_pass(pytester, variants, tmp_path):
+    pytester.makeconftest("""
+        import pytest_convdiff.backends.hf as hf
+
+        class Boom(hf.TransformersBackend):
+            def forward(self, *a, **k):
+                raise RuntimeError("kernel exploded")
+
+        def crash(path, options):
+            if "ctx-64" in str(path):
+                return Boom(path, options)
+            return hf.TransformersBackend(path, options)
+
+        hf.load = crash
+    """)
+    res = _run(pytester, "--model-a", variants["ref"], "--model-b", variants["short"], "--convdiff-json", "r.json",
+               "--convdiff-cache-dir", tmp_path)
+    assert res.ret == 1
+    pair = _pair(pytester)
+    assert pair["verdict"] == "error" and "unexpected RuntimeError" in pair["error"]
+    assert "kernel exploded" in pair["error"]
+    assert "passed" not in res.parseoutcomes()
+
+
+def test_damaged_cache_entry_is_recomputed(pytester, variants, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["--model-a", variants["ref"], "--model-b", tiny_fp16(variants), "--convdiff-cache-dir", cache,
+            "--convdiff-json", "r.json", "--convdiff-prompts", "quick"]
+    assert _run(pytester, *args).ret == 0
+    logits = sorted(cache.glob("*/p0.logits.npy"))[0]
+    data = bytearray(logits.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    logits.write_bytes(bytes(data))
+    res = _run(pytester, *args, "-W", "always")
+    assert res.ret == 0
+    assert "fails its checksum); recomputing it" in res.stdout.str()
+    assert _pair(pytester)["from_cache"] in ({"A": False, "B": True}, {"A": True, "B": False})
+
+
+def tiny_fp16(variants):
+    return variants["ref"].parent / "tiny-llama-fp16"
+
+
+def test_gpu_out_of_memory_names_the_model_and_the_fix(variants, monkeypatch):
+    import torch
+
+    backend = open_backend(variants["ref"])
+
+    def oom(*_a, **_k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(backend.model, "forward", oom)
+    with pytest.raises(ModelLoadError, match="out of GPU memory on a 5-token prompt") as exc:
+        backend.forward([1, 2, 3, 4, 5])
+    assert str(variants["ref"]) in str(exc.value) and "--convdiff-max-tokens" in str(exc.value)
+    backend.close()
+
+
+def test_empty_corpus_is_a_usage_error(pytester, variants):
+    (pytester.path / "empty.txt").write_text("\n\n")
+    res = pytester.runpytest_inprocess("--model-a", str(variants["ref"]), "--model-b", str(variants["ref"]),
+                                       "--convdiff-prompts", "empty.txt")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR and "the corpus is empty" in res.stderr.str()
