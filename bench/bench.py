@@ -68,7 +68,7 @@ def _cases() -> dict[str, dict[str, Any]]:
         "a": ROOT / "fixtures/models/smollm2/smollm2-135m-hf",
         "b": gguf,
         "what": "SmolLM2-135M, transformers fp32 vs GGUF Q4_1 (llama.cpp)",
-        "repeats": 1,
+        "repeats": 2,
         "corpus": "quick",
     }
     return out
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="tiny,smollm2")
     ap.add_argument("--corpus", default=None, help="quick | default (default: tiny default, smollm2 quick)")
-    ap.add_argument("--repeats", type=int, default=None, help="default: 3 for tiny, 1 for smollm2")
+    ap.add_argument("--repeats", type=int, default=None, help="default: 3 for tiny, 2 for smollm2")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)

@@ -381,7 +381,8 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
             swap_acc.update(p.id, a.hidden(p.id), b.hidden_swap(p.id))
         swap = swap_acc.result().rfn
     fdl = metrics.first_divergent_layer(lm.rfn, bounds.rfn)
-    anomalies = metrics.subblock_anomalies(lm.sublayers, bounds.subblock_jump, bounds.rfn / 10.0)
+    anomalies = metrics.subblock_anomalies(lm.sublayers, bounds.subblock_jump, bounds.rfn / 10.0,
+                                           inherited=[0.0] + list(lm.rfn[:-1]))
     by_layer: dict[int, list[tuple[str, float]]] = {}
     for layer, name, ratio in anomalies:
         by_layer.setdefault(layer, []).append((name, ratio))
@@ -428,8 +429,9 @@ def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
                 values = lm.sublayers[name]
                 typical = sorted(v for v in values if not math.isnan(v))[len(values) // 2]
                 parts.append(f"the {'attention' if name == 'attn' else name} output's relative error is "
-                             f"{_fmt(values[i])}, {_fmt(ratio)}x that sub-block's median over the layers "
-                             f"({_fmt(typical)})")
+                             f"{_fmt(values[i])}, {_fmt(ratio)}x the larger of that sub-block's median over the "
+                             f"layers ({_fmt(typical)}) and the error already in the layer's input "
+                             f"({_fmt(lm.rfn[i - 1] if i else 0.0)})")
             check = CheckResult(
                 "rfn", f"layer-{i}", value, bounds.rfn, FAILED,
                 f"Decoder layer {i} has a local defect although its rfn {_fmt(value)} is within the bound "

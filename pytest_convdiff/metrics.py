@@ -499,7 +499,8 @@ class LayerAccumulator:
         )
 
 
-def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: float) -> list[tuple[int, str, float]]:
+def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: float,
+                       inherited: Sequence[float] | None = None) -> list[tuple[int, str, float]]:
     """Layers whose attention or MLP output error stands out from that sub-block's typical error.
 
     ``contrib`` holds each sub-block's relative error per layer (||dOut||/||Out||).
@@ -507,7 +508,10 @@ def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: floa
     the median on SmolLM2 Q4_1, 1.2x on the tiny Q8_0); a layer-local defect (a
     scaled or mis-permuted tensor) lifts one layer's value far above the median
     even when the residual stream dilutes it below the rfn bound.
-    Returns (layer, sub-block, ratio to the median), by layer.
+    ``inherited[i]``: the error already in layer i's input (rfn of layer i-1); a sub-block fed a
+    wrong input has a large error of its own making no defect, so the reference level is the
+    larger of the median and that input error.
+    Returns (layer, sub-block, ratio to the reference level), by layer.
     """
     found: list[tuple[int, str, float]] = []
     for name, values in contrib.items():
@@ -516,8 +520,10 @@ def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: floa
             continue
         typical = float(np.median(finite))
         for i, v in enumerate(values):
+            upstream = float(inherited[i]) if inherited is not None and i < len(inherited) else 0.0
+            level = max(typical, upstream if not math.isnan(upstream) else math.inf, 1e-12)
             if math.isnan(v):
                 found.append((i, name, math.inf))
-            elif v > floor and v > jump * max(typical, 1e-12):
-                found.append((i, name, v / max(typical, 1e-12)))
+            elif v > floor and v > jump * level:
+                found.append((i, name, v / level))
     return sorted(found)

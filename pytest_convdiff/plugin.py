@@ -66,6 +66,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--convdiff-plot", ini="convdiff_plot", metavar="DIR",
         help="write a PNG per pair (per-layer rfn, KL) into DIR (needs matplotlib: the plot extra)")
     add("--convdiff-html", ini="convdiff_html", metavar="PATH", help="write a self-contained HTML report")
+    add("--convdiff-baseline", ini="convdiff_baseline", metavar="PATH",
+        help="regression mode: compare each pair's metrics with those stored for it in PATH (JSON)")
+    g.addoption("--convdiff-baseline-update", action="store_true", default=False,
+                help="write this run's metrics into the --convdiff-baseline file (accepting them)")
+    add("--convdiff-baseline-tolerance", ini="convdiff_baseline_tolerance", metavar="SPEC",
+        help="how much worse than the baseline is allowed, e.g. 'nmse:50%%,kl_mean:abs:1e-3,rfn:25%%' "
+             "(defaults: nmse/kl 50%%, rfn 25%% per layer, top1/top5/ppl_ratio abs 0.01)")
     add("--convdiff-save-reference", ini="convdiff_save_reference", metavar="PATH",
         help="write model A's outputs to PATH (a safetensors golden reference); later runs pass it as --model-a "
              "and never need the reference model again")
@@ -90,6 +97,7 @@ class PairSpec:
     b: ModelSpec
     marks: tuple[str, ...] = ()
     bound_overrides: dict[str, float] = field(default_factory=dict)
+    corpus: Corpus | None = None  # a manifest entry's own corpus; None: the session's
 
 
 @dataclass
@@ -106,6 +114,10 @@ class State:
     save_reference: Path | None = None
     plot_dir: Path | None = None
     html_path: Path | None = None
+    baseline_path: Path | None = None
+    baseline_update: bool = False
+    baseline_tolerances: dict[str, tuple[str, float]] = field(default_factory=dict)
+    manifest_pairs: list[PairSpec] = field(default_factory=list)
     reference_saved: bool = False
     results: dict[str, PairResult] = field(default_factory=dict)
     runs: dict[str, tuple[ModelRun, ModelRun]] = field(default_factory=dict)
@@ -180,14 +192,13 @@ def _validate_backend(name: str | None, option: str) -> str | None:
         raise pytest.UsageError(f"{option}: {exc}") from None
 
 
-def build_state(config: pytest.Config) -> State | None:
+def build_state(config: pytest.Config) -> State:
+    """Parse and validate every option at configure time; models are optional (manifests bring their own)."""
     model_a = _opt(config, "convdiff_model_a")
     model_bs = [b for b in (_opt(config, "convdiff_model_b") or []) if str(b).strip()]
-    if not model_a and not model_bs:
-        return None
-    if not model_a:
+    if model_bs and not model_a:
         raise pytest.UsageError("--model-b was given without --model-a: give the reference model with --model-a PATH.")
-    if not model_bs:
+    if model_a and not model_bs:
         raise pytest.UsageError("--model-a was given without --model-b: give the converted model(s) with --model-b PATH.")
     backend_a = _validate_backend(_opt(config, "convdiff_backend_a"), "--convdiff-backend-a")
     backend_b = _validate_backend(_opt(config, "convdiff_backend_b"), "--convdiff-backend-b")
@@ -244,11 +255,23 @@ def build_state(config: pytest.Config) -> State | None:
         root = default_cache_dir()
     json_path = _opt(config, "convdiff_json")
     refresh = bool(config.getoption("convdiff_refresh"))
-    ids = pair_ids(str(model_a), [str(b) for b in model_bs])
-    pairs = [
-        PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(str(b), backend_b, options_b))
-        for pid, b in zip(ids, model_bs, strict=True)
-    ]
+    pairs = []
+    if model_a:
+        ids = pair_ids(str(model_a), [str(b) for b in model_bs])
+        pairs = [
+            PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(str(b), backend_b, options_b))
+            for pid, b in zip(ids, model_bs, strict=True)
+        ]
+    from . import baseline as baseline_mod
+
+    baseline_path = _opt(config, "convdiff_baseline")
+    baseline_update = bool(config.getoption("convdiff_baseline_update"))
+    if baseline_update and not baseline_path:
+        raise pytest.UsageError("--convdiff-baseline-update needs --convdiff-baseline PATH (the file to write).")
+    try:
+        tolerances = baseline_mod.parse_tolerances(str(_opt(config, "convdiff_baseline_tolerance") or ""))
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
     save_ref = _opt(config, "convdiff_save_reference")
     plot_dir = _opt(config, "convdiff_plot")
     html_path = _opt(config, "convdiff_html")
@@ -256,15 +279,20 @@ def build_state(config: pytest.Config) -> State | None:
         raise pytest.UsageError(f"--convdiff-plot: {plot_dir} exists and is not a directory.")
     return State(pairs, corpus, settings, bounds, Cache(root, read=not refresh), refresh,
                  Path(json_path) if json_path else None, Path(save_ref) if save_ref else None,
-                 plot_dir=Path(plot_dir) if plot_dir else None, html_path=Path(html_path) if html_path else None)
+                 plot_dir=Path(plot_dir) if plot_dir else None, html_path=Path(html_path) if html_path else None,
+                 baseline_path=Path(baseline_path) if baseline_path else None, baseline_update=baseline_update,
+                 baseline_tolerances=tolerances)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "convdiff: a model-conversion check generated by pytest-convdiff")
     config.addinivalue_line("markers", "convdiff_bounds(**bounds): override convdiff bounds for the marked checks")
+    for mark, what in (("slow", "slow model-conversion pairs (manifest marks)"),
+                       ("gpu", "pairs that need a CUDA GPU (manifest marks)")):
+        config.addinivalue_line("markers", f"{mark}: {what}")
     state = build_state(config)
-    if state is not None:
-        config.stash[STATE] = state
+    config.stash[STATE] = state
+    if state.pairs:
         state.cache.clean_stale()
 
 
@@ -356,6 +384,15 @@ class ConvdiffItem(pytest.Item):
         return Path(self.pair.b.path), None, f"convdiff[{self.pair.id}]::{self.name}"
 
 
+def pair_plan(state: State, pair: PairSpec) -> list[tuple[str, str]]:
+    plan = plan_checks(pair.corpus or state.corpus, _probe_layers(pair.a), state.settings)
+    if state.baseline_path is not None:
+        from .baseline import METRICS
+
+        plan += [("baseline", name) for name in METRICS]
+    return plan
+
+
 def _probe_layers(spec: ModelSpec) -> int | None:
     try:
         return spec.probe().num_layers
@@ -366,10 +403,10 @@ def _probe_layers(spec: ModelSpec) -> int | None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     state = config.stash.get(STATE, None)
-    if state is None:
+    if state is None or not state.pairs:
         return
     for pair in state.pairs:
-        plan = plan_checks(state.corpus, _probe_layers(pair.a), state.settings)
+        plan = pair_plan(state, pair)
         collector = PairCollector.from_parent(session, name=f"convdiff[{pair.id}]",
                                               nodeid=f"convdiff[{pair.id}]", pair=pair, plan=plan)
         items.extend(collector.collect())
@@ -394,15 +431,16 @@ def pair_runs(config: pytest.Config, state: State, pair: PairSpec) -> tuple[Mode
     """A then B (on A's tokens), each loaded only if its cache entry is missing, one at a time."""
     if pair.id not in state.runs:
         progress = _progress(config)
-        run_a = run_model(pair.a, state.corpus, state.cache, settings=state.settings, progress=progress,
+        corpus = pair.corpus or state.corpus
+        run_a = run_model(pair.a, corpus, state.cache, settings=state.settings, progress=progress,
                           label=f"[{pair.id}] A ")
         if state.save_reference is not None and not state.reference_saved:
             from .reference import save_reference
 
-            save_reference(run_a, state.save_reference, state.corpus, state.settings)
+            save_reference(run_a, state.save_reference, corpus, state.settings)
             state.reference_saved = True
             progress(f"reference for {pair.a.path} saved to {state.save_reference}")
-        run_b = run_model(pair.b, state.corpus, state.cache, feed=run_a, settings=state.settings,
+        run_b = run_model(pair.b, corpus, state.cache, feed=run_a, settings=state.settings,
                           progress=progress, label=f"[{pair.id}] B ")
         state.runs[pair.id] = (run_a, run_b)
     return state.runs[pair.id]
@@ -410,7 +448,7 @@ def pair_runs(config: pytest.Config, state: State, pair: PairSpec) -> tuple[Mode
 
 def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
                     marker_bounds: dict[str, float] | None = None) -> PairResult:
-    overrides = {**state.bound_overrides, **pair.bound_overrides, **(marker_bounds or {})}
+    overrides = {**state.bound_overrides, **pair.bound_overrides, **(marker_bounds or {})}  # narrowest wins
     key = (pair.id, tuple(sorted(overrides.items())))
     if key in state.evaluations:
         return state.evaluations[key]
@@ -419,7 +457,10 @@ def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
     try:
         run_a, run_b = pair_runs(config, state, pair)
         cls, chosen = default_bounds(run_a.info, run_b.info)
-        result = evaluate(run_a, run_b, state.corpus, chosen.with_overrides(overrides), pair_id=pair.id, precision=cls)
+        result = evaluate(run_a, run_b, pair.corpus or state.corpus, chosen.with_overrides(overrides),
+                          pair_id=pair.id, precision=cls)
+        if state.baseline_path is not None:
+            result.checks += baseline_checks(state, pair, result)
     except ConvdiffError as exc:
         result = error_result(pair.id, pair.a, pair.b, [], f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # noqa: BLE001 - a backend crash must error the pair, never pass it
@@ -433,6 +474,83 @@ def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
     state.evaluations[key] = result
     state.results.setdefault(pair.id, result)
     return result
+
+
+def baseline_checks(state: State, pair: PairSpec, result: PairResult) -> list[CheckResult]:
+    """One ``baseline[<metric>]`` item per metric: worse than the stored value beyond tolerance fails."""
+    from . import baseline
+
+    assert state.baseline_path is not None
+    current = baseline.snapshot(result.to_dict()) or {}
+    stored = baseline.load(state.baseline_path).get(pair.id)
+    out = []
+    for name, worse_up in baseline.METRICS.items():
+        if state.baseline_update:
+            out.append(CheckResult("baseline", name, None, None, "passed",
+                                   f"baseline for {pair.id} will be updated in {state.baseline_path}"))
+            continue
+        if stored is None:
+            out.append(CheckResult("baseline", name, None, None, SKIPPED,
+                                   f"no baseline for pair {pair.id} in {state.baseline_path}; record one with "
+                                   "--convdiff-baseline-update"))
+            continue
+        r = baseline.regressions(current, stored, state.baseline_tolerances)[name]
+        kind, tol = state.baseline_tolerances[name]
+        tol_text = f"{tol:.0%}" if kind == "rel" else f"abs {tol:g}"
+        if r["worse"]:
+            msg = (f"{name} got worse than the baseline for {pair.id} beyond the tolerance ({tol_text}): "
+                   f"baseline {r['old']!r}, now {r['new']!r}, allowed {'<=' if worse_up else '>='} {r['allowed']!r}."
+                   + (f"\n{r['detail']}" if r["detail"] else "")
+                   + f"\nBaseline recorded {stored.get('recorded', '?')} from {stored.get('model_b')}.\n"
+                   f"Accept the new values with --convdiff-baseline-update, or widen it with "
+                   f"--convdiff-baseline-tolerance {name}:PCT%.")
+            out.append(CheckResult("baseline", name, r["new"] if name != "rfn" else r["new"], r["allowed"],
+                                   FAILED, msg))
+        else:
+            out.append(CheckResult("baseline", name, r["new"] if name != "rfn" else None, r["allowed"], "passed",
+                                   f"{name}: within {tol_text} of the baseline ({r['old']!r} -> {r['new']!r})"
+                                   + (f"; {r['detail']}" if r["detail"] else "")))
+    return out
+
+
+# --------------------------------------------------------------------------- zoo manifests
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if file_path.name.endswith(".convdiff.toml"):
+        return ManifestFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ManifestFile(pytest.File):
+    """A model-zoo manifest: each ``[[pair]]`` entry becomes a pair of checks, like --model-a/--model-b."""
+
+    def collect(self):
+        from .manifest import load_manifest
+
+        state = self.config.stash[STATE]
+        try:
+            entries = load_manifest(self.path)
+        except ConvdiffError as exc:
+            raise self.CollectError(str(exc)) from None
+        for entry in entries:
+            for mark in entry.marks:
+                self.config.addinivalue_line("markers", f"{mark}: set by {self.path.name}")
+            corpus = None
+            if entry.corpus:
+                try:
+                    corpus = load_corpus(entry.corpus)
+                except ConvdiffError as exc:
+                    raise self.CollectError(f"{self.path}, pair {entry.id!r}: {exc}") from None
+            try:
+                overrides = {**state.bound_overrides, **entry.bounds}
+            except ValueError as exc:
+                raise self.CollectError(str(exc)) from None
+            pair = PairSpec(entry.id, ModelSpec(entry.model_a, entry.backend_a, entry.options_a),
+                            ModelSpec(entry.model_b, entry.backend_b, entry.options_b), tuple(entry.marks),
+                            overrides, corpus)
+            state.manifest_pairs.append(pair)
+            yield PairCollector.from_parent(self, name=f"convdiff[{pair.id}]", pair=pair, plan=pair_plan(state, pair))
 
 
 # --------------------------------------------------------------------------- user fixture
@@ -459,7 +577,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "convdiff_pair" not in metafunc.fixturenames:
         return
     state = metafunc.config.stash.get(STATE, None)
-    ids = [p.id for p in state.pairs] if state else ["no-models"]
+    ids = [p.id for p in state.pairs] if state and state.pairs else ["no-models"]
     metafunc.parametrize("convdiff_pair", ids, indirect=True, ids=ids)
 
 
@@ -467,7 +585,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def convdiff_pair(request: pytest.FixtureRequest) -> PairHandle:
     """The pair's cached runs and evaluated result, for custom checks (parametrized over every --model-b)."""
     state = request.config.stash.get(STATE, None)
-    if state is None:
+    if state is None or not state.pairs:
         pytest.skip("convdiff_pair needs --model-a and --model-b")
     pair = next(p for p in state.pairs if p.id == request.param)
     result = pair_result_for(request.config, state, pair)
@@ -519,7 +637,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         for rep in terminalreporter.stats.get(stat, []):
             if isinstance(rep, pytest.TestReport) and rep.when in ("setup", "call"):
                 _collect_payload(config, rep)
-    pairs = report.build_pairs(state.reports, [p.id for p in state.pairs])
+    pairs = report.build_pairs(state.reports, [p.id for p in state.pairs + state.manifest_pairs])
     if not pairs:
         return
     terminalreporter.write_sep("=", "convdiff summary")
@@ -529,6 +647,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         report.write_json(state.json_path, pairs)
         terminalreporter.write_line(f"convdiff: JSON report written to {state.json_path}")
     _extra_reports(terminalreporter, state, pairs)
+    if state.baseline_update and state.baseline_path is not None:
+        from . import baseline
+
+        written = baseline.update(state.baseline_path, pairs)
+        terminalreporter.write_line(f"convdiff: baseline {state.baseline_path} updated for {len(written)} pair(s)")
 
 
 def _extra_reports(terminalreporter, state: State, pairs: list[dict[str, Any]]) -> None:

@@ -127,3 +127,15 @@ def test_layer_accumulator_flags_inf():
     acc.update("p", ref, test)
     r = acc.result()
     assert math.isnan(r.rfn[0]) and r.nonfinite_b == [1]
+
+
+def test_subblock_anomaly_needs_more_than_inherited_error():
+    # layer 2's MLP error is 8x the median of its sub-block: a local defect
+    contrib = {"mlp": [0.01, 0.012, 0.08, 0.011, 0.01], "attn": [0.01, 0.01, 0.01, 0.01, 0.01]}
+    found = metrics.subblock_anomalies(contrib, jump=4.0, floor=0.002)
+    assert [(layer, name) for layer, name, _ in found] == [(2, "mlp")]
+    # the same value is no anomaly when the layer's input already carries that much error
+    assert metrics.subblock_anomalies(contrib, 4.0, 0.002, inherited=[0, 0.01, 0.05, 0.06, 0.06]) == []
+    # identical models up to one sub-block: a median of zero still flags it, but not below the floor
+    zero = {"attn": [0.0, 0.0, 0.0, 0.3, 0.001]}
+    assert [x[0] for x in metrics.subblock_anomalies(zero, 4.0, 0.002)] == [3]
