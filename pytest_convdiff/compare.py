@@ -138,6 +138,8 @@ def plan_checks(corpus: Corpus, num_layers: int | None, settings: RunSettings | 
     plan += [("finite", ""), ("nmse", ""), ("topk", "1"), ("topk", "5"), ("kl", "mean"), ("kl", "p99"), ("ppl", "ratio")]
     if settings.hidden_states and num_layers:
         plan += [("rfn", f"layer-{i}") for i in range(num_layers)]
+    if settings.greedy_tokens:
+        plan += [("greedy", "")]
     if settings.causality:
         plan += [("causality", "A"), ("causality", "B")]
     return plan
@@ -315,9 +317,44 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, *, pair_i
         who = "A" if a.hidden(corpus.prompts[0].id) is None else "B"
         checks += [CheckResult("rfn", f"layer-{i}", None, bounds.rfn, SKIPPED,
                                f"model {who}'s backend gave no hidden states") for i in range(num_layers)]
+    if a.meta.get("greedy") is not None or b.meta.get("greedy") is not None:
+        checks.append(_greedy_check(a, b))
     if a.causality is not None or b.causality is not None:
         checks += _causality_checks((("A", a), ("B", b)), bounds.causality)
     return res
+
+
+def _greedy_check(a: ModelRun, b: ModelRun) -> CheckResult:
+    """vLLM's check_logprobs_close: where the greedy continuations first differ, each model's token must
+    be in the other's top-N; after that the prompt is not compared further (the texts have diverged)."""
+    ga, gb = a.meta.get("greedy") or {}, b.meta.get("greedy") or {}
+    if not ga or not gb:
+        return CheckResult("greedy", "", None, None, SKIPPED, "greedy continuations were not recorded")
+    bad, lines, same = [], [], 0
+    for pid, ra in ga.items():
+        rb = gb.get(pid)
+        if rb is None:
+            continue
+        for step, (ta, tb) in enumerate(zip(ra["generated"], rb["generated"], strict=False)):
+            if ta == tb:
+                continue
+            ok = ta in rb["top"][step] and tb in ra["top"][step]
+            lines.append(f"{pid!r}: first difference at generated token {step}: A {ta}, B {tb}; "
+                         f"A's token {'in' if ta in rb['top'][step] else 'NOT in'} B's top-{len(rb['top'][step])}, "
+                         f"B's token {'in' if tb in ra['top'][step] else 'NOT in'} A's top-{len(ra['top'][step])}")
+            if not ok:
+                bad.append(pid)
+            break
+        else:
+            same += 1
+    n = len(ga)
+    if bad:
+        return CheckResult("greedy", "", float(len(bad)), 0.0, FAILED,
+                           f"Greedy generation diverges beyond the top-N tolerance in {len(bad)} of {n} prompts.\n"
+                           + "\n".join(lines) + "\nThis check has no bound: a swapped token must be a close call.")
+    return CheckResult("greedy", "", 0.0, 0.0, PASSED,
+                       f"{same} of {n} greedy continuations identical; the rest differ only between close candidates"
+                       + (": " + "; ".join(lines) if lines else ""))
 
 
 def _logit_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res: PairResult) -> list[CheckResult]:

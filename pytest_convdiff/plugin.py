@@ -73,6 +73,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--convdiff-baseline-tolerance", ini="convdiff_baseline_tolerance", metavar="SPEC",
         help="how much worse than the baseline is allowed, e.g. 'nmse:50%%,kl_mean:abs:1e-3,rfn:25%%' "
              "(defaults: nmse/kl 50%%, rfn 25%% per layer, top1/top5/ppl_ratio abs 0.01)")
+    add("--convdiff-gpus", ini="convdiff_gpus", metavar="N",
+        help="under xdist, give worker gwK the GPU K mod N (sets CUDA_VISIBLE_DEVICES unless already set)")
     add("--convdiff-save-reference", ini="convdiff_save_reference", metavar="PATH",
         help="write model A's outputs to PATH (a safetensors golden reference); later runs pass it as --model-a "
              "and never need the reference model again")
@@ -290,10 +292,34 @@ def pytest_configure(config: pytest.Config) -> None:
     for mark, what in (("slow", "slow model-conversion pairs (manifest marks)"),
                        ("gpu", "pairs that need a CUDA GPU (manifest marks)")):
         config.addinivalue_line("markers", f"{mark}: {what}")
+    _assign_gpu(config)
     state = build_state(config)
     config.stash[STATE] = state
     if state.pairs:
         state.cache.clean_stale()
+
+
+def gpu_for_worker(worker_id: str, n_gpus: int) -> str | None:
+    """``gw3`` with 2 GPUs -> "1"; None for the controller or a non-xdist run."""
+    m = re.fullmatch(r"gw(\d+)", worker_id or "")
+    return str(int(m.group(1)) % n_gpus) if m and n_gpus > 0 else None
+
+
+def _assign_gpu(config: pytest.Config) -> None:
+    raw = _opt(config, "convdiff_gpus")
+    if raw in (None, ""):
+        return
+    try:
+        n = int(raw)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--convdiff-gpus: expected a positive integer, got {raw!r}") from None
+    worker = getattr(config, "workerinput", {}).get("workerid", "")
+    gpu = gpu_for_worker(worker, n)
+    # Before any backend initialises CUDA; a value set by the user or the runner wins.
+    if gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
 
 
 def pytest_cmdline_main(config: pytest.Config) -> None:

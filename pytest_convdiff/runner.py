@@ -68,6 +68,7 @@ class RunSettings:
     causality: bool = True
     max_tokens: int | None = None
     layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
+    greedy_tokens: int = 16  # greedy continuation length per greedy prompt (0: no greedy check)
 
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -272,6 +273,8 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                     rows.append({"text": text, "ids": None, "error": f"{type(exc).__name__}: {exc}"})
             cases[category] = rows
         meta["tokenizer_cases"] = cases
+    if settings.greedy_tokens:
+        meta["greedy"] = _greedy(backend, corpus, feed, prompts, settings.greedy_tokens, progress, label)
     if settings.causality and longest is not None and len(longest[1]) >= 8:
         meta["causality"] = _causality_probe(backend, writer, prompts.index(longest[0]), longest)
     return meta
@@ -289,6 +292,37 @@ def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int, wr
         return f"the {backend.info.backend} backend cannot take injected hidden states"
     writer.add(f"p{index}.hidden_swap", np.asarray(out.hidden, dtype=np.float32))
     return None
+
+
+GREEDY_PROMPTS = 4
+GREEDY_PREFIX = 48
+GREEDY_TOPN = 5
+
+
+def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], n_new: int,
+            progress: Progress, label: str) -> dict[str, Any]:
+    """Greedy continuations of the first few non-long prompts (from the same prefix ids for A and B),
+    with each step's top-N token ids, for a vLLM-style tolerant generation check."""
+    out: dict[str, Any] = {}
+    chosen = [p for p in corpus if p.kind != "long"][:GREEDY_PROMPTS]
+    for p in chosen:
+        index = prompts.index(p.id)
+        prefix = [int(t) for t in (feed.inputs(p.id) if feed is not None else _read_ids(backend, p.text))]
+        prefix = prefix[:GREEDY_PREFIX]
+        ids = list(prefix)
+        steps = []
+        for _ in range(n_new):
+            logits = np.asarray(backend.forward(ids, hidden_states=False).logits[-1])
+            top = [int(t) for t in metrics.topk_indices(logits[None, :], GREEDY_TOPN)[0]]
+            steps.append(top)
+            ids.append(top[0])
+        out[p.id] = {"prefix_len": len(prefix), "generated": ids[len(prefix):], "top": steps, "index": index}
+    progress(f"{label}  greedy: {len(chosen)} prompts x {n_new} tokens")
+    return out
+
+
+def _read_ids(backend, text: str) -> list[int]:
+    return backend.tokenize(text)
 
 
 def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]) -> dict[str, Any]:

@@ -134,3 +134,19 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
                                         "ppl_ratio=9,subblock_jump=1000", "--convdiff-baseline-update")
     assert res.ret == 0
     assert json.loads(base.read_text())["pairs"]["tiny-llama-vs-tiny-llama-fp16"]["nmse"] > 0.1
+
+
+def test_each_xdist_worker_gets_its_own_gpu(pytester, monkeypatch):
+    from pytest_convdiff.plugin import gpu_for_worker
+
+    assert [gpu_for_worker(f"gw{k}", 2) for k in range(4)] == ["0", "1", "0", "1"]
+    assert gpu_for_worker("", 2) is None and gpu_for_worker("master", 2) is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pytester.makepyfile(test_env="""
+        import os
+        def test_env(worker_id):
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == str(int(worker_id[2:]) % 2)
+    """)
+    pytester.runpytest_subprocess("-n", "2", "--convdiff-gpus", "2", "-p", "xdist").assert_outcomes(passed=1)
+    bad = pytester.runpytest_inprocess("--convdiff-gpus", "zero")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--convdiff-gpus" in bad.stderr.str()
