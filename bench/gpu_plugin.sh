@@ -51,7 +51,7 @@ run exl2-nosdpa --model-a $M/tiny-llama --model-b $M/tiny-llama-fp16 --backend-b
 run hf-cuda --model-a $M/tiny-llama --model-b $M/tiny-llama-bf16 --model-b $M/tiny-llama-fp16 \
   --convdiff-option-a device=cuda --convdiff-option-b device=cuda
 # 4. The same exllamav2 pairs under xdist (two workers sharing the GPU).
-run exl2-xdist -n 2 --model-a $M/tiny-llama --model-b $X/tiny-llama-6.0bpw --model-b $X/tiny-llama-broken-layer3-6.0bpw \
+run exl2-xdist -n 2 --convdiff-gpus 1 --model-a $M/tiny-llama --model-b $X/tiny-llama-6.0bpw --model-b $X/tiny-llama-broken-layer3-6.0bpw \
   --convdiff-option-b no_sdpa=true
 "$PY" - <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, glob, os
