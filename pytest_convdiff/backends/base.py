@@ -48,6 +48,18 @@ class ForwardOutput:
     sublayers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def special_token_flags(bos: int | None, eos: int | None, with_special: list[int], plain: list[int]) -> dict[str, Any]:
+    """The ``special_tokens()`` record: whether tokenizing with special tokens adds BOS/EOS.
+
+    ``with_special`` and ``plain`` are the same short text tokenized with and without special tokens.
+    """
+    return {
+        "bos_id": bos, "eos_id": eos,
+        "adds_bos": bool(bos is not None and with_special[:1] == [bos] and plain[:1] != [bos]),
+        "adds_eos": bool(eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos]),
+    }
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A loaded model. Create with ``open_backend``; call ``close`` to free it."""

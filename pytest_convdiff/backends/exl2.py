@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo
+from .base import ForwardOutput, ModelInfo, special_token_flags
 
 NAME = "exllamav2"
 DEFAULT_MAX_INPUT_LEN = 4096
@@ -369,14 +369,8 @@ class ExLlamaV2Backend:
 
     def special_tokens(self) -> dict[str, Any]:
         tok = self.tokenizer
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        probe_ids = self.tokenize("a")
-        plain = self._encode("a", False, False)
-        return {
-            "bos_id": bos, "eos_id": eos,
-            "adds_bos": bool(bos is not None and probe_ids[:1] == [bos] and plain[:1] != [bos]),
-            "adds_eos": bool(eos is not None and probe_ids[-1:] == [eos] and plain[-1:] != [eos]),
-        }
+        return special_token_flags(tok.bos_token_id, tok.eos_token_id, self.tokenize("a"),
+                                   self._encode("a", False, False))
 
     # ----------------------------------------------------------------- forward
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo
+from .base import ForwardOutput, ModelInfo, special_token_flags
 
 NAME = "transformers"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -158,14 +158,9 @@ class TransformersBackend:
 
     def special_tokens(self) -> dict[str, Any]:
         tok = self.tokenizer
-        probe_ids = list(tok("a", add_special_tokens=True)["input_ids"])
-        plain = list(tok("a", add_special_tokens=False)["input_ids"])
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-        return {
-            "bos_id": bos, "eos_id": eos,
-            "adds_bos": bool(bos is not None and probe_ids[:1] == [bos] and plain[:1] != [bos]),
-            "adds_eos": bool(eos is not None and probe_ids[-1:] == [eos] and plain[-1:] != [eos]),
-        }
+        return special_token_flags(tok.bos_token_id, tok.eos_token_id,
+                                   list(tok("a", add_special_tokens=True)["input_ids"]),
+                                   list(tok("a", add_special_tokens=False)["input_ids"]))
 
     def forward(self, tokens: Sequence[int], *, hidden_states: bool = True,
                 inject: dict[int, np.ndarray] | None = None) -> ForwardOutput:
