@@ -199,9 +199,10 @@ def profile_top(prof: Path, n: int = 25) -> str:
 
     buf = io.StringIO()
     st = pstats.Stats(str(prof), stream=buf)
-    st.sort_stats("cumulative").print_stats(n)
-    buf.write("\n--- by own time (tottime) ---\n")
-    st.sort_stats("tottime").print_stats(15)
+    buf.write("--- pytest_convdiff functions by cumulative time ---\n")
+    st.sort_stats("cumulative").print_stats("pytest_convdiff", n)
+    buf.write("\n--- everything by own time (tottime) ---\n")
+    st.sort_stats("tottime").print_stats(20)
     text = buf.getvalue()
     return "\n".join(line.replace(str(ROOT) + "/", "").replace(sys.prefix + "/", "") for line in text.splitlines())
 
@@ -253,11 +254,18 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                         log=work / "warm-profile.log")
                 text = profile_top(prof)
                 (out / f"profile-warm-{name}.txt").write_text(text)
+                shutil.copy(prof, out / f"profile-warm-{name}.prof")
                 res["profile_warm"] = str(out / f"profile-warm-{name}.txt")
             shutil.rmtree(cache_dir, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = os.getloadavg()
+    summarise(res)
+    return res
+
+
+def summarise(res: dict[str, Any]) -> None:
+    """Medians, minima and the goal ratios from the recorded runs (also used by --from-json)."""
     r = res["runs"]
     s = {k: {"wall_s": med(v, "wall_s"), "cpu_s": med(v, "cpu_s"), "peak_rss_mib": med(v, "peak_rss_mib"),
              "wall_min_s": min(x["wall_s"] for x in v), "cpu_min_s": min(x["cpu_s"] for x in v),
@@ -288,7 +296,6 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
         "peak_warm_over_larger": s["warm"]["peak_rss_mib"] / larger,
         "peak_raw_over_larger": s["raw"]["peak_rss_mib"] / larger,
     }
-    return res
 
 
 # --------------------------------------------------------------------------- report
@@ -404,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="default: 3 for tiny, 2 for smollm2")
     ap.add_argument("--out", default=str(BENCH / "results"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--from-json", metavar="PATH", help="re-render bench.md from a recorded bench.json (no runs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--a", help=argparse.SUPPRESS)
     ap.add_argument("--b", help=argparse.SUPPRESS)
@@ -416,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        for res in data["cases"]:
+            summarise(res)
+        (out / "bench.json").write_text(json.dumps(data, indent=2, default=str))
+        md = markdown(data)
+        (out / "bench.md").write_text(md)
+        print(md)
+        return 0
     cases = _cases()
     data: dict[str, Any] = {"machine": machine_info(), "goals": {
         "cold_over_raw": GOAL_COLD_OVER_RAW, "warm_over_cold": GOAL_WARM_OVER_COLD,
