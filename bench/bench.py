@@ -210,6 +210,24 @@ def profile_top(prof: Path, n: int = 25) -> str:
 # --------------------------------------------------------------------------- one case
 
 
+def source_digest() -> dict[str, Any]:
+    """What code is measured: HEAD plus a digest of the package sources (they may change under a run)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    newest = 0.0
+    for f in sorted((ROOT / "pytest_convdiff").rglob("*.py")):
+        h.update(f.read_bytes())
+        newest = max(newest, f.stat().st_mtime)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        head = None
+    return {"head": head, "sources_sha256": h.hexdigest()[:16],
+            "newest_source_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest))}
+
+
 def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Path, profile: bool,
              log=print) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix=f"convdiff-bench-{name}-"))
@@ -218,6 +236,7 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
     tokens_file = work / "tokens.json"
     res: dict[str, Any] = {"case": name, "what": case["what"], "a": str(case["a"]), "b": str(case["b"]),
                            "corpus": corpus, "repeats": repeats, "loadavg_start": os.getloadavg(),
+                           "sources_start": source_digest(),
                            "runs": {k: [] for k in ("raw", "raw_a", "raw_b", "cold", "warm")}}
     try:
         for rep in range(repeats):
@@ -260,6 +279,7 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = os.getloadavg()
+    res["sources_end"] = source_digest()
     summarise(res)
     return res
 
@@ -362,6 +382,12 @@ def markdown(data: dict[str, Any]) -> str:
             "| run | wall s (median) | wall s (min) | each repeat | CPU s (median) | peak RSS MiB | notes |",
             "|---|---:|---:|---|---:|---:|---|",
         ]
+        src0, src1 = res.get("sources_start") or {}, res.get("sources_end") or {}
+        if src0:
+            same = src0.get("sources_sha256") == src1.get("sources_sha256")
+            lines += [f"Code measured: HEAD {src0.get('head')}, package sources {src0.get('sources_sha256')}"
+                      + ("" if same else f" at the start and {src1.get('sources_sha256')} at the end: "
+                         "**the sources changed during this case; its runs measured different code**") + ".", ""]
         inner = s["raw"]["inner"]
         notes = {
             "raw": f"import {inner['t_import']:.2f}s, A load {inner['a_load']:.2f}s + forward {inner['a_forward']:.2f}s, "

@@ -270,13 +270,35 @@ class LogitAccumulator:
         self.dp_sq = 0.0
         self.per_prompt: dict[str, dict[str, float]] = {}
 
-    def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None) -> None:
-        ref = np.asarray(ref)
-        test = np.asarray(test)
+    def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
+               chunk: int = 256) -> None:
+        """Add one prompt's logits ``[T, V]``, ``chunk`` positions at a time, so the float64 work
+        arrays stay at ``chunk x V`` however long the prompt (memory-mapped inputs are read in slices)."""
         if ref.shape != test.shape:
             raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {ref.shape} vs B {test.shape}")
-        if ref.ndim != 2 or ref.shape[0] == 0:
+        if len(ref.shape) != 2 or ref.shape[0] == 0:
             return
+        t = ref.shape[0]
+        local = {"n": 0, "mean": 0.0, "m2": 0.0, "sq": 0.0, "kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0,
+                 "nll_n": 0, "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
+        for start in range(0, t, chunk):
+            stop = min(t, start + chunk)
+            targets = None
+            if tokens is not None and len(tokens) >= 2:
+                targets = np.asarray(tokens[start + 1:min(stop + 1, t)], dtype=np.int64)
+            self._update_rows(prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local)
+        pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t,
+                                "nmse": _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]),
+                                "top1": local["top1"] / t}
+        if local["nll_n"]:
+            pp["ppl_a"] = math.exp(local["nll_a"] / local["nll_n"])
+            pp["ppl_b"] = math.exp(local["nll_b"] / local["nll_n"])
+        for k, count in local["ordered"].items():
+            self.topk_by_prompt[k].append((prompt, count / t))
+        self.per_prompt[prompt] = pp
+
+    def _update_rows(self, prompt: str, ref: np.ndarray, test: np.ndarray, offset: int,
+                     targets: np.ndarray | None, local: dict[str, Any]) -> None:
         t = ref.shape[0]
         a64 = ref.astype(np.float64)
         b64 = test.astype(np.float64)
@@ -286,35 +308,45 @@ class LogitAccumulator:
         na, nb = int(bad_a.sum()), int(bad_b.sum())
         if (na or nb) and self.nonfinite_where is None:
             rows = np.nonzero(np.any(bad_a | bad_b, axis=1))[0]
-            self.nonfinite_where = Where(prompt, int(rows[0]))
+            self.nonfinite_where = Where(prompt, offset + int(rows[0]))
         self.nonfinite_a += na
         self.nonfinite_b += nb
 
-        # Chan et al. merge of (count, mean, M2) for var(A).
+        # Chan et al. merge of (count, mean, M2) for var(A): corpus-wide and for this prompt.
         n_new = a64.size
         mean_new = float(np.mean(a64))
         m2_new = float(np.sum((a64 - mean_new) ** 2))
-        delta = mean_new - self.mean_a
-        total = self.n + n_new
-        self.m2_a += m2_new + delta * delta * self.n * n_new / total
-        self.mean_a += delta * n_new / total
-        self.n = total
+        for acc, keys in ((self, ("n", "mean_a", "m2_a")), (None, ("n", "mean", "m2"))):
+            n_old = getattr(acc, keys[0]) if acc is not None else local[keys[0]]
+            mean_old = getattr(acc, keys[1]) if acc is not None else local[keys[1]]
+            m2_old = getattr(acc, keys[2]) if acc is not None else local[keys[2]]
+            total = n_old + n_new
+            delta = mean_new - mean_old
+            merged = (total, mean_old + delta * n_new / total, m2_old + m2_new + delta * delta * n_old * n_new / total)
+            for key, value in zip(keys, merged, strict=True):
+                if acc is not None:
+                    setattr(acc, key, value)
+                else:
+                    local[key] = value
         self.positions += t
 
         diff = b64 - a64
         absdiff = np.abs(diff)
-        self.sq_err += float(np.sum(diff * diff))
+        sq = float(np.sum(diff * diff))
+        self.sq_err += sq
+        local["sq"] += sq
         self.abs_err += float(np.sum(absdiff))
         if np.isnan(absdiff).any():
             if self.max_abs_where is None or not math.isnan(self.max_abs):
                 row = int(np.nonzero(np.isnan(absdiff).any(axis=1))[0][0])
-                self.max_abs, self.max_abs_where = math.nan, Where(prompt, row)
+                self.max_abs, self.max_abs_where = math.nan, Where(prompt, offset + row)
         elif not math.isnan(self.max_abs):
             flat = int(np.argmax(absdiff))
             m = float(absdiff.flat[flat])
             if m > self.max_abs:
                 self.max_abs = m
-                self.max_abs_where = Where(prompt, flat // ref.shape[1])
+                self.max_abs_where = Where(prompt, offset + flat // ref.shape[1])
+        del diff, absdiff
 
         top_a = topk_indices(ref, self.topk_max)
         top_b = topk_indices(test, self.topk_max)
@@ -323,37 +355,36 @@ class LogitAccumulator:
             overlap = [len(set(x[:k].tolist()) & set(y[:k].tolist())) / k for x, y in zip(top_a, top_b, strict=True)]
             self.topk_ordered[k] += float(ordered.sum())
             self.topk_overlap[k] += float(sum(overlap))
-            self.topk_by_prompt[k].append((prompt, float(ordered.mean())))
+            local["ordered"][k] += float(ordered.sum())
+        local["top1"] += float(np.sum(top_a[:, 0] == top_b[:, 0]))
 
-        lp = log_softmax(ref)
-        lq = log_softmax(test)
+        lp = log_softmax(a64)
+        lq = log_softmax(b64)
         kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
         kl = np.where(kl < 0, 0.0, kl)
         self.kl.append(kl)
+        local["kl"] += float(np.sum(kl))
         if np.isnan(kl).any():
             if not math.isnan(self.kl_max):
-                self.kl_max, self.kl_max_where = math.nan, Where(prompt, int(np.nonzero(np.isnan(kl))[0][0]))
+                self.kl_max, self.kl_max_where = math.nan, Where(prompt, offset + int(np.nonzero(np.isnan(kl))[0][0]))
         elif not math.isnan(self.kl_max):
             i = int(np.argmax(kl))
             if kl[i] > self.kl_max:
-                self.kl_max, self.kl_max_where = float(kl[i]), Where(prompt, i)
+                self.kl_max, self.kl_max_where = float(kl[i]), Where(prompt, offset + i)
 
-        pp: dict[str, float] = {"positions": float(t), "kl_mean": float(np.mean(kl)),
-                                "nmse": nmse(a64, b64), "top1": float(np.mean(top_a[:, 0] == top_b[:, 0]))}
-        if tokens is not None and len(tokens) >= 2:
-            target = np.asarray(tokens[1:t], dtype=np.int64)
-            rows = np.arange(len(target))
-            la = lp[rows, target]
-            lb = lq[rows, target]
+        if targets is not None and len(targets):
+            rows = np.arange(len(targets))
+            la = lp[rows, targets]
+            lb = lq[rows, targets]
             self.nll_a -= float(la.sum())
             self.nll_b -= float(lb.sum())
-            self.nll_n += len(target)
+            self.nll_n += len(targets)
+            local["nll_a"] -= float(la.sum())
+            local["nll_b"] -= float(lb.sum())
+            local["nll_n"] += len(targets)
             dp = np.exp(lb) - np.exp(la)
             self.dp_sum += float(dp.sum())
             self.dp_sq += float((dp * dp).sum())
-            pp["ppl_a"] = float(np.exp(-la.mean()))
-            pp["ppl_b"] = float(np.exp(-lb.mean()))
-        self.per_prompt[prompt] = pp
 
     def result(self) -> LogitMetrics:
         if self.positions == 0:

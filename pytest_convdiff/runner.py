@@ -294,30 +294,44 @@ def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int, wr
     return None
 
 
-GREEDY_PROMPTS = 4
+GREEDY_PROMPTS = 3
 GREEDY_PREFIX = 48
 GREEDY_TOPN = 5
 
 
 def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], n_new: int,
             progress: Progress, label: str) -> dict[str, Any]:
-    """Greedy continuations of the first few non-long prompts (from the same prefix ids for A and B),
-    with each step's top-N token ids, for a vLLM-style tolerant generation check."""
+    """Greedy continuations of the first few non-long prompts, with each step's top-N token ids.
+
+    A generates (one forward per new token). B is teacher-forced on A's continuation in a single
+    forward: up to the first step where they disagree that *is* B's own greedy path, and the check
+    (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
+    """
     out: dict[str, Any] = {}
     chosen = [p for p in corpus if p.kind != "long"][:GREEDY_PROMPTS]
+    theirs = (feed.meta.get("greedy") or {}) if feed is not None else {}
     for p in chosen:
         index = prompts.index(p.id)
-        prefix = [int(t) for t in (feed.inputs(p.id) if feed is not None else _read_ids(backend, p.text))]
-        prefix = prefix[:GREEDY_PREFIX]
-        ids = list(prefix)
+        if feed is not None:
+            if p.id not in theirs:
+                continue
+            prefix = [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]]
+            forced = theirs[p.id]["generated"]
+            logits = np.asarray(backend.forward(prefix + forced[:-1], hidden_states=False).logits)[len(prefix) - 1:]
+            tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
+            out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
+                         "index": index, "teacher_forced": True}
+            continue
+        ids = [int(t) for t in _read_ids(backend, p.text)][:GREEDY_PREFIX]
+        prefix_len = len(ids)
         steps = []
         for _ in range(n_new):
             logits = np.asarray(backend.forward(ids, hidden_states=False).logits[-1])
             top = [int(t) for t in metrics.topk_indices(logits[None, :], GREEDY_TOPN)[0]]
             steps.append(top)
             ids.append(top[0])
-        out[p.id] = {"prefix_len": len(prefix), "generated": ids[len(prefix):], "top": steps, "index": index}
-    progress(f"{label}  greedy: {len(chosen)} prompts x {n_new} tokens")
+        out[p.id] = {"prefix_len": prefix_len, "generated": ids[prefix_len:], "top": steps, "index": index}
+    progress(f"{label}  greedy: {len(out)} prompts x {n_new} tokens")
     return out
 
 

@@ -139,3 +139,20 @@ def test_subblock_anomaly_needs_more_than_inherited_error():
     # identical models up to one sub-block: a median of zero still flags it, but not below the floor
     zero = {"attn": [0.0, 0.0, 0.0, 0.3, 0.001]}
     assert [x[0] for x in metrics.subblock_anomalies(zero, 4.0, 0.002)] == [3]
+
+
+def test_chunked_update_equals_one_pass():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(37, 11))
+    b = a + 0.2 * rng.normal(size=a.shape)
+    tokens = list(rng.integers(0, 11, size=37))
+    whole, chunked = metrics.LogitAccumulator(), metrics.LogitAccumulator()
+    whole.update("p", a, b, tokens, chunk=1000)
+    chunked.update("p", a, b, tokens, chunk=5)
+    w, c = whole.result(), chunked.result()
+    for name in ("nmse", "kl_mean", "kl_p99", "kl_max", "max_abs", "mean_abs", "ppl_a", "ppl_b", "delta_p_mean"):
+        assert getattr(c, name) == pytest.approx(getattr(w, name), rel=1e-10), name
+    assert c.topk_ordered == pytest.approx(w.topk_ordered) and c.topk_overlap == pytest.approx(w.topk_overlap)
+    assert c.kl_max_where == w.kl_max_where and c.max_abs_where == w.max_abs_where
+    assert c.per_prompt["p"] == pytest.approx(w.per_prompt["p"])
+    assert c.per_prompt["p"]["nmse"] == pytest.approx(metrics.nmse(a, b))
