@@ -48,6 +48,16 @@ class ForwardOutput:
     sublayers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def installed_version(distribution: str) -> str | None:
+    """A package's version from its metadata, without importing it (cheap at collection time)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def special_token_flags(bos: int | None, eos: int | None, with_special: list[int], plain: list[int]) -> dict[str, Any]:
     """The ``special_tokens()`` record: whether tokenizing with special tokens adds BOS/EOS.
 

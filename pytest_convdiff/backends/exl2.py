@@ -33,14 +33,13 @@ import gc
 import importlib.util
 import json
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, special_token_flags
+from .base import ForwardOutput, ModelInfo, installed_version, special_token_flags
 
 NAME = "exllamav2"
 DEFAULT_MAX_INPUT_LEN = 4096
@@ -49,10 +48,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def library_version() -> str | None:
-    try:
-        return metadata.version("exllamav2")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version("exllamav2")
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -15,24 +15,20 @@ import contextlib
 import json
 import os
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, special_token_flags
+from .base import ForwardOutput, ModelInfo, installed_version, special_token_flags
 
 NAME = "transformers"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def library_version() -> str | None:
-    try:
-        return metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version("transformers")
 
 
 def _weight_files(path: Path) -> list[Path]:

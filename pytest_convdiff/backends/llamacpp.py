@@ -25,14 +25,13 @@ import struct
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo
+from .base import ForwardOutput, ModelInfo, installed_version
 
 NAME = "llama.cpp"
 DEFAULT_N_CTX = 4096
@@ -238,10 +237,7 @@ def _quantization(hdr: _Header) -> str | None:
 
 
 def library_version() -> str | None:
-    try:
-        return metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return None
+    return installed_version("llama-cpp-python")
 
 
 _SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
