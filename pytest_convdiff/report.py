@@ -158,4 +158,5 @@ def _worst(name: str, checks: list[dict[str, Any]]) -> str:
         return "-"
     lower_is_better = name not in ("topk",)
     v, param = max(vals) if lower_is_better else min(vals)
-    return f"{_f(v)}" + (f" ({param})" if param and len(checks) > 1 else "")
+    all_same = len({value for value, _ in vals}) == 1
+    return f"{_f(v)}" + (f" ({param})" if param and len(checks) > 1 and not all_same else "")
