@@ -81,6 +81,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add("--convdiff-layer-swap", ini="convdiff_layer_swap", metavar="K",
         help="layer-swap analysis: also run B with A's hidden states fed in for layers < K "
              "(transformers and exllamav2 backends); reported per layer next to the plain rfn")
+    add("--convdiff-greedy-tokens", ini="convdiff_greedy_tokens", metavar="N",
+        help="length of the greedy continuations of the greedy check (default 16; 0 turns the check off)")
     add("--convdiff-no-layers", ini="convdiff_no_layers", action="store_true", type_="bool", default=False,
         help="skip per-layer hidden states (logit checks only)")
     add("--convdiff-no-tokenizer-cases", ini="convdiff_no_tokenizer_cases", action="store_true", type_="bool",
@@ -237,12 +239,20 @@ def build_state(config: pytest.Config) -> State:
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"--convdiff-layer-swap: expected an integer >= 0, got {layer_swap!r}") from None
+    greedy = _opt(config, "convdiff_greedy_tokens")
+    try:
+        greedy = int(greedy) if greedy not in (None, "") else RunSettings.greedy_tokens
+        if greedy < 0:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--convdiff-greedy-tokens: expected an integer >= 0, got {greedy!r}") from None
     settings = RunSettings(
         hidden_states=not _opt(config, "convdiff_no_layers"),
         tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),
         causality=not _opt(config, "convdiff_no_causality"),
         max_tokens=max_tokens,
         layer_swap=layer_swap,
+        greedy_tokens=greedy,
     )
     cache_dir = _opt(config, "convdiff_cache_dir")
     if cache_dir:
