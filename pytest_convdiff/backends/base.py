@@ -48,6 +48,22 @@ class ForwardOutput:
     sublayers: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def info_from_hf_config(path: Any, backend: str, cfg: dict[str, Any], **fields: Any) -> ModelInfo:
+    """ModelInfo from a transformers-style config.json (text_config for multimodal configs);
+    ``fields`` (dtype, library_version, quantization, extra) are the backend's own."""
+    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    n_layers = text_cfg.get("num_hidden_layers") or text_cfg.get("n_layer") or text_cfg.get("num_layers")
+    return ModelInfo(
+        path=str(path),
+        backend=backend,
+        architecture=(cfg.get("architectures") or [cfg.get("model_type")])[0],
+        num_layers=int(n_layers) if n_layers is not None else None,
+        vocab_size=text_cfg.get("vocab_size"),
+        hidden_size=text_cfg.get("hidden_size"),
+        **fields,
+    )
+
+
 def installed_version(distribution: str) -> str | None:
     """A package's version from its metadata, without importing it (cheap at collection time)."""
     from importlib import metadata

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, installed_version, special_token_flags
+from .base import ForwardOutput, ModelInfo, info_from_hf_config, installed_version, special_token_flags
 
 NAME = "exllamav2"
 DEFAULT_MAX_INPUT_LEN = 4096
@@ -94,8 +94,6 @@ def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
         raise ModelLoadError(
             f"{path}: has config.json but no *.safetensors weights; the download or conversion is incomplete."
         )
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    n_layers = text_cfg.get("num_hidden_layers") or text_cfg.get("n_layer") or text_cfg.get("num_layers")
     qc = _quant_config(cfg)
     extra: dict[str, Any] = {}
     if qc is not None:
@@ -107,18 +105,8 @@ def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
     else:
         dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float16")
         quant = None
-    return ModelInfo(
-        path=str(path),
-        backend=NAME,
-        architecture=(cfg.get("architectures") or [cfg.get("model_type")])[0],
-        num_layers=int(n_layers) if n_layers is not None else None,
-        vocab_size=text_cfg.get("vocab_size"),
-        hidden_size=text_cfg.get("hidden_size"),
-        dtype=dtype,
-        library_version=library_version(),
-        quantization=quant,
-        extra=extra,
-    )
+    return info_from_hf_config(path, NAME, cfg, dtype=dtype, library_version=library_version(),
+                               quantization=quant, extra=extra)
 
 
 # --------------------------------------------------------------------------- pure helpers (CPU-testable)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, installed_version, special_token_flags
+from .base import ForwardOutput, ModelInfo, info_from_hf_config, installed_version, special_token_flags
 
 NAME = "transformers"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -60,21 +60,14 @@ def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc}); is the checkpoint complete?") from exc
-    text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    n_layers = text_cfg.get("num_hidden_layers") or text_cfg.get("n_layer") or text_cfg.get("num_layers")
     if not _weight_files(path):
         raise ModelLoadError(
             f"{path}: has config.json but no weights (*.safetensors or *.bin); "
             "the download or conversion is incomplete."
         )
     qc = cfg.get("quantization_config") or {}
-    return ModelInfo(
-        path=str(path),
-        backend=NAME,
-        architecture=(cfg.get("architectures") or [cfg.get("model_type")])[0],
-        num_layers=int(n_layers) if n_layers is not None else None,
-        vocab_size=text_cfg.get("vocab_size"),
-        hidden_size=text_cfg.get("hidden_size"),
+    return info_from_hf_config(
+        path, NAME, cfg,
         dtype=str(options.get("dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         library_version=library_version(),
         quantization=qc.get("quant_method") if isinstance(qc, dict) else None,
