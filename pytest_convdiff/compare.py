@@ -389,11 +389,10 @@ def _logit_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
                  f"worst prompt {wp!r} ({_fmt(wv)} ordered agreement).\n"
                  f"Ordered top-K agreement K=1..5: {', '.join(_fmt(v) for v in m.topk_ordered.values())}.")
         out.append(_lower("topk", str(k), value, bound, what, extra))
-    n_bad_kl = None
     out.append(_upper("kl", "mean", m.kl_mean, bounds.kl_mean, f"Mean KL(P_A || P_B) over {m.positions} positions",
                       f"p99 {_fmt(m.kl_p99)}, max {_fmt(m.kl_max)} at {m.kl_max_where}."))
     out.append(_upper("kl", "p99", m.kl_p99, bounds.kl_p99, "99th percentile of per-position KL(P_A || P_B)",
-                      f"max {_fmt(m.kl_max)} at {m.kl_max_where}; mean {_fmt(m.kl_mean)}." if n_bad_kl is None else ""))
+                      f"max {_fmt(m.kl_max)} at {m.kl_max_where}; mean {_fmt(m.kl_mean)}."))
     out.append(_upper("ppl", "ratio", m.ppl_ratio, bounds.ppl_ratio, "Perplexity ratio PPL(B) / PPL(A) on the corpus",
                       f"PPL(A) {_fmt(m.ppl_a)}, PPL(B) {_fmt(m.ppl_b)}; mean change in the true token's "
                       f"probability {_fmt(m.delta_p_mean)} (RMS {_fmt(m.delta_p_rms)})."))
@@ -513,8 +512,7 @@ def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathL
         run_b = run_model(spec_b, corpus, cache, feed=run_a, settings=settings,
                           progress=progress or (lambda _m: None), label="[B] ")
     except ConvdiffError as exc:
-        n_layers = None
-        return error_result(pid, spec_a, spec_b, plan_checks(corpus, n_layers, settings), str(exc))
+        return error_result(pid, spec_a, spec_b, plan_checks(corpus, None, settings), str(exc))
     if isinstance(bounds, Bounds):
         cls, chosen = None, bounds
     else:

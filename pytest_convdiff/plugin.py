@@ -140,6 +140,20 @@ def _opt(config: pytest.Config, name: str) -> Any:
     return value
 
 
+def _int_option(config: pytest.Config, name: str, option: str, minimum: int, default: int | None) -> int | None:
+    """An integer option (command line or ini) of at least ``minimum``; UsageError naming it otherwise."""
+    raw = _opt(config, name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"{option}: expected an integer >= {minimum}, got {raw!r}") from None
+    return value
+
+
 def parse_options(items: list[str], option: str) -> dict[str, Any]:
     """``["dtype=float16", "n_gpu_layers=99"]`` -> typed dict; UsageError naming the option on bad input."""
     out: dict[str, Any] = {}
@@ -216,36 +230,15 @@ def build_state(config: pytest.Config) -> State:
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
 
-    max_tokens = _opt(config, "convdiff_max_tokens")
-    if max_tokens not in (None, ""):
-        try:
-            max_tokens = int(max_tokens)
-            if max_tokens < 2:
-                raise ValueError
-        except ValueError:
-            raise pytest.UsageError(f"--convdiff-max-tokens: expected an integer >= 2, got {max_tokens!r}") from None
-    else:
-        max_tokens = None
+    max_tokens = _int_option(config, "convdiff_max_tokens", "--convdiff-max-tokens", 2, None)
 
     try:
         corpus = load_corpus(_opt(config, "convdiff_prompts") or None)
     except ConvdiffError as exc:
         raise pytest.UsageError(f"--convdiff-prompts: {exc}") from None
 
-    layer_swap = _opt(config, "convdiff_layer_swap")
-    try:
-        layer_swap = int(layer_swap) if layer_swap not in (None, "") else 0
-        if layer_swap < 0:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"--convdiff-layer-swap: expected an integer >= 0, got {layer_swap!r}") from None
-    greedy = _opt(config, "convdiff_greedy_tokens")
-    try:
-        greedy = int(greedy) if greedy not in (None, "") else RunSettings.greedy_tokens
-        if greedy < 0:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"--convdiff-greedy-tokens: expected an integer >= 0, got {greedy!r}") from None
+    layer_swap = _int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0)
+    greedy = _int_option(config, "convdiff_greedy_tokens", "--convdiff-greedy-tokens", 0, RunSettings.greedy_tokens)
     settings = RunSettings(
         hidden_states=not _opt(config, "convdiff_no_layers"),
         tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),
@@ -316,15 +309,9 @@ def gpu_for_worker(worker_id: str, n_gpus: int) -> str | None:
 
 
 def _assign_gpu(config: pytest.Config) -> None:
-    raw = _opt(config, "convdiff_gpus")
-    if raw in (None, ""):
+    n = _int_option(config, "convdiff_gpus", "--convdiff-gpus", 1, None)
+    if n is None:
         return
-    try:
-        n = int(raw)
-        if n < 1:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"--convdiff-gpus: expected a positive integer, got {raw!r}") from None
     worker = getattr(config, "workerinput", {}).get("workerid", "")
     gpu = gpu_for_worker(worker, n)
     # Before any backend initialises CUDA; a value set by the user or the runner wins.

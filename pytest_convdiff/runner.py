@@ -8,7 +8,6 @@ and closed before the next model loads: one model in memory at a time.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from .backends import backend_module, detect_backend, normalize_backend_name
 from .backends.base import ModelInfo
 from .cache import Cache, CacheEntry, content_fingerprint, make_key
 from .corpus import Corpus
-from .errors import ContextLengthError, ConvdiffError, ModelLoadError
+from .errors import ConvdiffError, ModelLoadError
 from .tokenizer_cases import TOKENIZER_CASES
 
 Progress = Callable[[str], None]
@@ -47,10 +46,7 @@ class ModelSpec:
     def probe(self) -> ModelInfo:
         name = self.resolved_backend()
         mod = backend_module(name)
-        try:
-            return mod.probe(Path(self.path), self.options)
-        except TypeError:
-            return mod.probe(Path(self.path))
+        return mod.probe(Path(self.path), self.options)
 
     def fingerprint(self) -> str:
         mod = backend_module(self.resolved_backend())
@@ -230,10 +226,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                 f"{spec.path}: model A's token id {max(inputs)} is outside this model's vocabulary "
                 f"({info.vocab_size}); the models do not share a vocabulary, so logits cannot be compared."
             )
-        try:
-            out = backend.forward(inputs, hidden_states=settings.hidden_states)
-        except ContextLengthError:
-            raise
+        out = backend.forward(inputs, hidden_states=settings.hidden_states)
         prompts.append(prompt.id)
         writer.add(f"p{i}.own_tokens", np.asarray(own, dtype=np.int64))
         writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))
@@ -322,7 +315,7 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
             out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
                          "index": index, "teacher_forced": True}
             continue
-        ids = [int(t) for t in _read_ids(backend, p.text)][:GREEDY_PREFIX]
+        ids = [int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX]
         prefix_len = len(ids)
         steps = []
         for _ in range(n_new):
@@ -333,10 +326,6 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
         out[p.id] = {"prefix_len": prefix_len, "generated": ids[prefix_len:], "top": steps, "index": index}
     progress(f"{label}  greedy: {len(out)} prompts x {n_new} tokens")
     return out
-
-
-def _read_ids(backend, text: str) -> list[int]:
-    return backend.tokenize(text)
 
 
 def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]) -> dict[str, Any]:
@@ -351,13 +340,3 @@ def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]
     value = metrics.nmse(full, prefix)
     return {"prompt": pid, "prefix_len": n, "full_len": len(tokens), "nmse": value if not math.isnan(value) else None,
             "max_abs": float(diff.max()) if diff.size else 0.0, "worst_position": worst}
-
-
-def describe(run: ModelRun) -> str:
-    i = run.info
-    parts = [i.get("backend"), i.get("architecture"), i.get("dtype") or "", i.get("quantization") or ""]
-    return " ".join(str(p) for p in parts if p) + f", {i.get('num_layers')} layers"
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -116,6 +116,7 @@ def test_missing_model_errors_its_pair_and_others_still_run(pytester, tiny_model
     (["--model-a", "x", "--model-b", "y", "--backend-b", "onnx"], "--convdiff-backend-b: unknown backend 'onnx'"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-max-tokens", "-3"], "--convdiff-max-tokens"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-greedy-tokens", "many"], "--convdiff-greedy-tokens"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-layer-swap", "-1"], "--convdiff-layer-swap: expected an integer >= 0"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-prompts", "missing.txt"], "--convdiff-prompts: missing.txt"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(pytester, args, message):
