@@ -2,10 +2,18 @@
 
 An entry is a directory named by its key, holding one ``.npy`` file per array
 (read back memory-mapped, so a large corpus is never all in memory) and a
-``meta.json`` with a SHA-256 for every file. Entries are written into a private
-temporary directory and renamed into place in one step, so a killed run, a full
-disk or two xdist workers racing never leave a torn entry; a damaged entry fails
-its checksum and is recomputed.
+``meta.json`` with each file's SHA-256, size and mtime. Entries are written into a
+private temporary directory and renamed into place in one step, so a killed run, a
+full disk or two xdist workers racing never leave a torn entry.
+
+Reading an entry checks every file's size and mtime against meta.json and re-hashes
+only a file whose mtime changed (``full_verify`` re-hashes all of them): a warm run
+over gigabytes of logits then costs a few ``stat`` calls, while a file that was
+truncated, rewritten or modified after it was written fails its checksum and the
+entry is recomputed. Writers hash the bytes as they write them, so nothing is read back.
+
+Beside the entries, ``pairs/`` holds small JSON documents (the bound-independent
+metrics of a pair of entries), so a warm run need not reduce the arrays again.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ import numpy as np
 
 from .errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "meta.json"
+PAIRS = "pairs"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -67,12 +76,35 @@ def make_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through it (np.save writes to it)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.size += memoryview(data).nbytes
+        return self.fh.write(data)
+
+
 class CacheEntry:
     """A complete, verified entry (read side)."""
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path = path
         self.meta = meta
+
+    @property
+    def identity(self) -> str:
+        """Names this entry's content: its key and every file's checksum (a recomputed entry whose
+        bytes differ gets another identity, so results derived from the old bytes are not reused)."""
+        h = hashlib.sha256(self.meta["key"].encode())
+        for name in sorted(self.meta["files"]):
+            h.update(f"{name}:{self.meta['files'][name]['sha256']}".encode())
+        return h.hexdigest()[:24]
 
     def has(self, name: str) -> bool:
         return name in self.meta["files"]
@@ -92,16 +124,25 @@ class EntryWriter:
         self.files: dict[str, str] = {}
 
     def add(self, name: str, array: np.ndarray) -> None:
+        """Write one array, hashing its bytes on the way (no read-back). No fsync per file: the
+        rename in ``commit`` is what makes an entry visible, and a file a power cut left short or
+        stale fails its size or checksum on the next read."""
         target = self.tmp / f"{name}.npy"
         try:
+            arr = np.ascontiguousarray(array)
+            if arr.dtype.hasobject:
+                raise TypeError(f"cache arrays hold numbers, not objects ({name})")
             with target.open("wb") as fh:
-                np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
+                out = _HashingFile(fh)
+                np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(arr))
+                out.sha.update(arr.reshape(-1).view(np.uint8))  # the bytes tofile writes
+                out.size += arr.nbytes
+                arr.tofile(fh)
         except OSError as exc:
             self.abort()
             raise _write_error(self.cache.root, exc) from exc
-        self.files[name] = sha256_file(target)
+        st = target.stat()
+        self.files[name] = {"sha256": out.sha.hexdigest(), "bytes": out.size, "mtime_ns": st.st_mtime_ns}
 
     def array(self, name: str) -> np.ndarray:
         """Read back something already written (before commit)."""
@@ -112,8 +153,6 @@ class EntryWriter:
         try:
             with (self.tmp / META).open("w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
         except OSError as exc:
             self.abort()
             raise _write_error(self.cache.root, exc) from exc
@@ -137,6 +176,16 @@ class EntryWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _write_error(root: Path, exc: OSError) -> CacheError:
     if exc.errno == errno.ENOSPC:
         why = "the disk is full"
@@ -152,10 +201,14 @@ def _write_error(root: Path, exc: OSError) -> CacheError:
 
 @dataclass
 class Cache:
-    """A directory of entries. ``enabled=False`` still writes (to a scratch dir) but never reads."""
+    """A directory of entries. ``read=False`` still writes but never reads (refresh).
+
+    ``full_verify``: re-hash every file on read, not only those whose size or mtime changed.
+    """
 
     root: Path
     read: bool = True
+    full_verify: bool = False
 
     def get(self, key: str) -> CacheEntry | None:
         """The verified entry, or None. A damaged entry is removed (and reported) so it is recomputed."""
@@ -165,27 +218,55 @@ class Cache:
         meta_path = path / META
         if not meta_path.is_file():
             return None
-        problem = None
+        problem, restamp = None, False
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
             if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
                 problem = "written by another format version"
             else:
-                for name, digest in meta["files"].items():
+                for name, rec in meta["files"].items():
                     f = path / f"{name}.npy"
-                    if not f.is_file():
+                    try:
+                        st = f.stat()
+                    except FileNotFoundError:
                         problem = f"{f.name} is missing"
                         break
-                    if sha256_file(f) != digest:
-                        problem = f"{f.name} fails its checksum"
+                    if st.st_size != rec["bytes"]:
+                        problem = f"{f.name} has {st.st_size} bytes, not the {rec['bytes']} written"
                         break
+                    if self.full_verify or st.st_mtime_ns != rec["mtime_ns"]:
+                        if sha256_file(f) != rec["sha256"]:
+                            problem = f"{f.name} fails its checksum"
+                            break
+                        if st.st_mtime_ns != rec["mtime_ns"]:
+                            rec["mtime_ns"] = st.st_mtime_ns  # copied or touched, content intact
+                            restamp = True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             problem = f"meta.json is unreadable ({exc})"
         if problem:
             warnings.warn(f"convdiff cache entry {path} is damaged ({problem}); recomputing it.", stacklevel=2)
             self.discard(key)
             return None
+        if restamp:  # so the next read of an intact copy needs no hashing
+            with contextlib.suppress(OSError):
+                _write_json_atomic(meta_path, meta)
         return CacheEntry(path, meta)
+
+    def get_json(self, name: str) -> dict[str, Any] | None:
+        """A small derived document (``pairs/<name>.json``), or None when missing, unreadable or refreshing."""
+        if not self.read:
+            return None
+        try:
+            doc = json.loads((self.root / PAIRS / f"{name}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and doc.get("format") == FORMAT_VERSION else None
+
+    def put_json(self, name: str, doc: dict[str, Any]) -> None:
+        """Store a derived document atomically; failing to store it only costs recomputation."""
+        with contextlib.suppress(OSError):
+            (self.root / PAIRS).mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.root / PAIRS / f"{name}.json", {**doc, "format": FORMAT_VERSION})
 
     def writer(self, key: str) -> EntryWriter:
         return EntryWriter(self, key)

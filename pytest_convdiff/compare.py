@@ -13,6 +13,8 @@ wires these results to test items.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import tempfile
@@ -23,7 +25,7 @@ from typing import Any
 
 from . import metrics
 from .bounds import Bounds, default_bounds
-from .cache import Cache
+from .cache import Cache, make_key
 from .corpus import Corpus, load_corpus
 from .errors import ConvdiffError
 from .runner import ModelRun, ModelSpec, RunSettings, run_model
@@ -143,6 +145,93 @@ def plan_checks(corpus: Corpus, num_layers: int | None, settings: RunSettings | 
     if settings.causality:
         plan += [("causality", "A"), ("causality", "B")]
     return plan
+
+
+# --------------------------------------------------------------------------- bound-independent metrics
+
+PAIR_METRICS_VERSION = 1  # bump when what pair_metrics derives from the arrays changes
+
+
+@dataclass
+class PairMetrics:
+    """What the arrays of a pair reduce to, before any bound is applied: the costly part of
+    evaluation, stored in the cache so a warm run (or another set of bounds) reuses it."""
+
+    logits: metrics.LogitMetrics | None = None  # None: the vocabularies differ
+    layers: metrics.LayerMetrics | None = None  # None: no hidden states, or shapes that do not pair
+    swap_rfn: list[float] | None = None  # per-layer rfn of the layer-swap run, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"logits": self.logits.to_dict() if self.logits else None,
+                "layers": self.layers.to_dict() if self.layers else None, "swap_rfn": self.swap_rfn}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairMetrics:
+        return cls(metrics.LogitMetrics.from_dict(d["logits"]) if d.get("logits") else None,
+                   metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"))
+
+
+_CODE_DIGEST: str | None = None
+
+
+def _metrics_code_digest() -> str:
+    """Stored pair metrics are reused only by the metric code that computed them."""
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        _CODE_DIGEST = hashlib.sha256(Path(metrics.__file__).read_bytes()).hexdigest()[:16]
+    return _CODE_DIGEST
+
+
+def pair_metrics_key(a: ModelRun, b: ModelRun, corpus: Corpus) -> str:
+    return make_key({"pair_metrics": PAIR_METRICS_VERSION, "code": _metrics_code_digest(), "corpus": corpus.digest,
+                     "a": a.entry.identity, "b": b.entry.identity})
+
+
+def _vocab_mismatch(a: ModelRun, b: ModelRun, corpus: Corpus) -> str | None:
+    va, vb = a.logits(corpus.prompts[0].id).shape[-1], b.logits(corpus.prompts[0].id).shape[-1]
+    if va == vb:
+        return None
+    return (f"vocabulary sizes differ (A {va} vs B {vb}, reported {a.info.get('vocab_size')} vs "
+            f"{b.info.get('vocab_size')}): logits cannot be compared position by position")
+
+
+def _layer_mismatch(a: ModelRun, b: ModelRun, corpus: Corpus) -> str | None:
+    first, first_b = a.hidden(corpus.prompts[0].id), b.hidden(corpus.prompts[0].id)
+    if first is None or first_b is None:
+        return f"model {'A' if first is None else 'B'}'s backend gave no hidden states"
+    if first_b.shape[0] != first.shape[0] or first_b.shape[-1] != first.shape[-1]:
+        return f"hidden-state shapes differ (A {tuple(first.shape)}, B {tuple(first_b.shape)}): layers cannot be paired"
+    return None
+
+
+def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None = None) -> PairMetrics:
+    """Reduce both runs' arrays to metrics (streaming, prompt by prompt), or read them from ``cache``."""
+    key = pair_metrics_key(a, b, corpus) if cache is not None else None
+    if cache is not None and key is not None:
+        doc = cache.get_json(key)
+        if doc is not None:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                return PairMetrics.from_dict(doc["metrics"])
+    out = PairMetrics()
+    if _vocab_mismatch(a, b, corpus) is None:
+        acc = metrics.LogitAccumulator()
+        for p in corpus:
+            acc.update(p.id, a.logits(p.id), b.logits(p.id), a.inputs(p.id))
+        out.logits = acc.result()
+    if _layer_mismatch(a, b, corpus) is None:
+        n_layers = a.hidden(corpus.prompts[0].id).shape[0]
+        lacc = metrics.LayerAccumulator(n_layers)
+        for p in corpus:
+            lacc.update(p.id, a.hidden(p.id), b.hidden(p.id), a.sublayers(p.id), b.sublayers(p.id))
+        out.layers = lacc.result()
+        if b.hidden_swap(corpus.prompts[0].id) is not None:
+            swap_acc = metrics.LayerAccumulator(n_layers)
+            for p in corpus:
+                swap_acc.update(p.id, a.hidden(p.id), b.hidden_swap(p.id))
+            out.swap_rfn = swap_acc.result().rfn
+    if cache is not None and key is not None:
+        cache.put_json(key, {"metrics": out.to_dict(), "a": a.spec.path, "b": b.spec.path})
+    return out
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -281,8 +370,12 @@ def _causality_checks(runs: Iterable[tuple[str, ModelRun]], bound: float) -> lis
 
 
 def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, *, pair_id: str = "",
-             precision: str | None = None) -> PairResult:
-    """Every check for a pair whose two runs exist."""
+             precision: str | None = None, pm: PairMetrics | None = None, cache: Cache | None = None) -> PairResult:
+    """Every check for a pair whose two runs exist.
+
+    ``pm``: the pair's metrics when already computed; else computed here (read from / stored in
+    ``cache`` when one is given).
+    """
     res = PairResult(pair_id, a.spec.path, b.spec.path, a.info.get("backend"), b.info.get("backend"),
                      precision_class=precision, bounds=bounds.to_dict(), info_a=a.info, info_b=b.info,
                      from_cache={"A": a.from_cache, "B": b.from_cache})
@@ -298,25 +391,23 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, *, pair_i
     if a.tokenizer_cases or b.tokenizer_cases:
         checks += _tokenizer_checks(a, b)
 
-    va, vb = a.info.get("vocab_size"), b.info.get("vocab_size")
-    first_logits_a = a.logits(corpus.prompts[0].id)
-    first_logits_b = b.logits(corpus.prompts[0].id)
+    pm = pm if pm is not None else pair_metrics(a, b, corpus, cache)
     logit_names = [("finite", ""), ("nmse", ""), ("topk", "1"), ("topk", "5"), ("kl", "mean"), ("kl", "p99"),
                    ("ppl", "ratio")]
-    if first_logits_a.shape[-1] != first_logits_b.shape[-1]:
-        why = (f"vocabulary sizes differ (A {first_logits_a.shape[-1]} vs B {first_logits_b.shape[-1]}, "
-               f"reported {va} vs {vb}): logits cannot be compared position by position")
+    if pm.logits is None:
+        why = _vocab_mismatch(a, b, corpus) or "logits were not compared"
         checks += [CheckResult(n, p, None, None, SKIPPED, why) for n, p in logit_names]
     else:
-        checks += _logit_checks(a, b, corpus, bounds, res)
+        checks += _logit_checks(pm.logits, corpus, bounds, res)
 
     num_layers = a.info.get("num_layers")
-    if a.hidden(corpus.prompts[0].id) is not None and b.hidden(corpus.prompts[0].id) is not None:
-        checks += _layer_checks(a, b, corpus, bounds, res)
-    elif num_layers:
-        who = "A" if a.hidden(corpus.prompts[0].id) is None else "B"
-        checks += [CheckResult("rfn", f"layer-{i}", None, bounds.rfn, SKIPPED,
-                               f"model {who}'s backend gave no hidden states") for i in range(num_layers)]
+    if pm.layers is not None:
+        checks += _layer_checks(pm.layers, pm.swap_rfn, b, bounds, res)
+    elif num_layers or a.hidden(corpus.prompts[0].id) is not None:
+        why = _layer_mismatch(a, b, corpus) or "hidden states were not compared"
+        first = a.hidden(corpus.prompts[0].id)
+        n = first.shape[0] if first is not None else num_layers
+        checks += [CheckResult("rfn", f"layer-{i}", None, bounds.rfn, SKIPPED, why) for i in range(n)]
     if a.meta.get("greedy") is not None or b.meta.get("greedy") is not None:
         checks.append(_greedy_check(a, b))
     if a.causality is not None or b.causality is not None:
@@ -357,11 +448,7 @@ def _greedy_check(a: ModelRun, b: ModelRun) -> CheckResult:
                        + (": " + "; ".join(lines) if lines else ""))
 
 
-def _logit_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res: PairResult) -> list[CheckResult]:
-    acc = metrics.LogitAccumulator()
-    for p in corpus:
-        acc.update(p.id, a.logits(p.id), b.logits(p.id), a.inputs(p.id))
-    m = acc.result()
+def _logit_checks(m: metrics.LogitMetrics, corpus: Corpus, bounds: Bounds, res: PairResult) -> list[CheckResult]:
     res.logits = m.to_dict()
     worst_prompt = max(m.per_prompt.items(), key=lambda kv: (math.isnan(kv[1]["nmse"]), kv[1]["nmse"]))
     shape = f"{m.positions} positions of {len(corpus)} prompts, A's token ids fed to both"
@@ -399,23 +486,9 @@ def _logit_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res:
     return out
 
 
-def _layer_checks(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Bounds, res: PairResult) -> list[CheckResult]:
-    first = a.hidden(corpus.prompts[0].id)
-    first_b = b.hidden(corpus.prompts[0].id)
-    n_layers = first.shape[0]
-    if first_b.shape[0] != n_layers or first_b.shape[-1] != first.shape[-1]:
-        why = f"hidden-state shapes differ (A {tuple(first.shape)}, B {tuple(first_b.shape)}): layers cannot be paired"
-        return [CheckResult("rfn", f"layer-{i}", None, bounds.rfn, SKIPPED, why) for i in range(n_layers)]
-    acc = metrics.LayerAccumulator(n_layers)
-    for p in corpus:
-        acc.update(p.id, a.hidden(p.id), b.hidden(p.id), a.sublayers(p.id), b.sublayers(p.id))
-    lm = acc.result()
-    swap = None
-    if b.hidden_swap(corpus.prompts[0].id) is not None:
-        swap_acc = metrics.LayerAccumulator(n_layers)
-        for p in corpus:
-            swap_acc.update(p.id, a.hidden(p.id), b.hidden_swap(p.id))
-        swap = swap_acc.result().rfn
+def _layer_checks(lm: metrics.LayerMetrics, swap: list[float] | None, b: ModelRun, bounds: Bounds,
+                  res: PairResult) -> list[CheckResult]:
+    n_layers = len(lm.rfn)
     fdl = metrics.first_divergent_layer(lm.rfn, bounds.rfn)
     anomalies = metrics.subblock_anomalies(lm.sublayers, bounds.subblock_jump, bounds.rfn / 10.0,
                                            inherited=[0.0] + list(lm.rfn[:-1]))
@@ -518,4 +591,4 @@ def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathL
     else:
         cls, chosen = default_bounds(run_a.info, run_b.info)
         chosen = chosen.with_overrides(dict(bounds or {}))
-    return evaluate(run_a, run_b, corpus, chosen, pair_id=pid, precision=cls)
+    return evaluate(run_a, run_b, corpus, chosen, pair_id=pid, precision=cls, cache=cache)

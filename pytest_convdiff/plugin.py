@@ -22,10 +22,21 @@ import pytest
 from . import report
 from .bounds import Bounds, default_bounds, parse_bound_overrides
 from .cache import Cache
-from .compare import ERROR, FAILED, SKIPPED, CheckResult, PairResult, error_result, evaluate, plan_checks
+from .compare import (
+    ERROR,
+    FAILED,
+    SKIPPED,
+    CheckResult,
+    PairMetrics,
+    PairResult,
+    error_result,
+    evaluate,
+    pair_metrics,
+    plan_checks,
+)
 from .corpus import Corpus, load_corpus
 from .errors import ConvdiffError
-from .runner import ModelRun, ModelSpec, RunSettings, run_model
+from .runner import CACHE_DTYPES, ModelRun, ModelSpec, RunSettings, run_model
 
 PROPERTY = "convdiff"
 
@@ -60,6 +71,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=[], help=f"override a default bound ({', '.join(Bounds.names())}); repeatable")
     add("--convdiff-cache-dir", ini="convdiff_cache_dir", metavar="DIR",
         help="where model outputs are cached (default: .pytest_cache/d/convdiff)")
+    add("--convdiff-cache-dtype", ini="convdiff_cache_dtype", metavar="DTYPE",
+        help="how logits and hidden states are stored: float32 (default, exact) or float16 (half the disk; "
+             "see docs/performance.md for its effect on each metric)")
+    add("--convdiff-verify-cache", ini="convdiff_verify_cache", action="store_true", type_="bool", default=False,
+        help="re-hash every cache file on read (default: only files whose size or mtime changed)")
     add("--convdiff-json", ini="convdiff_json", metavar="PATH", help="write a JSON report of every pair")
     g.addoption("--convdiff-refresh", action="store_true", default=False,
                 help="recompute model outputs even when the cache holds valid entries")
@@ -126,6 +142,7 @@ class State:
     results: dict[str, PairResult] = field(default_factory=dict)
     runs: dict[str, tuple[ModelRun, ModelRun]] = field(default_factory=dict)
     evaluations: dict[tuple[str, tuple], PairResult] = field(default_factory=dict)
+    metrics: dict[str, PairMetrics] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -239,6 +256,11 @@ def build_state(config: pytest.Config) -> State:
 
     layer_swap = _int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0)
     greedy = _int_option(config, "convdiff_greedy_tokens", "--convdiff-greedy-tokens", 0, RunSettings.greedy_tokens)
+    cache_dtype = str(_opt(config, "convdiff_cache_dtype") or RunSettings.cache_dtype).strip().lower()
+    cache_dtype = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}.get(
+        cache_dtype, cache_dtype)
+    if cache_dtype not in CACHE_DTYPES:
+        raise pytest.UsageError(f"--convdiff-cache-dtype: {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
     settings = RunSettings(
         hidden_states=not _opt(config, "convdiff_no_layers"),
         tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),
@@ -246,6 +268,7 @@ def build_state(config: pytest.Config) -> State:
         max_tokens=max_tokens,
         layer_swap=layer_swap,
         greedy_tokens=greedy,
+        cache_dtype=cache_dtype,
     )
     cache_dir = _opt(config, "convdiff_cache_dir")
     if cache_dir:
@@ -282,7 +305,8 @@ def build_state(config: pytest.Config) -> State:
     html_path = _opt(config, "convdiff_html")
     if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
         raise pytest.UsageError(f"--convdiff-plot: {plot_dir} exists and is not a directory.")
-    return State(pairs, corpus, settings, bounds, Cache(root, read=not refresh), refresh,
+    cache = Cache(root, read=not refresh, full_verify=bool(_opt(config, "convdiff_verify_cache")))
+    return State(pairs, corpus, settings, bounds, cache, refresh,
                  Path(json_path) if json_path else None, Path(save_ref) if save_ref else None,
                  plot_dir=Path(plot_dir) if plot_dir else None, html_path=Path(html_path) if html_path else None,
                  baseline_path=Path(baseline_path) if baseline_path else None, baseline_update=baseline_update,
@@ -480,8 +504,11 @@ def pair_result_for(config: pytest.Config, state: State, pair: PairSpec,
     try:
         run_a, run_b = pair_runs(config, state, pair)
         cls, chosen = default_bounds(run_a.info, run_b.info)
-        result = evaluate(run_a, run_b, pair.corpus or state.corpus, chosen.with_overrides(overrides),
-                          pair_id=pair.id, precision=cls)
+        corpus = pair.corpus or state.corpus
+        if pair.id not in state.metrics:  # bound-independent: computed (or read from the cache) once per pair
+            state.metrics[pair.id] = pair_metrics(run_a, run_b, corpus, state.cache)
+        result = evaluate(run_a, run_b, corpus, chosen.with_overrides(overrides), pair_id=pair.id, precision=cls,
+                          pm=state.metrics[pair.id])
         if state.baseline_path is not None:
             result.checks += baseline_checks(state, pair, result)
     except ConvdiffError as exc:

@@ -313,6 +313,14 @@ class ReferenceEntry:
         return [n for n in self.header.tensors if not self._hide(n)]
 
     @property
+    def identity(self) -> str:
+        """Names the content served: the file's data checksum and which arrays are in use."""
+        h = hashlib.sha256(str(self.header.metadata.get("data_sha256") or self.path.resolve()).encode())
+        h.update("\n".join(sorted(self.names)).encode())
+        h.update(json.dumps({k: self.meta.get(k) is not None for k in ("tokenizer_cases", "causality")}).encode())
+        return h.hexdigest()[:24]
+
+    @property
     def metadata(self) -> dict[str, str]:
         return self.header.metadata
 

@@ -26,6 +26,7 @@ from .errors import ConvdiffError, ModelLoadError
 from .tokenizer_cases import TOKENIZER_CASES
 
 Progress = Callable[[str], None]
+CACHE_DTYPES = ("float32", "float16")
 
 
 def _quiet(_msg: str) -> None:
@@ -65,6 +66,7 @@ class RunSettings:
     max_tokens: int | None = None
     layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
     greedy_tokens: int = 16  # greedy continuation length per greedy prompt (0: no greedy check)
+    cache_dtype: str = "float32"  # how logits / hidden states are stored: float32 or float16 (compact)
 
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -207,6 +209,9 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
              writer, progress: Progress, label: str) -> dict[str, Any]:
     info: ModelInfo = backend.info
+    if settings.cache_dtype not in CACHE_DTYPES:
+        raise ConvdiffError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {settings.cache_dtype!r}")
+    store = np.dtype(settings.cache_dtype)
     prompts: list[str] = []
     pieces: dict[str, list[str]] = {}
     truncated: dict[str, int] = {}
@@ -230,14 +235,14 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         prompts.append(prompt.id)
         writer.add(f"p{i}.own_tokens", np.asarray(own, dtype=np.int64))
         writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))
-        writer.add(f"p{i}.logits", np.asarray(out.logits, dtype=np.float32))
+        writer.add(f"p{i}.logits", np.asarray(out.logits, dtype=store))
         if out.hidden is not None:
-            writer.add(f"p{i}.hidden", np.asarray(out.hidden, dtype=np.float32))
+            writer.add(f"p{i}.hidden", np.asarray(out.hidden, dtype=store))
         if feed is not None and settings.layer_swap and settings.hidden_states and swap_error is None:
             swap_error = _layer_swap(backend, feed, prompt.id, inputs, settings.layer_swap, writer, i)
         for name, arr in out.sublayers.items():
             sub_names.add(name)
-            writer.add(f"p{i}.sub_{name}", np.asarray(arr, dtype=np.float32))
+            writer.add(f"p{i}.sub_{name}", np.asarray(arr, dtype=store))
         pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
@@ -296,7 +301,8 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
             progress: Progress, label: str) -> dict[str, Any]:
     """Greedy continuations of the first few non-long prompts, with each step's top-N token ids.
 
-    A generates (one forward per new token). B is teacher-forced on A's continuation in a single
+    A generates (incrementally on its KV cache when the backend has ``greedy_decode``, else one
+    full forward per new token). B is teacher-forced on A's continuation in a single
     forward: up to the first step where they disagree that *is* B's own greedy path, and the check
     (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
     """
@@ -317,12 +323,20 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
             continue
         ids = [int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX]
         prefix_len = len(ids)
-        steps = []
-        for _ in range(n_new):
-            logits = np.asarray(backend.forward(ids, hidden_states=False).logits[-1])
-            top = [int(t) for t in metrics.topk_indices(logits[None, :], GREEDY_TOPN)[0]]
+        steps: list[list[int]] = []
+
+        def pick(logits: np.ndarray, steps: list[list[int]] = steps, ids: list[int] = ids) -> int:
+            top = [int(t) for t in metrics.topk_indices(np.asarray(logits)[None, :], GREEDY_TOPN)[0]]
             steps.append(top)
             ids.append(top[0])
+            return top[0]
+
+        decode = getattr(backend, "greedy_decode", None)
+        if decode is not None:
+            decode(list(ids), n_new, pick)  # incremental, on the backend's KV cache
+        else:
+            for _ in range(n_new):
+                pick(np.asarray(backend.forward(ids, hidden_states=False).logits[-1]))
         out[p.id] = {"prefix_len": prefix_len, "generated": ids[prefix_len:], "top": steps, "index": index}
     progress(f"{label}  greedy: {len(out)} prompts x {n_new} tokens")
     return out
@@ -333,8 +347,10 @@ def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]
     pid, tokens = longest
     n = min(128, len(tokens) // 2)
     prefix = backend.forward(tokens[:n], hidden_states=False).logits
-    full = np.asarray(writer.array(f"p{index}.logits")[:n], dtype=np.float64)
-    prefix = np.asarray(prefix, dtype=np.float64)
+    stored = writer.array(f"p{index}.logits")[:n]
+    full = np.asarray(stored, dtype=np.float64)
+    # rounded as the stored logits were (--convdiff-cache-dtype float16), so storage is not mistaken for leakage
+    prefix = np.asarray(prefix, dtype=stored.dtype).astype(np.float64)
     diff = np.abs(prefix - full)
     worst = int(np.argmax(diff.max(axis=1))) if diff.size else 0
     value = metrics.nmse(full, prefix)

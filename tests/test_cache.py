@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from pytest_convdiff.cache import Cache, content_fingerprint
+from pytest_convdiff import cache as cache_mod
+from pytest_convdiff.cache import Cache, content_fingerprint, sha256_file
 from pytest_convdiff.errors import CacheError
 
 
@@ -33,6 +34,19 @@ def test_missing_entry_is_none(tmp_path):
     assert Cache(tmp_path).get("nothing") is None
 
 
+def _later(path, seconds: float = 2.0) -> None:
+    """Give a file the mtime a later modification has (a test runs faster than the clock's tick)."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(seconds * 1e9)))
+
+
+def test_checksums_are_those_of_the_written_files(tmp_path):
+    entry = _write(Cache(tmp_path))
+    for name, rec in entry.meta["files"].items():
+        f = entry.path / f"{name}.npy"
+        assert rec["sha256"] == sha256_file(f) and rec["bytes"] == f.stat().st_size
+
+
 def test_flipped_byte_is_detected_and_discarded(tmp_path):
     cache = Cache(tmp_path)
     entry = _write(cache)
@@ -40,11 +54,49 @@ def test_flipped_byte_is_detected_and_discarded(tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
+    _later(f)
     with pytest.warns(UserWarning, match="fails its checksum"):
         assert cache.get("k1") is None
     assert not (tmp_path / "k1").exists()
     _write(cache)  # recomputed
     assert cache.get("k1") is not None
+
+
+def test_intact_entry_is_read_without_hashing_until_a_file_changes(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    entry = _write(cache)
+    hashed = []
+    real = cache_mod.sha256_file
+    monkeypatch.setattr(cache_mod, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert cache.get("k1") is not None and hashed == []
+    _later(entry.path / "a.npy")  # touched (or copied without its times): content intact
+    assert cache.get("k1") is not None and hashed == ["a.npy"]
+    assert cache.get("k1") is not None and hashed == ["a.npy"]  # the new mtime was recorded
+
+
+def test_full_verify_catches_a_flip_that_kept_size_and_mtime(tmp_path):
+    cache = Cache(tmp_path)
+    entry = _write(cache)
+    f = entry.path / "a.npy"
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cache.get("k1") is not None  # stat-level check: same size, same mtime
+    with pytest.warns(UserWarning, match="fails its checksum"):
+        assert Cache(tmp_path, full_verify=True).get("k1") is None
+
+
+def test_pair_documents_roundtrip_and_damage_is_a_miss(tmp_path):
+    cache = Cache(tmp_path)
+    assert cache.get_json("p1") is None
+    cache.put_json("p1", {"metrics": {"x": float("nan"), "y": 1.5}})
+    doc = cache.get_json("p1")
+    assert doc["metrics"]["y"] == 1.5 and doc["metrics"]["x"] != doc["metrics"]["x"]
+    assert Cache(tmp_path, read=False).get_json("p1") is None
+    (tmp_path / "pairs" / "p1.json").write_text("{torn")
+    assert cache.get_json("p1") is None
 
 
 def test_truncated_file_is_detected(tmp_path):
@@ -89,10 +141,11 @@ def test_disk_full_gives_clear_error_and_no_partial_entry(tmp_path, monkeypatch)
     cache = Cache(tmp_path)
     w = cache.writer("k1")
 
-    def full(*_a, **_k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullDisk(cache_mod._HashingFile):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(np, "save", full)
+    monkeypatch.setattr(cache_mod, "_HashingFile", FullDisk)
     with pytest.raises(CacheError, match="disk is full.*--convdiff-cache-dir"):
         w.add("a", np.zeros(3))
     assert list(tmp_path.iterdir()) == []

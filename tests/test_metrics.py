@@ -69,9 +69,11 @@ def test_compare_tokens_first_mismatch_and_count():
 
 
 def test_logit_accumulator_streams_like_the_whole():
+    # float32, as logits are cached: the accumulator reads its inputs as float32
     rng = np.random.default_rng(0)
-    a1, a2 = rng.normal(size=(5, 7)), rng.normal(loc=1.0, size=(3, 7))
-    b1, b2 = a1 + 0.1 * rng.normal(size=a1.shape), a2 + 0.1 * rng.normal(size=a2.shape)
+    a1, a2 = rng.normal(size=(5, 7)).astype(np.float32), rng.normal(loc=1.0, size=(3, 7)).astype(np.float32)
+    b1 = (a1 + 0.1 * rng.normal(size=a1.shape)).astype(np.float32)
+    b2 = (a2 + 0.1 * rng.normal(size=a2.shape)).astype(np.float32)
     acc = metrics.LogitAccumulator()
     acc.update("p1", a1, b1, list(range(5)))
     acc.update("p2", a2, b2, list(range(3)))
@@ -156,3 +158,70 @@ def test_chunked_update_equals_one_pass():
     assert c.kl_max_where == w.kl_max_where and c.max_abs_where == w.max_abs_where
     assert c.per_prompt["p"] == pytest.approx(w.per_prompt["p"])
     assert c.per_prompt["p"]["nmse"] == pytest.approx(metrics.nmse(a, b))
+
+
+@pytest.mark.parametrize("vocab", [49152, 49153, 3000])
+def test_topk_over_a_large_vocabulary_is_exact_with_ties(vocab):
+    rng = np.random.default_rng(1)
+    ties = rng.integers(0, 4, size=(40, vocab)).astype(np.float32)  # many ties at the k-th place
+    smooth = rng.normal(size=(40, vocab)).astype(np.float16)  # fp16: occasional ties
+    for x in (ties, smooth):
+        want = np.argsort(-x, axis=-1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(metrics.topk_indices(x, 5), want)
+
+
+def test_topk_treats_nan_as_smallest():
+    x = np.arange(6000, dtype=np.float32)[None, :].repeat(2, axis=0)
+    x[1, 5999] = np.nan
+    assert metrics.topk_indices(x, 2).tolist() == [[5999, 5998], [5998, 5997]]
+
+
+def test_kl_from_log_normalisers_matches_float64_over_a_real_vocabulary():
+    rng = np.random.default_rng(2)
+    a = (3 * rng.normal(size=(40, 49152))).astype(np.float32)
+    for noise, tol in ((0.05, 1e-6), (1.0, 1e-7)):
+        b = (a + noise * rng.normal(size=a.shape)).astype(np.float32)
+        acc = metrics.LogitAccumulator()
+        acc.update("p", a, b, list(range(40)))
+        want = metrics.kl_per_position(a, b)
+        r = acc.result()
+        assert r.kl_mean == pytest.approx(float(want.mean()), rel=tol)
+        assert r.kl_max == pytest.approx(float(want.max()), rel=tol)
+    acc = metrics.LogitAccumulator()
+    acc.update("p", a, a.copy())
+    assert acc.result().kl_max == 0.0  # identical logits: exactly zero, not rounding noise
+
+
+def test_chunked_update_equals_one_chunk():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(11, 6000)).astype(np.float32)
+    b = (a + 0.2 * rng.normal(size=a.shape)).astype(np.float32)
+    whole, chunked = metrics.LogitAccumulator(), metrics.LogitAccumulator()
+    whole.update("p", a, b, list(range(11)))
+    chunked.update("p", a, b, list(range(11)), chunk=3)
+    rw, rc = whole.result(), chunked.result()
+    for name in ("nmse", "kl_mean", "kl_p99", "max_abs", "ppl_a", "ppl_b", "delta_p_rms"):
+        assert getattr(rc, name) == pytest.approx(getattr(rw, name), rel=1e-9), name
+    assert rc.topk_ordered == rw.topk_ordered and rc.max_abs_where == rw.max_abs_where
+
+
+def test_metrics_survive_a_json_roundtrip():
+    import json
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(6, 50)).astype(np.float32)
+    b = a + np.float32(0.1)
+    b[2, 3] = np.nan
+    acc = metrics.LogitAccumulator()
+    acc.update("p", a, b, list(range(6)))
+    lm = acc.result()
+    back = metrics.LogitMetrics.from_dict(json.loads(json.dumps(lm.to_dict())))
+    assert back.to_dict().keys() == lm.to_dict().keys()
+    assert back.kl_max_where == lm.kl_max_where and back.topk_worst_prompt == lm.topk_worst_prompt
+    assert math.isnan(back.nmse) and back.positions == lm.positions and back.topk_ordered == lm.topk_ordered
+    layers = metrics.LayerAccumulator(2)
+    h = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    layers.update("p", h, h * 1.1, {"attn": h}, {"attn": h * 1.2})
+    ly = layers.result()
+    back_l = metrics.LayerMetrics.from_dict(json.loads(json.dumps(ly.to_dict())))
+    assert back_l == ly

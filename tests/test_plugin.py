@@ -71,12 +71,39 @@ def test_second_run_is_served_from_cache_without_loading(pytester, tiny_models, 
         raise AssertionError("a model was loaded although the cache was valid")
 
     monkeypatch.setattr(hf, "load", no_load)
+    # ... nor re-reduce the arrays (the pair's metrics are cached too), nor hash gigabytes to trust them
+    from pytest_convdiff import cache as cache_mod
+    from pytest_convdiff import metrics
+
+    def no_work(*_a, **_k):
+        raise AssertionError("warm run redid work the cache holds")
+
+    for target, name in ((metrics.LogitAccumulator, "update"), (metrics.LayerAccumulator, "update"),
+                         (cache_mod, "sha256_file")):
+        monkeypatch.setattr(target, name, no_work)
+    cold_metrics = _report(pytester)["pairs"][0]["metrics"]
     second = pytester.runpytest_inprocess(*[str(a) for a in args])
     assert second.ret == 0, second.stdout.str()[-2000:]
     assert _report(pytester)["pairs"][0]["from_cache"] == {"A": True, "B": True}
+    assert _report(pytester)["pairs"][0]["metrics"] == cold_metrics
     # --convdiff-refresh recomputes (and so needs the loader)
     third = pytester.runpytest_inprocess(*[str(a) for a in args], "--convdiff-refresh")
     assert third.ret != 0 and "a model was loaded although the cache was valid" in third.stdout.str()
+
+
+def test_compact_cache_halves_the_entries_and_still_passes(pytester, tiny_models, tmp_path):
+    cache = tmp_path / "cache"
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-bf16",
+               "--convdiff-cache-dir", cache, "--convdiff-json", "r.json", "--convdiff-cache-dtype", "fp16")
+    assert res.ret == 0, res.stdout.str()[-3000:]
+    import numpy as np
+
+    logits = sorted(cache.glob("*/p0.logits.npy"))
+    hidden = sorted(cache.glob("*/p0.hidden.npy"))
+    assert len(logits) == 2 and len(hidden) == 2
+    assert {np.load(f, mmap_mode="r").dtype for f in logits + hidden} == {np.dtype("float16")}
+    pair = _report(pytester)["pairs"][0]
+    assert pair["verdict"] == "pass" and pair["metrics"]["nmse"] > 0
 
 
 def test_xdist_gives_the_same_results(pytester, tiny_models, shared_cache):
@@ -118,6 +145,7 @@ def test_missing_model_errors_its_pair_and_others_still_run(pytester, tiny_model
     (["--model-a", "x", "--model-b", "y", "--convdiff-greedy-tokens", "many"], "--convdiff-greedy-tokens"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-layer-swap", "-1"], "--convdiff-layer-swap: expected an integer >= 0"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-prompts", "missing.txt"], "--convdiff-prompts: missing.txt"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-cache-dtype", "bfloat8"], "--convdiff-cache-dtype: 'bfloat8'"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(pytester, args, message):
     res = pytester.runpytest_inprocess(*args)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +214,23 @@ class TransformersBackend:
             for name, values in subs.items() if hidden_states and all(v is not None for v in values)
         }
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
+
+    def greedy_decode(self, tokens: Sequence[int], steps: int, pick: Callable[[np.ndarray], int]) -> None:
+        """Greedy decoding with the KV cache: one forward over the prefix, then one token per step.
+
+        ``pick`` gets each step's next-token logits (float32 ``[V]``) and returns the token to append;
+        re-running the whole prefix every step instead would cost ``steps`` full forwards.
+        """
+        torch = self._torch
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True)
+            for step in range(steps):
+                chosen = pick(out.logits[0, -1].float().cpu().numpy())
+                if step == steps - 1:
+                    break
+                nxt = torch.tensor([[int(chosen)]], dtype=torch.long, device=self.device)
+                out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
 
     def _layers(self):
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model

@@ -24,7 +24,7 @@ import re
 import struct
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -632,6 +632,51 @@ class LlamaCppBackend:
                     sublayers[key] = arr
         self._captured = {}
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
+
+    def greedy_decode(self, tokens: Sequence[int], steps: int, pick: Callable[[np.ndarray], int]) -> None:
+        """Greedy decoding on the KV cache: the prefix in one batch (logits of its last position only),
+        then one token per step at the next position; ``pick`` chooses each step's token."""
+        if self._ctx is None:
+            raise RuntimeError(f"{self.path}: the llama.cpp backend is closed")
+        toks = [int(t) for t in tokens]
+        if not toks or len(toks) + steps > self.n_ctx:
+            raise ContextLengthError(f"{self.path}: greedy decoding of {len(toks)} + {steps} tokens does not fit "
+                                     f"the llama.cpp context (n_ctx={self.n_ctx}).")
+        self._wanted = set()
+        with self._console():
+            self._clear_memory()
+        try:
+            row = self._decode_last(toks, 0)
+            for step in range(steps):
+                chosen = int(pick(row))
+                if step < steps - 1:
+                    row = self._decode_last([chosen], len(toks) + step)
+        finally:
+            with self._console():
+                self._clear_memory()
+
+    def _decode_last(self, toks: list[int], start: int) -> np.ndarray:
+        """Append ``toks`` at positions ``start..`` to the KV cache; the last position's logits."""
+        lc = self._lc
+        batch = lc.llama_batch_init(len(toks), 0, 1)
+        try:
+            for i, t in enumerate(toks):
+                batch.token[i] = t
+                batch.pos[i] = start + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = int(i == len(toks) - 1)
+            batch.n_tokens = len(toks)
+            with self._console():
+                rc = lc.llama_decode(self._ctx, batch)
+            if rc != 0:
+                log = self._console.text()
+                raise RuntimeError(f"{self.path}: llama_decode failed (code {rc}) while decoding greedily"
+                                   + (f"; its log ends with:\n{log}" if log else ""))
+            ptr = lc.llama_get_logits_ith(self._ctx, len(toks) - 1)
+            return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float32, copy=True)
+        finally:
+            lc.llama_batch_free(batch)
 
     def close(self) -> None:
         lc = getattr(self, "_lc", None)
