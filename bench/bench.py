@@ -136,11 +136,16 @@ def measure(cmd: list[str], *, cwd: Path, env: dict[str, str] | None = None,
             "rc": proc.returncode, "start": start}
 
 
-def pytest_cmd(case: dict[str, Any], cache_dir: Path, corpus: str, *, profile: Path | None = None) -> list[str]:
+# cold_core: the checks that need extra model work besides the corpus forwards turned off
+CORE_ONLY = ["--convdiff-greedy-tokens", "0", "--convdiff-no-causality", "--convdiff-no-tokenizer-cases"]
+
+
+def pytest_cmd(case: dict[str, Any], cache_dir: Path, corpus: str, *, profile: Path | None = None,
+               extra: list[str] | None = None) -> list[str]:
     head = [PY, "-m", "cProfile", "-o", str(profile)] if profile else [PY]
     return head + ["-m", "pytest", "-p", "no:cacheprovider", "-p", "convdiff_probe",
                    "--model-a", str(case["a"]), "--model-b", str(case["b"]),
-                   "--convdiff-cache-dir", str(cache_dir), "--convdiff-prompts", corpus, "-q"]
+                   "--convdiff-cache-dir", str(cache_dir), "--convdiff-prompts", corpus, "-q", *(extra or [])]
 
 
 PYCACHE = Path(tempfile.gettempdir()) / "convdiff-bench-pycache"
@@ -175,7 +180,7 @@ def cache_bytes_per_token(cache_dir: Path) -> list[dict[str, Any]]:
     import numpy as np
 
     rows = []
-    for entry in sorted(p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for entry in sorted(p for p in cache_dir.iterdir() if (p / "meta.json").is_file()):
         meta = json.loads((entry / "meta.json").read_text())
         info = meta["info"]
         n_tok = 0
@@ -183,7 +188,7 @@ def cache_bytes_per_token(cache_dir: Path) -> list[dict[str, Any]]:
             n_tok += int(np.load(entry / f"p{i}.inputs.npy", mmap_mode="r").shape[0])
         app, alloc = dir_bytes(entry)
         v, n_layers, h = info.get("vocab_size"), info.get("num_layers"), info.get("hidden_size")
-        formula = 4 * (v + 3 * n_layers * h) if None not in (v, n_layers, h) else None
+        formula = 4 * (v + 3 * n_layers * h) + 16 if None not in (v, n_layers, h) else None
         kinds: dict[str, int] = {}
         for f in entry.glob("*.npy"):
             kind = f.name.split(".", 1)[1].removesuffix(".npy")
@@ -244,7 +249,7 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
     res: dict[str, Any] = {"case": name, "what": case["what"], "a": str(case["a"]), "b": str(case["b"]),
                            "corpus": corpus, "repeats": repeats, "loadavg_start": os.getloadavg(),
                            "sources_start": source_digest(),
-                           "runs": {k: [] for k in ("raw", "raw_a", "raw_b", "cold", "warm")}}
+                           "runs": {k: [] for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core")}}
     try:
         for rep in range(repeats):
             for which in ("raw", "raw_a", "raw_b"):
@@ -258,10 +263,12 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                 res["runs"][which].append(m)
                 log(f"  [{name} {rep + 1}/{repeats}] {which}: {m['wall_s']:.2f}s, {m['peak_rss_mib']:.0f} MiB")
             cache_dir = work / f"cache-{rep}"
-            for which in ("cold", "warm"):
+            for which in ("cold", "warm", "cold_core"):
                 pf = work / f"probe-{which}.json"
-                m = measure(pytest_cmd(case, cache_dir, corpus), cwd=cwd, env=child_env(pf),
-                            log=work / f"{which}.log")
+                core = which == "cold_core"
+                m = measure(pytest_cmd(case, work / f"cache-core-{rep}" if core else cache_dir, corpus,
+                                       extra=CORE_ONLY if core else None),
+                            cwd=cwd, env=child_env(pf), log=work / f"{which}.log")
                 if m["rc"] not in (0, 1) or not pf.is_file():
                     raise RuntimeError(f"{which} pytest run failed (rc {m['rc']}); see {work / (which + '.log')}")
                 probe = json.loads(pf.read_text())
@@ -283,6 +290,7 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                 shutil.copy(prof, out / f"profile-warm-{name}.prof")
                 res["profile_warm"] = str(out / f"profile-warm-{name}.txt")
             shutil.rmtree(cache_dir, ignore_errors=True)
+            shutil.rmtree(work / f"cache-core-{rep}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = os.getloadavg()
@@ -296,11 +304,13 @@ def summarise(res: dict[str, Any]) -> None:
     r = res["runs"]
     s = {k: {"wall_s": med(v, "wall_s"), "cpu_s": med(v, "cpu_s"), "peak_rss_mib": med(v, "peak_rss_mib"),
              "wall_min_s": min(x["wall_s"] for x in v), "cpu_min_s": min(x["cpu_s"] for x in v),
-             "wall_all": [round(x["wall_s"], 3) for x in v]} for k, v in r.items()}
+             "wall_all": [round(x["wall_s"], 3) for x in v]} for k, v in r.items() if v}
     s["raw"]["inner"] = {k: statistics.median([x["inner"][k] for x in r["raw"]])
                          for k in ("t_import", "a_load", "a_forward", "b_load", "b_forward")}
     s["raw"]["n_tokens"] = r["raw"][0]["inner"]["n_tokens"]
-    for k in ("cold", "warm"):
+    for k in ("cold", "warm", "cold_core"):
+        if not r.get(k):
+            continue
         s[k]["startup_s"] = statistics.median(x["probe"]["startup_s"] for x in r[k])
         s[k]["session_s"] = statistics.median(x["probe"]["session_s"] for x in r[k])
         s[k]["imported"] = r[k][-1]["probe"]["imported"]
@@ -323,6 +333,10 @@ def summarise(res: dict[str, Any]) -> None:
         "peak_warm_over_larger": s["warm"]["peak_rss_mib"] / larger,
         "peak_raw_over_larger": s["raw"]["peak_rss_mib"] / larger,
     }
+    if "cold_core" in s:
+        res["ratios"]["cold_core_over_raw"] = s["cold_core"]["wall_s"] / s["raw"]["wall_s"]
+        res["ratios"]["cold_core_over_raw_each"] = [
+            c["wall_s"] / w["wall_s"] for c, w in zip(r["cold_core"], r["raw"], strict=True)]
 
 
 # --------------------------------------------------------------------------- report
@@ -387,8 +401,6 @@ def markdown(data: dict[str, Any]) -> str:
             f"load average before the case {la}, after it "
             f"{' / '.join(f'{x:.2f}' for x in res['loadavg_end'])}.",
             "",
-            "| run | wall s (median) | wall s (min) | each repeat | CPU s (median) | peak RSS MiB | notes |",
-            "|---|---:|---:|---|---:|---:|---|",
         ]
         src0, src1 = res.get("sources_start") or {}, res.get("sources_end") or {}
         if src0:
@@ -396,18 +408,27 @@ def markdown(data: dict[str, Any]) -> str:
             lines += [f"Code measured: HEAD {src0.get('head')}, package sources {src0.get('sources_sha256')}"
                       + ("" if same else f" at the start and {src1.get('sources_sha256')} at the end: "
                          "**the sources changed during this case; its runs measured different code**") + ".", ""]
+        lines += [
+            "| run | wall s (median) | wall s (min) | each repeat | CPU s (median) | peak RSS MiB | notes |",
+            "|---|---:|---:|---|---:|---:|---|",
+        ]
         inner = s["raw"]["inner"]
         notes = {
             "raw": f"import {inner['t_import']:.2f}s, A load {inner['a_load']:.2f}s + forward {inner['a_forward']:.2f}s, "
                    f"B load {inner['b_load']:.2f}s + forward {inner['b_forward']:.2f}s",
             "raw_a": "model A alone", "raw_b": "model B alone (A's token ids)",
         }
-        for k in ("cold", "warm"):
+        for k in ("cold", "warm", "cold_core"):
+            if k not in s:
+                continue
             imp = [n for n, yes in s[k]["imported"].items() if yes]
             notes[k] = (f"start-up {s[k]['startup_s']:.2f}s, session {s[k]['session_s']:.2f}s; "
                         f"{s[k]['n_modules']} modules; imported: {', '.join(imp) or 'none of torch/transformers/llama_cpp'}; "
                         f"outcomes {s[k]['outcomes']}")
-        for k in ("raw", "raw_a", "raw_b", "cold", "warm"):
+        notes["cold_core"] = "cold, without the checks that run the models again (greedy, causality, tokenizer cases); " + notes.get("cold_core", "")
+        for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core"):
+            if k not in s:
+                continue
             each = ", ".join(f"{x:.1f}" for x in s[k]["wall_all"])
             lines.append(f"| {k} | {s[k]['wall_s']:.2f} | {s[k]['wall_min_s']:.2f} | {each} | {s[k]['cpu_s']:.2f} | "
                          f"{s[k]['peak_rss_mib']:.0f} | {notes[k]} |")
@@ -419,13 +440,16 @@ def markdown(data: dict[str, Any]) -> str:
             f"{r['cold_over_raw_min']:.2f} | {_each(r['cold_over_raw_each'])} | {r['cold_over_raw_cpu']:.2f} |",
             f"| warm ≤ {GOAL_WARM_OVER_COLD} × cold | {_ok(r['warm_over_cold'], GOAL_WARM_OVER_COLD)} | "
             f"{r['warm_over_cold_min']:.2f} | {_each(r['warm_over_cold_each'])} | {r['warm_over_cold_cpu']:.2f} |",
+            *([f"| cold_core ≤ {GOAL_COLD_OVER_RAW} × raw (machinery only) | "
+               f"{_ok(r['cold_core_over_raw'], GOAL_COLD_OVER_RAW)} | | {_each(r['cold_core_over_raw_each'])} | |"]
+              if "cold_core_over_raw" in r else []),
             f"| peak(cold) ≤ {GOAL_PEAK_OVER_LARGER} × larger model alone | "
             f"{_ok(r['peak_cold_over_larger'], GOAL_PEAK_OVER_LARGER)} | | | "
             f"(warm {r['peak_warm_over_larger']:.2f}, raw A-then-B {r['peak_raw_over_larger']:.2f}) |",
             "",
             "Cache, per model entry:",
             "",
-            "| entry | backend | tokens | bytes | bytes/token | formula 4·(V+3·L·H) | V, L, H |",
+            "| entry | backend | tokens | bytes | bytes/token | formula 4·(V+3·L·H)+16 | V, L, H |",
             "|---|---|---:|---:|---:|---:|---|",
         ]
         for c in res.get("cache", []):

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import Iterable
@@ -39,6 +40,7 @@ from .errors import CacheError
 FORMAT_VERSION = 2
 META = "meta.json"
 PAIRS = "pairs"
+_PARALLEL_HASH_BYTES = 8 << 20
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -135,9 +137,18 @@ class EntryWriter:
             with target.open("wb") as fh:
                 out = _HashingFile(fh)
                 np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(arr))
-                out.sha.update(arr.reshape(-1).view(np.uint8))  # the bytes tofile writes
+                data = arr.reshape(-1).view(np.uint8)
                 out.size += arr.nbytes
-                arr.tofile(fh)
+                if arr.nbytes < _PARALLEL_HASH_BYTES:
+                    out.sha.update(data)
+                    fh.write(data)
+                else:  # both release the GIL: hash on a second core while the bytes go to the page cache
+                    hasher = threading.Thread(target=out.sha.update, args=(data,))
+                    hasher.start()
+                    try:
+                        fh.write(data)
+                    finally:
+                        hasher.join()
         except OSError as exc:
             self.abort()
             raise _write_error(self.cache.root, exc) from exc

@@ -309,9 +309,8 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
     out: dict[str, Any] = {}
     chosen = [p for p in corpus if p.kind != "long"][:GREEDY_PROMPTS]
     theirs = (feed.meta.get("greedy") or {}) if feed is not None else {}
-    for p in chosen:
-        index = prompts.index(p.id)
-        if feed is not None:
+    if feed is not None:
+        for p in chosen:
             if p.id not in theirs:
                 continue
             prefix = [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]]
@@ -319,25 +318,27 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
             logits = np.asarray(backend.forward(prefix + forced[:-1], hidden_states=False).logits)[len(prefix) - 1:]
             tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
             out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
-                         "index": index, "teacher_forced": True}
-            continue
-        ids = [int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX]
-        prefix_len = len(ids)
-        steps: list[list[int]] = []
+                         "index": prompts.index(p.id), "teacher_forced": True}
+    else:
+        prefixes = [[int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX] for p in chosen]
+        steps: list[list[list[int]]] = [[] for _ in chosen]
 
-        def pick(logits: np.ndarray, steps: list[list[int]] = steps, ids: list[int] = ids) -> int:
+        def pick(i: int, logits: np.ndarray) -> int:
             top = [int(t) for t in metrics.topk_indices(np.asarray(logits)[None, :], GREEDY_TOPN)[0]]
-            steps.append(top)
-            ids.append(top[0])
+            steps[i].append(top)
             return top[0]
 
         decode = getattr(backend, "greedy_decode", None)
         if decode is not None:
-            decode(list(ids), n_new, pick)  # incremental, on the backend's KV cache
+            decode(prefixes, n_new, pick)  # incremental, on the backend's KV cache
         else:
-            for _ in range(n_new):
-                pick(np.asarray(backend.forward(ids, hidden_states=False).logits[-1]))
-        out[p.id] = {"prefix_len": prefix_len, "generated": ids[prefix_len:], "top": steps, "index": index}
+            for i, prefix in enumerate(prefixes):
+                ids = list(prefix)
+                for _ in range(n_new):
+                    ids.append(pick(i, np.asarray(backend.forward(ids, hidden_states=False).logits[-1])))
+        for p, prefix, top in zip(chosen, prefixes, steps, strict=True):
+            out[p.id] = {"prefix_len": len(prefix), "generated": [t[0] for t in top], "top": top,
+                         "index": prompts.index(p.id)}
     progress(f"{label}  greedy: {len(out)} prompts x {n_new} tokens")
     return out
 

@@ -215,22 +215,39 @@ class TransformersBackend:
         }
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
 
-    def greedy_decode(self, tokens: Sequence[int], steps: int, pick: Callable[[np.ndarray], int]) -> None:
-        """Greedy decoding with the KV cache: one forward over the prefix, then one token per step.
+    def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
+                      pick: Callable[[int, np.ndarray], int]) -> None:
+        """Greedy decoding of several prefixes at once on the KV cache: one batched forward over the
+        left-padded prefixes, then one batched token per step (``steps`` forwards in all, not
+        ``steps x len(sequences)`` nor a whole-prefix forward per token).
 
-        ``pick`` gets each step's next-token logits (float32 ``[V]``) and returns the token to append;
-        re-running the whole prefix every step instead would cost ``steps`` full forwards.
+        ``pick(i, logits)`` gets sequence i's next-token logits (float32 ``[V]``) and returns the
+        token to append. Padding is masked out and positions count from each prefix's first token,
+        so a sequence's logits are those it has alone, up to floating-point reassociation.
         """
         torch = self._torch
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        seqs = [[int(t) for t in s] for s in sequences]
+        if not seqs or steps <= 0:
+            return
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            out = self.model(input_ids=ids, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             for step in range(steps):
-                chosen = pick(out.logits[0, -1].float().cpu().numpy())
+                rows = out.logits[:, -1].float().cpu().numpy()
+                chosen = [int(pick(i, rows[i])) for i in range(len(seqs))]
                 if step == steps - 1:
                     break
-                nxt = torch.tensor([[int(chosen)]], dtype=torch.long, device=self.device)
-                out = self.model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=torch.long, device=self.device)], dim=1)
+                positions = positions[:, -1:] + 1
+                nxt = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
+                out = self.model(input_ids=nxt, attention_mask=mask, position_ids=positions,
+                                 past_key_values=out.past_key_values, use_cache=True)
 
     def _layers(self):
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model

@@ -633,27 +633,29 @@ class LlamaCppBackend:
         self._captured = {}
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
 
-    def greedy_decode(self, tokens: Sequence[int], steps: int, pick: Callable[[np.ndarray], int]) -> None:
-        """Greedy decoding on the KV cache: the prefix in one batch (logits of its last position only),
-        then one token per step at the next position; ``pick`` chooses each step's token."""
+    def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
+                      pick: Callable[[int, np.ndarray], int]) -> None:
+        """Greedy decoding on the KV cache, one sequence after another: the prefix in one batch
+        (logits of its last position only), then one token per step; ``pick(i, logits)`` chooses."""
         if self._ctx is None:
             raise RuntimeError(f"{self.path}: the llama.cpp backend is closed")
-        toks = [int(t) for t in tokens]
-        if not toks or len(toks) + steps > self.n_ctx:
-            raise ContextLengthError(f"{self.path}: greedy decoding of {len(toks)} + {steps} tokens does not fit "
-                                     f"the llama.cpp context (n_ctx={self.n_ctx}).")
         self._wanted = set()
-        with self._console():
-            self._clear_memory()
-        try:
-            row = self._decode_last(toks, 0)
-            for step in range(steps):
-                chosen = int(pick(row))
-                if step < steps - 1:
-                    row = self._decode_last([chosen], len(toks) + step)
-        finally:
+        for index, seq in enumerate(sequences):
+            toks = [int(t) for t in seq]
+            if not toks or len(toks) + steps > self.n_ctx:
+                raise ContextLengthError(f"{self.path}: greedy decoding of {len(toks)} + {steps} tokens does not "
+                                         f"fit the llama.cpp context (n_ctx={self.n_ctx}).")
             with self._console():
                 self._clear_memory()
+            try:
+                row = self._decode_last(toks, 0)
+                for step in range(steps):
+                    chosen = int(pick(index, row))
+                    if step < steps - 1:
+                        row = self._decode_last([chosen], len(toks) + step)
+            finally:
+                with self._console():
+                    self._clear_memory()
 
     def _decode_last(self, toks: list[int], start: int) -> np.ndarray:
         """Append ``toks`` at positions ``start..`` to the KV cache; the last position's logits."""
