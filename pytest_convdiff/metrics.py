@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 TOPK_MAX = 5
+CHUNK_ELEMENTS = 1 << 22  # logit elements per streamed chunk (rows = this // vocabulary size)
 
 # llama.cpp check-nmse.py's interpretation scale: (upper bound, label).
 NMSE_LABELS: tuple[tuple[float, str], ...] = (
@@ -322,9 +323,10 @@ class LogitAccumulator:
         self.per_prompt: dict[str, dict[str, float]] = {}
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
-               chunk: int = 256) -> None:
-        """Add one prompt's logits ``[T, V]``, ``chunk`` positions at a time, so the float64 work
-        arrays stay at ``chunk x V`` however long the prompt (memory-mapped inputs are read in slices)."""
+               chunk: int | None = None) -> None:
+        """Add one prompt's logits ``[T, V]``, ``chunk`` positions at a time, so the work arrays stay
+        at ``chunk x V`` however long the prompt (memory-mapped inputs are read in slices). The
+        default chunk holds about 2**22 elements (32 MiB per float64 work array) whatever V is."""
         if ref.shape != test.shape:
             raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {ref.shape} vs B {test.shape}")
         if len(ref.shape) != 2 or ref.shape[0] == 0:
@@ -332,6 +334,7 @@ class LogitAccumulator:
         t = ref.shape[0]
         local = {"n": 0, "mean": 0.0, "m2": 0.0, "sq": 0.0, "kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0,
                  "nll_n": 0, "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
+        chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, ref.shape[1]))
         for start in range(0, t, chunk):
             stop = min(t, start + chunk)
             targets = None

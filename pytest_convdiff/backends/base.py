@@ -9,7 +9,7 @@ thing for transformers, llama.cpp and exllamav2.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -106,3 +106,14 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the model's memory (CPU and GPU) deterministically."""
+
+
+@runtime_checkable
+class IncrementalDecoder(Protocol):
+    """Optional for a backend: greedy decoding on its KV cache. Without it the greedy check runs one
+    full forward per generated token (``steps`` x the prefix length, per prompt)."""
+
+    def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
+                      pick: Callable[[int, np.ndarray], int]) -> None:
+        """Decode ``steps`` tokens after each prefix; ``pick(i, logits)`` gets sequence i's next-token
+        logits (float32 ``[V]``) and returns the token appended to it."""
