@@ -112,6 +112,17 @@ def topk_indices(logits: np.ndarray, k: int) -> np.ndarray:
     x = np.asarray(logits)
     if x.ndim == 2 and x.shape[-1] >= 64 * 8 * k and not np.issubdtype(x.dtype, np.integer):
         return _topk_by_blocks(x, k)
+    if x.ndim == 2 and x.shape[-1] > 4 * k:
+        # O(V) selection; exact unless ties at the k-th value (or NaN) leave the choice open
+        part = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+        vals = np.take_along_axis(x, part, axis=-1)
+        kth = vals.min(axis=-1)
+        order = np.lexsort((part, -vals), axis=-1)
+        out = np.take_along_axis(part, order, axis=-1)
+        open_ = (np.sum(x >= kth[:, None], axis=-1) != k) | np.isnan(kth)
+        if open_.any():
+            out[open_] = np.argsort(-x[open_], axis=-1, kind="stable")[:, :k]
+        return out
     return np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
 

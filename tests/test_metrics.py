@@ -160,7 +160,7 @@ def test_chunked_update_equals_one_pass():
     assert c.per_prompt["p"]["nmse"] == pytest.approx(metrics.nmse(a, b))
 
 
-@pytest.mark.parametrize("vocab", [49152, 49153, 3000])
+@pytest.mark.parametrize("vocab", [49152, 49153, 3000, 512, 21])
 def test_topk_over_a_large_vocabulary_is_exact_with_ties(vocab):
     rng = np.random.default_rng(1)
     ties = rng.integers(0, 4, size=(40, vocab)).astype(np.float32)  # many ties at the k-th place
