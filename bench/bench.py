@@ -422,6 +422,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"Bytecode cache: {m.get('bytecode_cache', 'as the environment sets it')}.",
         "",
     ]
+    for name, why in (data.get("skipped") or {}).items():
+        lines += [f"Case `{name}` skipped: {why}.", ""]
     for res in data["cases"]:
         s, r = res["summary"], res["ratios"]
         la = " / ".join(f"{x:.2f}" for x in res["loadavg_start"])
