@@ -79,7 +79,8 @@ def make_key(parts: dict[str, Any]) -> str:
 
 
 class _HashingFile:
-    """A write-only file wrapper that hashes and counts what passes through it (np.save writes to it)."""
+    """A write-only file wrapper that hashes and counts what passes through it (the .npy header is
+    written through it; the array's bytes are hashed and written side by side)."""
 
     def __init__(self, fh: Any) -> None:
         self.fh = fh
@@ -123,7 +124,7 @@ class EntryWriter:
         self.key = key
         cache.root.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache.root))
-        self.files: dict[str, str] = {}
+        self.files: dict[str, dict[str, Any]] = {}  # name -> sha256, bytes, mtime_ns
 
     def add(self, name: str, array: np.ndarray) -> None:
         """Write one array, hashing its bytes on the way (no read-back). No fsync per file: the
