@@ -36,7 +36,7 @@ from .compare import (
 )
 from .corpus import Corpus, load_corpus
 from .errors import ConvdiffError
-from .runner import CACHE_DTYPES, ModelRun, ModelSpec, RunSettings, run_model
+from .runner import ModelRun, ModelSpec, RunSettings, cache_dtype_name, run_model
 
 PROPERTY = "convdiff"
 
@@ -256,11 +256,10 @@ def build_state(config: pytest.Config) -> State:
 
     layer_swap = _int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0)
     greedy = _int_option(config, "convdiff_greedy_tokens", "--convdiff-greedy-tokens", 0, RunSettings.greedy_tokens)
-    cache_dtype = str(_opt(config, "convdiff_cache_dtype") or RunSettings.cache_dtype).strip().lower()
-    cache_dtype = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}.get(
-        cache_dtype, cache_dtype)
-    if cache_dtype not in CACHE_DTYPES:
-        raise pytest.UsageError(f"--convdiff-cache-dtype: {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}.")
+    try:
+        cache_dtype = cache_dtype_name(_opt(config, "convdiff_cache_dtype") or RunSettings.cache_dtype)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--convdiff-cache-dtype: {exc}.") from None
     settings = RunSettings(
         hidden_states=not _opt(config, "convdiff_no_layers"),
         tokenizer_cases=not _opt(config, "convdiff_no_tokenizer_cases"),

@@ -27,6 +27,16 @@ from .tokenizer_cases import TOKENIZER_CASES
 
 Progress = Callable[[str], None]
 CACHE_DTYPES = ("float32", "float16")
+_CACHE_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def cache_dtype_name(name: str) -> str:
+    """``float32`` or ``float16`` (also accepting fp32/f32/fp16/f16/half); ValueError otherwise."""
+    key = str(name).strip().lower()
+    key = _CACHE_DTYPE_ALIASES.get(key, key)
+    if key not in CACHE_DTYPES:
+        raise ValueError(f"{name!r} is not one of {', '.join(CACHE_DTYPES)}")
+    return key
 
 
 def _quiet(_msg: str) -> None:
@@ -67,6 +77,9 @@ class RunSettings:
     layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
     greedy_tokens: int = 16  # greedy continuation length per greedy prompt (0: no greedy check)
     cache_dtype: str = "float32"  # how logits / hidden states are stored: float32 or float16 (compact)
+
+    def __post_init__(self) -> None:
+        self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
 
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -209,8 +222,6 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
              writer, progress: Progress, label: str) -> dict[str, Any]:
     info: ModelInfo = backend.info
-    if settings.cache_dtype not in CACHE_DTYPES:
-        raise ConvdiffError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, not {settings.cache_dtype!r}")
     store = np.dtype(settings.cache_dtype)
     prompts: list[str] = []
     pieces: dict[str, list[str]] = {}

@@ -164,3 +164,13 @@ def test_fingerprint_changes_with_content_not_location(tmp_path):
     assert content_fingerprint([d1 / "w.bin"], d1) == content_fingerprint([d2 / "w.bin"], d2)
     (d2 / "w.bin").write_bytes(b"abd" * 100)
     assert content_fingerprint([d1 / "w.bin"], d1) != content_fingerprint([d2 / "w.bin"], d2)
+
+
+def test_cache_dtype_spellings_share_one_key_and_bad_ones_fail_early():
+    from pytest_convdiff.runner import RunSettings
+
+    assert RunSettings(cache_dtype="FP16").key() == RunSettings(cache_dtype="float16").key()
+    assert RunSettings(cache_dtype="f32").key() == RunSettings().key()
+    assert RunSettings(cache_dtype="half").key() != RunSettings().key()
+    with pytest.raises(ValueError, match="'int8' is not one of float32, float16"):
+        RunSettings(cache_dtype="int8")
