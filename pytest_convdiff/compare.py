@@ -206,12 +206,11 @@ def _layer_mismatch(a: ModelRun, b: ModelRun, corpus: Corpus) -> str | None:
 
 def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None = None) -> PairMetrics:
     """Reduce both runs' arrays to metrics (streaming, prompt by prompt), or read them from ``cache``."""
-    key = pair_metrics_key(a, b, corpus) if cache is not None else None
-    if cache is not None and key is not None:
-        doc = cache.get_json(key)
-        if doc is not None:
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                return PairMetrics.from_dict(doc["metrics"])
+    key = pair_metrics_key(a, b, corpus) if cache is not None else ""
+    doc = cache.get_json(key) if cache is not None else None
+    if doc is not None:
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # unreadable: recompute
+            return PairMetrics.from_dict(doc["metrics"])
     out = PairMetrics()
     if _vocab_mismatch(a, b, corpus) is None:
         acc = metrics.LogitAccumulator()
@@ -229,7 +228,7 @@ def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None =
             for p in corpus:
                 swap_acc.update(p.id, a.hidden(p.id), b.hidden_swap(p.id))
             out.swap_rfn = swap_acc.result().rfn
-    if cache is not None and key is not None:
+    if cache is not None:
         cache.put_json(key, {"metrics": out.to_dict(), "a": a.spec.path, "b": b.spec.path})
     return out
 
