@@ -10,19 +10,8 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu-plugin}
-mkdir -p "$OUT"
-LOG=$OUT/log.txt
-: >"$LOG"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
-PY=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-if [ -f .dev/exllamav2_ext/exllamav2_ext.so.gz ]; then
-  mkdir -p /tmp/exl2ext && gunzip -c .dev/exllamav2_ext/exllamav2_ext.so.gz >/tmp/exl2ext/exllamav2_ext.so
-  export PYTHONPATH=/tmp/exl2ext:$PYTHONPATH
-fi
+# shellcheck source=bench/gpu_env.sh
+. bench/gpu_env.sh
 M=fixtures/models
 X=fixtures/exl2
 run() {

@@ -21,12 +21,8 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out/gpu-verify}
-mkdir -p "$OUT"
-LOG=$OUT/log.txt
-: >"$LOG"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-PY=${PYTHON:-python3}
-note() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+# shellcheck source=bench/gpu_env.sh
+. bench/gpu_env.sh
 step() {
   local t0=$SECONDS rc
   note "RUN: $*"
@@ -35,18 +31,6 @@ step() {
   note "rc=$rc after $((SECONDS - t0))s: $*"
   return "$rc"
 }
-
-export PYTHONPATH=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
-  step "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-# A prebuilt extension from an earlier run on the same image (torch 2.11 / CUDA 13) skips the build.
-if [ -f .dev/exllamav2_ext/exllamav2_ext.so.gz ]; then
-  mkdir -p /tmp/exl2ext && gunzip -c .dev/exllamav2_ext/exllamav2_ext.so.gz >/tmp/exl2ext/exllamav2_ext.so
-  note "using the prebuilt extension from .dev/exllamav2_ext/exllamav2_ext.so.gz"
-  export PYTHONPATH=/tmp/exl2ext:$PYTHONPATH
-fi
 
 step nvidia-smi -L
 step "$PY" -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
