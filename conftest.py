@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+import numpy  # noqa: F401 - before any in-process pytester run: numpy cannot be imported twice in
+import pytest  # one process, and pytester's in-process runs drop modules first imported inside them
 
 ROOT = Path(__file__).resolve().parent
 

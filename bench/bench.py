@@ -17,6 +17,12 @@ For each case every measurement runs in a fresh subprocess (clean imports, clean
 - ``warm``:  the same command again on the same cache directory.
 - ``cold_core``: a cold run with the checks that run the models again turned off (greedy
              continuation, causality probe, tokenizer cases): the plugin's machinery alone.
+- ``cold_keep_b``: a cold run with ``--convdiff-keep-b`` (B's arrays stored, as before B was
+             streamed), first repeat only: what streaming B saves in time and disk.
+
+Disk written per pair: the bytes a cold run leaves in its fresh cache directory (A's entry, B's
+entry, the pair's documents), split into A and B, for the default (B streamed) and for
+``--convdiff-keep-b``.
 
 Wall time is taken around each child; peak RSS and CPU time come from ``os.wait4`` (that child's
 own rusage). Timed runs are repeated (interleaved raw/cold/warm) and the median is reported.
@@ -101,7 +107,7 @@ def child_raw(which: str, a: str, b: str, corpus_name: str, tokens_file: str, re
     """Only load the model(s) and run their forward passes; write timings to result_file."""
     t0 = time.perf_counter()
     from pytest_convdiff.backends import open_backend
-    from pytest_convdiff.corpus import load_corpus
+    from pytest_convdiff.core.corpus import load_corpus
 
     corpus = load_corpus(corpus_name)
     res: dict[str, Any] = {"t_import": time.perf_counter() - t0}
@@ -223,10 +229,28 @@ def cache_bytes_per_token(cache_dir: Path) -> list[dict[str, Any]]:
             kind = f.name.split(".", 1)[1].removesuffix(".npy")
             kinds[kind] = kinds.get(kind, 0) + f.stat().st_size
         rows.append({"entry": entry.name, "backend": info.get("backend"), "path": meta["spec"]["path"],
+                     "streamed": meta.get("streamed") is not None,
                      "tokens": n_tok, "bytes": app, "allocated": alloc, "bytes_per_token": app / max(n_tok, 1),
                      "formula_per_token": formula, "V": v, "L": n_layers, "H": h,
                      "sublayers": meta.get("sublayers"), "bytes_by_array": kinds})
     return rows
+
+
+def disk_per_pair(cache_dir: Path) -> dict[str, int]:
+    """What one cold pair run left in its fresh cache directory: A's entry, B's (written after A's: B runs on
+    A's token ids), and the small documents (pair metrics, measurements)."""
+    entries, documents = [], 0
+    for p in cache_dir.iterdir():
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if (p / "meta.json").is_file():
+            entries.append((json.loads((p / "meta.json").read_text()).get("created", 0), dir_bytes(p)[0]))
+        else:
+            documents += dir_bytes(p)[0]
+    sizes = [size for _, size in sorted(entries)]
+    out = {"a": sizes[0] if sizes else 0, "b": sum(sizes[1:]), "documents": documents}
+    out["total"] = out["a"] + out["b"] + out["documents"]
+    return out
 
 
 def med(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -278,7 +302,8 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
     res: dict[str, Any] = {"case": name, "what": case["what"], "a": str(case["a"]), "b": str(case["b"]),
                            "corpus": corpus, "repeats": repeats, "loadavg_start": os.getloadavg(),
                            "sources_start": source_digest(),
-                           "runs": {k: [] for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core")}}
+                           "runs": {k: [] for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core",
+                                                    "cold_keep_b")}}
     try:
         for rep in range(repeats):
             for which in ("raw", "raw_a", "raw_b"):
@@ -294,11 +319,11 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                 res["runs"][which].append(m)
                 log(f"  [{name} {rep + 1}/{repeats}] {which}: {m['wall_s']:.2f}s, {m['peak_rss_mib']:.0f} MiB")
             cache_dir = work / f"cache-{rep}"
-            for which in ("cold", "warm", "cold_core"):
+            for which in ("cold", "warm", "cold_core", *(("cold_keep_b",) if rep == 0 else ())):
                 pf = work / f"probe-{which}.json"
-                core = which == "cold_core"
-                m = measure(pytest_cmd(case, work / f"cache-core-{rep}" if core else cache_dir, corpus,
-                                       extra=CORE_ONLY if core else None),
+                own_dir = {"cold_core": work / f"cache-core-{rep}", "cold_keep_b": work / f"cache-keep-{rep}"}
+                m = measure(pytest_cmd(case, own_dir.get(which, cache_dir), corpus,
+                                       extra={"cold_core": CORE_ONLY, "cold_keep_b": ["--convdiff-keep-b"]}.get(which)),
                             cwd=cwd, env=child_env(pf), log=work / f"{which}.log")
                 if m["rc"] not in (0, 1) or not pf.is_file():
                     raise RuntimeError(f"{which} pytest run failed (rc {m['rc']}); see {work / (which + '.log')}")
@@ -312,6 +337,9 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
             if rep == 0:
                 res["cache"] = cache_bytes_per_token(cache_dir)
                 res["cache_total_bytes"] = dir_bytes(cache_dir)[0]
+                res["disk_per_pair"] = disk_per_pair(cache_dir)
+                res["cache_keep_b"] = cache_bytes_per_token(work / "cache-keep-0")
+                res["disk_per_pair_keep_b"] = disk_per_pair(work / "cache-keep-0")
             if profile and rep == repeats - 1:
                 prof = work / "warm.prof"
                 measure(pytest_cmd(case, cache_dir, corpus, profile=prof), cwd=cwd, env=child_env(),
@@ -322,6 +350,7 @@ def run_case(name: str, case: dict[str, Any], corpus: str, repeats: int, out: Pa
                 res["profile_warm"] = str(out / f"profile-warm-{name}.txt")
             shutil.rmtree(cache_dir, ignore_errors=True)
             shutil.rmtree(work / f"cache-core-{rep}", ignore_errors=True)
+            shutil.rmtree(work / f"cache-keep-{rep}", ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = os.getloadavg()
@@ -339,7 +368,7 @@ def summarise(res: dict[str, Any]) -> None:
     s["raw"]["inner"] = {k: statistics.median([x["inner"][k] for x in r["raw"]])
                          for k in ("t_import", "a_load", "a_forward", "b_load", "b_forward")}
     s["raw"]["n_tokens"] = r["raw"][0]["inner"]["n_tokens"]
-    for k in ("cold", "warm", "cold_core"):
+    for k in ("cold", "warm", "cold_core", "cold_keep_b"):
         if not r.get(k):
             continue
         s[k]["startup_s"] = statistics.median(x["probe"]["startup_s"] for x in r[k])
@@ -364,6 +393,8 @@ def summarise(res: dict[str, Any]) -> None:
         "peak_warm_over_larger": s["warm"]["peak_rss_mib"] / larger,
         "peak_raw_over_larger": s["raw"]["peak_rss_mib"] / larger,
     }
+    if "cold_keep_b" in s:
+        res["ratios"]["cold_keep_b_over_raw"] = s["cold_keep_b"]["wall_s"] / s["raw"]["wall_s"]
     if "cold_core" in s:
         res["ratios"]["cold_core_over_raw"] = s["cold_core"]["wall_s"] / s["raw"]["wall_s"]
         res["ratios"]["cold_core_over_raw_each"] = [
@@ -402,6 +433,12 @@ def machine_info() -> dict[str, Any]:
 
 def _ok(value: float, goal: float) -> str:
     return f"{value:.2f} ({'meets' if value <= goal else 'misses'} ≤ {goal:g})"
+
+
+def _disk(d: dict[str, int]) -> str:
+    mb = 10**6
+    return (f"{d['total'] / mb:,.1f} MB (A {d['a'] / mb:,.1f}, B {d['b'] / mb:,.2f}, "
+            f"documents {d['documents'] / mb:,.3f})")
 
 
 def _each(values: list[float]) -> str:
@@ -451,7 +488,7 @@ def markdown(data: dict[str, Any]) -> str:
                    f"B load {inner['b_load']:.2f}s + forward {inner['b_forward']:.2f}s",
             "raw_a": "model A alone", "raw_b": "model B alone (A's token ids)",
         }
-        for k in ("cold", "warm", "cold_core"):
+        for k in ("cold", "warm", "cold_core", "cold_keep_b"):
             if k not in s:
                 continue
             imp = [n for n, yes in s[k]["imported"].items() if yes]
@@ -459,16 +496,21 @@ def markdown(data: dict[str, Any]) -> str:
                         f"{s[k]['n_modules']} modules; imported: {', '.join(imp) or 'none of torch/transformers/llama_cpp'}; "
                         f"outcomes {s[k]['outcomes']}")
         notes["cold_core"] = "cold, without the checks that run the models again (greedy, causality, tokenizer cases); " + notes.get("cold_core", "")
-        for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core"):
+        if "cold_keep_b" in notes:
+            notes["cold_keep_b"] = "cold with --convdiff-keep-b (B's arrays stored, first repeat only); " + notes["cold_keep_b"]
+        for k in ("raw", "raw_a", "raw_b", "cold", "warm", "cold_core", "cold_keep_b"):
             if k not in s:
                 continue
             each = ", ".join(f"{x:.1f}" for x in s[k]["wall_all"])
             lines.append(f"| {k} | {s[k]['wall_s']:.2f} | {s[k]['wall_min_s']:.2f} | {each} | {s[k]['cpu_s']:.2f} | "
                          f"{s[k]['peak_rss_mib']:.0f} | {notes[k]} |")
+        disk, kept = res.get("disk_per_pair"), res.get("disk_per_pair_keep_b")
         lines += [
             "",
             "| goal | measured (median wall) | best-of-N wall | each repeat | CPU time ratio |",
             "|---|---|---|---|---|",
+            *([f"| disk written per pair (cold: A + B + documents) | {_disk(disk)} | | | "
+               + (f"--convdiff-keep-b: {_disk(kept)}" if kept else "") + " |"] if disk else []),
             f"| cold ≤ {GOAL_COLD_OVER_RAW} × raw | {_ok(r['cold_over_raw'], GOAL_COLD_OVER_RAW)} | "
             f"{r['cold_over_raw_min']:.2f} | {_each(r['cold_over_raw_each'])} | {r['cold_over_raw_cpu']:.2f} |",
             f"| warm ≤ {GOAL_WARM_OVER_COLD} × cold | {_ok(r['warm_over_cold'], GOAL_WARM_OVER_COLD)} | "
@@ -485,9 +527,11 @@ def markdown(data: dict[str, Any]) -> str:
             "| entry | backend | tokens | bytes | bytes/token | formula 4·(V+3·L·H)+16 | V, L, H |",
             "|---|---|---:|---:|---:|---:|---|",
         ]
-        for c in res.get("cache", []):
-            lines.append(f"| {c['entry'][:8]} | {c['backend']} | {c['tokens']} | {c['bytes']:,} | "
-                         f"{c['bytes_per_token']:,.0f} | {c['formula_per_token']:,} | {c['V']}, {c['L']}, {c['H']} |")
+        for label, rows in (("", res.get("cache", [])), (" (keep-b)", res.get("cache_keep_b", []))):
+            for c in rows:
+                formula = "B streamed: 48 + records" if c.get("streamed") else f"{c['formula_per_token']:,}"
+                lines.append(f"| {c['entry'][:8]}{label} | {c['backend']} | {c['tokens']} | {c['bytes']:,} | "
+                             f"{c['bytes_per_token']:,.0f} | {formula} | {c['V']}, {c['L']}, {c['H']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -540,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     # Fill the bytecode cache once, so no measured run pays for compiling what the others reuse.
     subprocess.run([PY, "-c", "import pytest, numpy, torch, transformers, pytest_convdiff.plugin, "
-                    "pytest_convdiff.compare, pytest_convdiff.backends.hf, xdist\n"
+                    "pytest_convdiff.comparison, pytest_convdiff.backends.hf, xdist\n"
                     "try:\n import llama_cpp\nexcept ImportError:\n pass"], env=child_env(), check=False,
                    cwd=ROOT)
     data["machine"]["bytecode_cache"] = f"on (PYTHONPYCACHEPREFIX={PYCACHE})"

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cache_dtype.py [--cases tiny,smollm2] [--out bench/results]
 
-Each pair runs twice through ``pytest_convdiff.compare``, once with float32 and once with float16
+Each pair runs twice through ``pytest_convdiff.comparison``, once with float32 and once with float16
 storage, each on its own fresh cache (both models really run and store in that dtype), and the
 metrics, verdicts and entry sizes are set side by side. Writes ``<out>/cache-dtype.json`` and
 ``<out>/cache-dtype.md`` (also printed).
@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_convdiff.compare import PairResult, compare  # noqa: E402
+from pytest_convdiff.comparison import PairResult, compare  # noqa: E402
 from pytest_convdiff.runner import RunSettings  # noqa: E402
 
 M = ROOT / "fixtures/models"

@@ -18,8 +18,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_convdiff import metrics  # noqa: E402
 from pytest_convdiff.backends import open_backend  # noqa: E402
+from pytest_convdiff.core import metrics  # noqa: E402
 
 PROMPT = "Hello, my name is"
 

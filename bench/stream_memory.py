@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pytest_convdiff import metrics  # noqa: E402
+from pytest_convdiff.core import metrics  # noqa: E402
 
 
 class VirtualLogits:

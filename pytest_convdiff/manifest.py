@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bounds import parse_bound_overrides
+from .checks import parse_bound_mapping
 from .errors import ConvdiffError
 
 if sys.version_info >= (3, 11):
@@ -93,8 +93,7 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
             if not isinstance(m, str) or not _MARK.match(m):
                 raise ConvdiffError(f"{where}: mark {m!r} is not a valid marker name")
         try:
-            bounds = parse_bound_overrides(",".join(f"{k}={v}" for k, v in (entry.get("bounds") or {}).items()),
-                                           f"{where}, bounds")
+            bounds = parse_bound_mapping(dict(entry.get("bounds") or {}), f"{where}, bounds")
         except ValueError as exc:
             raise ConvdiffError(str(exc)) from None
         for key in ("backend_a", "backend_b"):

@@ -2,7 +2,14 @@
 
 A model is loaded only when its entry is missing, used for everything it has to
 produce (tokens, logits, hidden states, tokenizer cases, the causality probe),
-and closed before the next model loads: one model in memory at a time.
+and closed before the next model loads: one model in memory at a time. A golden
+reference (``store.reference``) is served as model A without any model: it is
+recognised by its content before a backend is detected.
+
+Model B is streamed unless ``RunSettings.keep_b``: each prompt's outputs are reduced against A's
+stored ones as they come out of the backend (``comparison.PairReducer``) and dropped, so B's
+entry holds its tokens, its records and the pair's metrics, a few hundred kilobytes instead of
+gigabytes. Such an entry is only valid for that A and that metric code, so both are in its key.
 """
 
 from __future__ import annotations
@@ -11,22 +18,34 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .backends import backend_module, detect_backend, normalize_backend_name
-from .backends.base import ModelInfo
-from .cache import Cache, CacheEntry, content_fingerprint, make_key
-from .corpus import Corpus
+from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name
+from .backends.base import LAYER_SWAP, ModelInfo
+from .core import compact, metrics
+from .core.corpus import Corpus
+from .core.tokenizer_cases import TOKENIZER_CASES
 from .errors import ConvdiffError, ModelLoadError
-from .tokenizer_cases import TOKENIZER_CASES
+from .store.budget import expected_entry_bytes
+from .store.cache import Cache, content_fingerprint, make_key
+from .store.reference import is_reference, open_reference_run, reference_info
+from .store.run import ModelRun
+
+__all__ = ["ModelRun", "ModelSpec", "RunSettings", "cache_dtype_name", "run_key", "run_model", "store_name"]
 
 Progress = Callable[[str], None]
+REFERENCE = "reference"  # what a golden reference shows as its backend; no backend module has this name
+_REFERENCE_NAMES = (REFERENCE, "golden")
 CACHE_DTYPES = ("float32", "float16")
+STORES = ("compact", "full")
+LAYER_SWAP_NEEDS_FULL = (
+    "the layer swap (--convdiff-layer-swap) feeds model A's hidden states into B, and the compact store (the "
+    "default) keeps only a sketch of them: add --convdiff-store full (ini convdiff_store = full; "
+    "RunSettings(store='full') in the library)")
 _CACHE_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
 
 
@@ -36,6 +55,14 @@ def cache_dtype_name(name: str) -> str:
     key = _CACHE_DTYPE_ALIASES.get(key, key)
     if key not in CACHE_DTYPES:
         raise ValueError(f"{name!r} is not one of {', '.join(CACHE_DTYPES)}")
+    return key
+
+
+def store_name(name: str) -> str:
+    """``compact`` or ``full``; ValueError naming the valid values otherwise."""
+    key = str(name).strip().lower()
+    if key not in STORES:
+        raise ValueError(f"{name!r} is not one of {', '.join(STORES)}")
     return key
 
 
@@ -51,17 +78,30 @@ class ModelSpec:
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
+    def is_saved_reference(self) -> bool:
+        """A saved golden reference: named so (``backend="reference"``), or recognised by its content."""
+        if self.backend and self.backend.strip().lower() in _REFERENCE_NAMES:
+            return True
+        return is_reference(self.path)
+
     def resolved_backend(self) -> str:
+        """The backend's name; ``"reference"`` for a golden reference (for display: it has no backend module)."""
+        if self.is_saved_reference():
+            return REFERENCE
         return normalize_backend_name(self.backend) if self.backend else detect_backend(self.path)
 
     def probe(self) -> ModelInfo:
-        name = self.resolved_backend()
-        mod = backend_module(name)
+        """Cheap facts about the model (layer count for collection); a reference's come from its header."""
+        if self.is_saved_reference():
+            return reference_info(self.path)
+        mod = backend_module(self.resolved_backend())
         return mod.probe(Path(self.path), self.options)
 
     def fingerprint(self) -> str:
-        mod = backend_module(self.resolved_backend())
         p = Path(self.path)
+        if self.is_saved_reference():
+            return content_fingerprint([p], p.parent)
+        mod = backend_module(self.resolved_backend())
         files = mod.fingerprint_files(p)
         return content_fingerprint(files, p if p.is_dir() else p.parent)
 
@@ -77,77 +117,24 @@ class RunSettings:
     layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
     greedy_tokens: int = 16  # greedy continuation length per greedy prompt (0: no greedy check)
     cache_dtype: str = "float32"  # how logits / hidden states are stored: float32 or float16 (compact)
+    keep_b: bool = False  # B only: store B's arrays (custom checks read them) instead of streaming them into the metrics
+    # A only: "compact" keeps what the metrics need (core.compact, a few kB per token), "full" every array
+    store: str = "compact"
 
     def __post_init__(self) -> None:
         self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
+        self.store = store_name(self.store)
+        if self.layer_swap and self.hidden_states and self.store != "full":
+            raise ValueError(LAYER_SWAP_NEEDS_FULL)
 
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
-        if not fed:
+        if not fed:  # A's entry is the same whatever is done with B
             out.pop("layer_swap")
+            out.pop("keep_b")
+        else:  # B is never stored compact; what it is reduced against is in its key (reduced_against)
+            out.pop("store")
         return out
-
-
-class ModelRun:
-    """A model's outputs over the corpus, backed by a verified cache entry."""
-
-    def __init__(self, spec: ModelSpec, entry: CacheEntry, from_cache: bool) -> None:
-        self.spec = spec
-        self.entry = entry
-        self.from_cache = from_cache
-        self.meta = entry.meta
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return self.meta["info"]
-
-    @property
-    def prompt_ids(self) -> list[str]:
-        return list(self.meta["prompts"])
-
-    def _name(self, pid: str, what: str) -> str:
-        return f"p{self.meta['prompts'].index(pid)}.{what}"
-
-    def own_tokens(self, pid: str) -> list[int]:
-        return [int(x) for x in self.entry.array(self._name(pid, "own_tokens"))]
-
-    def inputs(self, pid: str) -> list[int]:
-        return [int(x) for x in self.entry.array(self._name(pid, "inputs"))]
-
-    def pieces(self, pid: str) -> list[str]:
-        return self.meta["pieces"][pid]
-
-    def logits(self, pid: str) -> np.ndarray:
-        return self.entry.array(self._name(pid, "logits"))
-
-    def hidden(self, pid: str) -> np.ndarray | None:
-        name = self._name(pid, "hidden")
-        return self.entry.array(name) if self.entry.has(name) else None
-
-    def hidden_swap(self, pid: str) -> np.ndarray | None:
-        """Hidden states from the layer-swap run (A's states fed in for the first k layers), if any."""
-        name = self._name(pid, "hidden_swap")
-        return self.entry.array(name) if self.entry.has(name) else None
-
-    def sublayers(self, pid: str) -> dict[str, np.ndarray]:
-        out = {}
-        for sub in self.meta.get("sublayers", []):
-            name = self._name(pid, f"sub_{sub}")
-            if self.entry.has(name):
-                out[sub] = self.entry.array(name)
-        return out
-
-    @property
-    def special(self) -> dict[str, Any]:
-        return self.meta.get("special", {})
-
-    @property
-    def tokenizer_cases(self) -> dict[str, list[dict[str, Any]]]:
-        return self.meta.get("tokenizer_cases", {})
-
-    @property
-    def causality(self) -> dict[str, Any] | None:
-        return self.meta.get("causality")
 
 
 def _digest_tokens(feed: ModelRun | None) -> str:
@@ -160,19 +147,40 @@ def _digest_tokens(feed: ModelRun | None) -> str:
     return h.hexdigest()[:16]
 
 
-def run_key(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings) -> str:
+def _streams(feed: ModelRun | None, settings: RunSettings) -> bool:
+    """Whether this run is a B whose outputs are reduced as they come instead of stored."""
+    return feed is not None and not settings.keep_b
+
+
+def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[str, Any]:
+    """What every run's key holds, whatever the settings."""
     backend = spec.resolved_backend()
-    mod = backend_module(backend)
-    return make_key({
+    return {
         "model": str(Path(spec.path).resolve()),
         "fingerprint": spec.fingerprint(),
         "backend": backend,
-        "library": mod.library_version(),
+        "library": backend_module(backend).library_version(),
         "options": spec.options,
         "corpus": corpus.digest,
         "inputs": _digest_tokens(feed),
-        "settings": settings.key(fed=feed is not None),
-    })
+    }
+
+
+def _key(parts: dict[str, Any], feed: ModelRun | None, settings: RunSettings) -> str:
+    extra: dict[str, Any] = {"settings": settings.key(fed=feed is not None)}
+    if feed is None and settings.store == "compact":  # what A's compact entry holds depends on this code
+        extra["compact"] = [compact.CompactConfig().to_dict(), compact.code_digest()]
+    if _streams(feed, settings):
+        from .comparison import reduced_against  # comparison imports this module: looked up at run time
+
+        extra["reduced_against"] = reduced_against(feed)  # a streamed B holds metrics of this A and this code
+    elif feed is not None and settings.layer_swap and settings.hidden_states:
+        extra["swap_from"] = feed.entry.identity  # a kept B's layer-swap states are run from A's hidden states
+    return make_key({**parts, **extra})
+
+
+def run_key(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings) -> str:
+    return _key(_key_parts(spec, corpus, feed), feed, settings)
 
 
 def _safe_piece(backend, token_id: int) -> str:
@@ -190,12 +198,13 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     tokenizer difference fails the token checks without hiding how logits compare.
     """
     settings = settings or RunSettings()
-    if spec.resolved_backend() == "reference":
-        from .reference import reference_run_for
-
-        return reference_run_for(spec, corpus, feed=feed, settings=settings, progress=progress, label=label)
-    key = run_key(spec, corpus, feed, settings)
+    if spec.is_saved_reference():
+        return _reference_run(spec, corpus, feed, settings, progress, label)
+    parts = _key_parts(spec, corpus, feed)
+    key = _key(parts, feed, settings)
     entry = cache.get(key)
+    if entry is None and _streams(feed, settings):  # B's arrays kept by an earlier run serve as well
+        entry = cache.get(_key(parts, feed, replace(settings, keep_b=True)))
     if entry is not None:
         progress(f"{label}{spec.path}: outputs served from cache {entry.path.name}")
         return ModelRun(spec, entry, from_cache=True)
@@ -207,7 +216,14 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     backend = mod.load(Path(spec.path), options)
     writer = cache.writer(key)
     try:
-        progress(f"{label}loaded in {time.perf_counter() - t0:.1f}s; running {len(corpus)} prompts")
+        # Before any forward pass: room for the entry in the cache's budget and on the disk, or a readable
+        # CacheError saying how much is needed and where.
+        tokens = sum(len(feed.inputs(p.id)) if feed is not None
+                     else len(backend.tokenize(p.text)[: settings.max_tokens or None]) for p in corpus)
+        cache.reserve(expected_entry_bytes(backend.info, tokens, settings, fed=feed is not None),
+                      f"{spec.path} ({spec.resolved_backend()})", writer=writer)
+        progress(f"{label}loaded in {time.perf_counter() - t0:.1f}s; running {len(corpus)} prompts"
+                 + (", reduced against A's outputs as they come" if _streams(feed, settings) else ""))
         meta = _produce(backend, spec, corpus, feed, settings, writer, progress, label)
         entry = writer.commit(meta)
     except BaseException:
@@ -219,15 +235,39 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     return ModelRun(spec, entry, from_cache=False)
 
 
+def _reference_run(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
+                   progress: Progress, label: str) -> ModelRun:
+    """Model A served from a saved reference. A reference holds outputs, not a model that could be run
+    on A's tokens, so as model B it is refused with a message saying what to pass instead."""
+    if feed is not None:
+        raise ModelLoadError(
+            f"{spec.path}: a saved convdiff reference can only be model A (--model-a): it holds outputs, "
+            f"not a model that can be run on A's tokens. Pass the converted model itself as --model-b."
+        )
+    run = open_reference_run(spec.path, corpus, settings, spec=spec)
+    ref = run.meta.get("reference", {})
+    progress(f"{label}{spec.path}: outputs served from the saved reference of {ref.get('model', '?')} "
+             f"({ref.get('backend', '?')}, saved {ref.get('created', '?')})")
+    return run
+
+
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
              writer, progress: Progress, label: str) -> dict[str, Any]:
     info: ModelInfo = backend.info
     store = np.dtype(settings.cache_dtype)
+    cfg = compact.CompactConfig() if feed is None and settings.store == "compact" else None
+    reducer = None
+    if _streams(feed, settings):
+        from .comparison import PairReducer
+
+        reducer = PairReducer(feed)
     prompts: list[str] = []
     pieces: dict[str, list[str]] = {}
     truncated: dict[str, int] = {}
     sub_names: set[str] = set()
+    shapes: dict[str, Any] = {}
     longest: tuple[str, list[int]] | None = None
+    probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored, for the causality probe
     swap_error: str | None = None
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
@@ -246,17 +286,34 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         prompts.append(prompt.id)
         writer.add(f"p{i}.own_tokens", np.asarray(own, dtype=np.int64))
         writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))
-        writer.add(f"p{i}.logits", np.asarray(out.logits, dtype=store))
-        if out.hidden is not None:
-            writer.add(f"p{i}.hidden", np.asarray(out.hidden, dtype=store))
+        # rounded to the cache dtype either way, so a streamed B reduces the values a kept B would store
+        logits = np.asarray(out.logits, dtype=store)
+        hidden = np.asarray(out.hidden, dtype=store) if out.hidden is not None else None
+        subs = {name: np.asarray(arr, dtype=store) for name, arr in out.sublayers.items()}
+        sub_names.update(subs)
+        swap = None
         if feed is not None and settings.layer_swap and settings.hidden_states and swap_error is None:
-            swap_error = _layer_swap(backend, feed, prompt.id, inputs, settings.layer_swap, writer, i)
-        for name, arr in out.sublayers.items():
-            sub_names.add(name)
-            writer.add(f"p{i}.sub_{name}", np.asarray(arr, dtype=store))
+            swap, swap_error = _layer_swap(backend, feed, prompt.id, inputs, settings.layer_swap)
+        if not shapes:
+            shapes = {"vocab": int(logits.shape[-1]),
+                      "hidden": [int(hidden.shape[0]), int(hidden.shape[-1])] if hidden is not None else None}
+        if reducer is not None:
+            reducer.add(prompt.id, logits, hidden, subs, swap)
+        elif cfg is not None:
+            _write_compact(writer, i, prompt.id, logits, inputs, hidden, subs, cfg)
+        else:
+            writer.add(f"p{i}.logits", logits)
+            if hidden is not None:
+                writer.add(f"p{i}.hidden", hidden)
+            if swap is not None:
+                writer.add(f"p{i}.hidden_swap", swap)
+            for name, arr in subs.items():
+                writer.add(f"p{i}.sub_{name}", arr)
         pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
+            probe_rows = np.array(logits[:_probe_length(len(inputs))])
+        del out, logits, hidden, subs, swap  # before the next forward: one prompt's outputs in memory at a time
         progress(f"{label}  [{i + 1}/{len(corpus)}] {prompt.id}: {len(inputs)} tokens")
 
     meta: dict[str, Any] = {
@@ -265,11 +322,20 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         "prompts": prompts,
         "pieces": pieces,
         "truncated": truncated,
+        "max_tokens": settings.max_tokens,
         "sublayers": sorted(sub_names),
         "special": backend.special_tokens(),
         "layer_swap": {"k": settings.layer_swap, "error": swap_error} if feed is not None and settings.layer_swap else None,
         "created": time.time(),
     }
+    meta["shapes"] = shapes  # what the checks need of arrays not stored: the vocabulary, (layers, hidden size)
+    if feed is None:
+        meta["store"] = {"form": "compact", **cfg.to_dict()} if cfg is not None else {"form": "full"}
+    if reducer is not None:
+        from .comparison import reduced_against
+
+        meta["streamed"] = {**reduced_against(feed), "a_path": feed.spec.path}
+        meta["pair_metrics"] = reducer.result().to_dict()
     if settings.tokenizer_cases:
         cases: dict[str, list[dict[str, Any]]] = {}
         for category, texts in TOKENIZER_CASES.items():
@@ -284,23 +350,39 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         meta["tokenizer_cases"] = cases
     if settings.greedy_tokens:
         meta["greedy"] = _greedy(backend, corpus, feed, prompts, settings.greedy_tokens, progress, label)
-    if settings.causality and longest is not None and len(longest[1]) >= 8:
-        meta["causality"] = _causality_probe(backend, writer, prompts.index(longest[0]), longest)
+    if settings.causality and longest is not None and probe_rows is not None and len(longest[1]) >= 8:
+        meta["causality"] = _causality_probe(backend, probe_rows, longest)
     return meta
 
 
-def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int, writer, index: int) -> str | None:
-    """Run B again with A's hidden state replacing B's for layers < k; None when it worked."""
+def _write_compact(writer, i: int, pid: str, logits: np.ndarray, inputs: list[int], hidden: np.ndarray | None,
+                   subs: dict[str, np.ndarray], cfg: compact.CompactConfig) -> None:
+    """A's outputs for one prompt, reduced to the compact arrays (``core.compact``; names in ``store.run``)."""
+    chunk = max(8, metrics.CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    for name, arr in compact.summarise_logits(logits, np.asarray(inputs), pid, cfg, chunk).items():
+        writer.add(f"p{i}.c_{name}", arr)
+    if hidden is not None:
+        for name, arr in compact.summarise_states(hidden, pid, cfg).items():
+            writer.add(f"p{i}.c_hidden_{name}", arr)
+    for sub, states in subs.items():
+        for name, arr in compact.summarise_states(states, pid, cfg, rows=False).items():
+            writer.add(f"p{i}.c_sub_{sub}_{name}", arr)
+
+
+def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int) -> tuple[np.ndarray | None, str | None]:
+    """B run again with A's hidden state replacing B's for layers < k: (its hidden states, float32; None) when
+    it worked, (None, why) when it cannot be done."""
+    if feed.compact:
+        return None, "model A's outputs are stored compact; " + LAYER_SWAP_NEEDS_FULL
     hidden_a = feed.hidden(pid)
     if hidden_a is None:
-        return "model A has no hidden states"
+        return None, "model A has no hidden states"
+    if LAYER_SWAP not in backend_capabilities(backend.info.backend):
+        return None, f"the {backend.info.backend} backend cannot take injected hidden states"
     k = min(k, hidden_a.shape[0])
-    try:
-        out = backend.forward(inputs, hidden_states=True, inject={j: np.asarray(hidden_a[j]) for j in range(k)})
-    except (NotImplementedError, TypeError):
-        return f"the {backend.info.backend} backend cannot take injected hidden states"
-    writer.add(f"p{index}.hidden_swap", np.asarray(out.hidden, dtype=np.float32))
-    return None
+    # A backend that declares the capability and then raises has a bug: it propagates, never swallowed.
+    out = backend.forward(inputs, hidden_states=True, inject={j: np.asarray(hidden_a[j]) for j in range(k)})
+    return np.asarray(out.hidden, dtype=np.float32), None
 
 
 GREEDY_PROMPTS = 3
@@ -354,12 +436,17 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
     return out
 
 
-def _causality_probe(backend, writer, index: int, longest: tuple[str, list[int]]) -> dict[str, Any]:
-    """Logits of the first n tokens must not change when more tokens follow."""
+def _probe_length(tokens: int) -> int:
+    """How many first positions of the longest prompt the causality probe runs alone."""
+    return min(128, tokens // 2)
+
+
+def _causality_probe(backend, stored: np.ndarray, longest: tuple[str, list[int]]) -> dict[str, Any]:
+    """Logits of the first n tokens must not change when more tokens follow. ``stored``: the full run's
+    first n logits as stored (kept in memory: a streamed B stores none)."""
     pid, tokens = longest
-    n = min(128, len(tokens) // 2)
+    n = len(stored)
     prefix = backend.forward(tokens[:n], hidden_states=False).logits
-    stored = writer.array(f"p{index}.logits")[:n]
     full = np.asarray(stored, dtype=np.float64)
     # rounded as the stored logits were (--convdiff-cache-dtype float16), so storage is not mistaken for leakage
     prefix = np.asarray(prefix, dtype=stored.dtype).astype(np.float64)

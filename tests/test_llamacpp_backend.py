@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pytest_convdiff import metrics
 from pytest_convdiff.backends import llamacpp
-from pytest_convdiff.corpus import default_corpus
+from pytest_convdiff.core import metrics
+from pytest_convdiff.core.corpus import default_corpus
 from pytest_convdiff.errors import ContextLengthError, ModelLoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,6 +291,96 @@ def test_small_ubatch_is_stitched(llama_cpp_mod, ggufs, reference):
         parts = b.forward(toks)
     assert metrics.rfn(whole.hidden, parts.hidden) < 1e-5
     assert metrics.nmse(whole.logits, parts.logits) < 1e-9
+
+
+@pytest.mark.gguf
+def test_n_batch_reaches_the_context(llama_cpp_mod, ggufs, reference):
+    """n_batch (documented) used to be ignored: the context always got n_batch = n_ctx."""
+    toks, _ = reference("prose-en")
+    assert len(toks) > 2 * 64
+    with _open(ggufs["tiny-f32"], **EXACT) as b:
+        whole = b.forward(toks)
+        assert llama_cpp_mod.llama_n_batch(b._ctx) == b.n_ctx
+    with _open(ggufs["tiny-f32"], n_batch=64, **EXACT) as b:
+        assert llama_cpp_mod.llama_n_batch(b._ctx) == 64 and b.n_batch == 64
+        assert llama_cpp_mod.llama_n_ubatch(b._ctx) == 64 and b.info.extra["n_batch"] == 64
+        assert b.n_ctx >= len(toks)  # a prompt longer than n_batch is decoded in pieces, not refused
+        pieces = b.forward(toks)
+    assert pieces.hidden.shape == whole.hidden.shape
+    assert set(pieces.sublayers) == {"attn", "mlp"}
+    assert metrics.rfn(whole.hidden, pieces.hidden) < 1e-5
+    assert metrics.nmse(whole.logits, pieces.logits) < 1e-9
+    with _open(ggufs["tiny-f32"], n_batch="128", n_ubatch="32") as b:
+        assert (llama_cpp_mod.llama_n_batch(b._ctx), llama_cpp_mod.llama_n_ubatch(b._ctx)) == (128, 32)
+
+
+@pytest.mark.gguf
+def test_greedy_decode_with_a_small_n_batch(llama_cpp_mod, ggufs, reference):
+    toks, _ = reference("prose-en")
+    chosen: dict[int, list[int]] = {}
+
+    def pick(i, row):
+        chosen.setdefault(i, []).append(int(row.argmax()))
+        return chosen[i][-1]
+
+    with _open(ggufs["tiny-f32"], **EXACT) as b:
+        b.greedy_decode([toks], 4, pick)
+    with _open(ggufs["tiny-f32"], n_batch=64, **EXACT) as b:
+        whole, chosen = chosen, {}
+        b.greedy_decode([toks], 4, pick)
+    assert chosen == whole
+
+
+def test_bad_options_are_refused_before_loading(ggufs):
+    with pytest.raises(ModelLoadError, match="unknown option 'n_ctxx' for the llama.cpp backend.*did you mean 'n_ctx'"):
+        _open(ggufs["tiny-f16"], n_ctxx=64)
+    with pytest.raises(ModelLoadError, match="option flash_attn expects one of auto, true, false, got 'fast'"):
+        _open(ggufs["tiny-f16"], flash_attn="fast")
+    with pytest.raises(ModelLoadError, match=r"n_ubatch \(256\) cannot be larger than n_batch \(128\)"):
+        _open(ggufs["tiny-f16"], n_batch=128, n_ubatch=256)
+
+
+@pytest.mark.gguf
+def test_main_gpu_selects_without_cuda_visible_devices(llama_cpp_mod, ggufs):
+    # a CPU-only build has no GPU to select and runs as before; a GPU build puts the model on GPU 0
+    with _open(ggufs["tiny-f16"], main_gpu=0) as b:
+        assert b.forward(b.tokenize("hello there"), hidden_states=False).logits.shape[1] == 512
+
+
+@pytest.mark.gguf
+def test_unreadable_tensor_fails_forward_naming_it(llama_cpp_mod, ggufs, monkeypatch):
+    """A wanted tensor the callback cannot read used to be dropped silently (fewer layers came back)."""
+    def unreadable(raw, ggml_type, ne, nb):
+        raise llamacpp.UnreadableTensor("its ggml type Q8_0 (8) is not F32, F16 or BF16")
+
+    with _open(ggufs["tiny-f16"]) as b:
+        toks = b.tokenize("The river runs past the city.")
+        with monkeypatch.context() as m:
+            m.setattr(llamacpp, "tensor_to_float32", unreadable)
+            with pytest.raises(ModelLoadError) as err:
+                b.forward(toks)
+            assert b.forward(toks, hidden_states=False).hidden is None  # logits need no capture
+        msg = str(err.value)
+        assert "cannot capture llama.cpp's tensor 'attn_out-0' (and 17 more)" in msg
+        assert "Q8_0" in msg and "--convdiff-no-layers" in msg
+        assert b.forward(toks).hidden.shape == (6, len(toks), 128)  # nothing left over from the failure
+
+
+@pytest.mark.gguf
+def test_decode_failures_are_convdiff_errors(llama_cpp_mod, ggufs, monkeypatch):
+    with _open(ggufs["tiny-f16"]) as b:
+        toks = b.tokenize("hello there")
+        monkeypatch.setattr(llama_cpp_mod, "llama_decode", lambda ctx, batch: -1)
+        with pytest.raises(ModelLoadError, match=f"llama_decode failed \\(code -1\\) on a {len(toks)}-token prompt"):
+            b.forward(toks)
+        monkeypatch.setattr(llama_cpp_mod, "llama_decode", lambda ctx, batch: 1)
+        with pytest.raises(ContextLengthError, match="no room in its KV cache"):
+            b.greedy_decode([toks], 2, lambda i, row: 0)
+        monkeypatch.undo()
+        with pytest.raises(ModelLoadError, match="outside the vocabulary"):
+            b.forward([1, 10_000])
+    with pytest.raises(ModelLoadError, match="closed"):
+        b.forward(toks)
 
 
 @pytest.mark.gguf

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_convdiff import metrics
+from pytest_convdiff.core import metrics
 
 
 def test_nmse_matches_hand_computation():

@@ -1,29 +1,42 @@
-"""Markdown summary, plots and HTML report built from the JSON ``pairs`` list (no models run)."""
+"""Markdown summary, plots and HTML report built from ``PairResult`` objects (no models run)."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import struct
-import subprocess
 import sys
+from dataclasses import replace
 from html.parser import HTMLParser
+from typing import Any
 
 import pytest
 
-from pytest_convdiff.report_extra import PlotDependencyError, html_report, markdown_summary, plot_pairs
+from pytest_convdiff.core.results import BUDGET, CORRECTNESS, LOWER, UPPER, CheckResult, PairResult
+from pytest_convdiff.errors import ConvdiffError
+from pytest_convdiff.reporting import html, markdown, plots
+from pytest_convdiff.reporting.plots import PlotDependencyError, plot_pairs
+from pytest_convdiff.store import atomic
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 needs_mpl = pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed (pip install 'pytest-convdiff[plot]')")
+DIRECTION = {"topk": LOWER}  # every other check here must stay at or below its bound
+KIND = {"tokens": CORRECTNESS, "rfn": CORRECTNESS}
+
+markdown_summary = markdown.render
+html_report = html.render
 
 
-def _check(name, param, value, threshold, outcome, message=""):
-    return {"name": name, "param": param, "value": value, "threshold": threshold, "outcome": outcome,
-            "message": message}
+def _check(name: str, param: str, value: float | None, threshold: float | None, outcome: str,
+           message: str = "") -> CheckResult:
+    return CheckResult(name, param, value, threshold, outcome, message,
+                       direction=DIRECTION.get(name, UPPER) if threshold is not None else None,
+                       kind=KIND.get(name, BUDGET))
 
 
-def _layers(rfns, attn=None):
+def _layers(rfns: list[float], attn: list[float] | None = None) -> list[dict[str, Any]]:
     out = []
     for i, r in enumerate(rfns):
         layer = {"index": i, "rfn": r, "rfn_mlp": r * 1.1}
@@ -32,48 +45,46 @@ def _layers(rfns, attn=None):
     return out
 
 
-def _metrics(nmse, kl_mean, top1):
+def _metrics(nmse: float, kl_mean: float, top1: float) -> dict[str, Any]:
     return {"positions": 100, "nmse": nmse, "nmse_db": -30.0, "nmse_label": "good match", "kl_mean": kl_mean,
             "kl_p99": kl_mean * 4, "kl_max": kl_mean * 20, "ppl_a": 10.0, "ppl_b": 10.1, "ppl_ratio": 1.01,
             "topk_ordered": {"1": top1, "2": top1 - 0.05}, "topk_overlap": {"1": top1, "2": top1 - 0.01}}
 
 
-def _pairs():
+def _pairs() -> list[PairResult]:
     ok_rfn = [0.001, 0.0015, 0.002, 0.0025]
     bad_rfn = [0.001, 0.0015, 0.07, 0.08]
-    passing = {
-        "id": "ref-vs-good.gguf", "model_a": "/m/ref", "model_b": "/m/good.gguf",
-        "backend_a": "transformers", "backend_b": "llama.cpp", "verdict": "pass", "error": None,
-        "first_divergent_layer": None, "divergent_sublayer": None, "precision_class": "float",
-        "layers": _layers(ok_rfn),
-        "checks": [_check("nmse", "", 1e-5, 1e-2, "passed", "NMSE fine")]
+    passing = PairResult(
+        id="ref-vs-good.gguf", model_a="/m/ref", model_b="/m/good.gguf",
+        backend_a="transformers", backend_b="llama.cpp", precision_class="float",
+        layers=_layers(ok_rfn),
+        checks=[_check("nmse", "", 1e-5, 1e-2, "passed", "NMSE fine")]
         + [_check("rfn", f"layer-{i}", r, 0.02, "passed", "ok") for i, r in enumerate(ok_rfn)],
-        "metrics": _metrics(1.6e-5, 7.4e-6, 0.9977), "from_cache": {"A": True, "B": False},
-        "notes": ["B's BOS <flag> | differs"],
-    }
-    failing = {
-        "id": "ref-vs-bad|pipe.gguf", "model_a": "/m/ref", "model_b": "/m/bad|pipe.gguf",
-        "backend_a": "transformers", "backend_b": "llama.cpp", "verdict": "fail", "error": None,
-        "first_divergent_layer": 2, "divergent_sublayer": "attention", "precision_class": "float",
-        "layers": _layers(bad_rfn, attn=[0.0006, 0.003, 0.18, 0.04]),
-        "baseline_rfn": ok_rfn,
-        "checks": [_check("topk", "1", 0.882, 0.95, "failed", "Top-1 agreement is 0.882, below the bound 0.95.\nmore"),
-                   _check("kl", "mean", 0.003, 0.002, "failed", "Mean KL(P_A || P_B) is 0.003 <above> the bound & more")]
+        metrics=_metrics(1.6e-5, 7.4e-6, 0.9977), from_cache={"A": True, "B": False},
+        notes=["B's BOS <flag> | differs"],
+    )
+    failing = PairResult(
+        id="ref-vs-bad|pipe.gguf", model_a="/m/ref", model_b="/m/bad|pipe.gguf",
+        backend_a="transformers", backend_b="llama.cpp",
+        first_divergent_layer=2, divergent_sublayer="attention", precision_class="float",
+        layers=_layers(bad_rfn, attn=[0.0006, 0.003, 0.18, 0.04]),
+        baseline_rfn=ok_rfn,
+        checks=[_check("topk", "1", 0.882, 0.95, "failed", "Top-1 agreement is 0.882, below the bound 0.95.\nmore"),
+                _check("kl", "mean", 0.003, 0.002, "failed", "Mean KL(P_A || P_B) is 0.003 <above> the bound & more")]
         + [_check("rfn", f"layer-{i}", r, 0.02, "failed" if r > 0.02 else "passed",
                   f"Relative Frobenius error after decoder layer {i} is {r}") for i, r in enumerate(bad_rfn)]
         + [_check("tokens", f"p{i}", 3.0, 0.0, "failed", f"Token ids differ for prompt 'p{i}': A '<s>' vs B 'The'")
            for i in range(30)],
-        "metrics": _metrics(6.7e-3, 3.0e-3, 0.882), "from_cache": {},
-    }
-    error = {
-        "id": "ref-vs-missing.gguf", "model_a": "/m/ref", "model_b": "/m/missing.gguf",
-        "backend_a": "transformers", "backend_b": "llama.cpp", "verdict": "error",
-        "error": "ModelLoadError: /m/missing.gguf does not exist <no file>\nTraceback line 2",
-        "first_divergent_layer": None, "divergent_sublayer": None, "precision_class": None,
-        "layers": [], "metrics": {}, "from_cache": {},
-        "checks": [_check("nmse", "", None, None, "error", "ModelLoadError: /m/missing.gguf does not exist"),
-                   _check("kl", "mean", None, None, "error", "ModelLoadError: /m/missing.gguf does not exist")],
-    }
+        metrics=_metrics(6.7e-3, 3.0e-3, 0.882),
+    )
+    error = PairResult(
+        id="ref-vs-missing.gguf", model_a="/m/ref", model_b="/m/missing.gguf",
+        backend_a="transformers", backend_b="llama.cpp",
+        error="ModelLoadError: /m/missing.gguf does not exist <no file>\nTraceback line 2",
+        metrics={},
+        checks=[_check("nmse", "", None, None, "error", "ModelLoadError: /m/missing.gguf does not exist"),
+                _check("kl", "mean", None, None, "error", "ModelLoadError: /m/missing.gguf does not exist")],
+    )
     return [passing, failing, error]
 
 
@@ -164,7 +175,7 @@ def test_markdown_failed_checks_listed_only_for_failing_pairs_and_capped():
 
 def test_markdown_and_html_show_notes_and_extra_layer_series():
     pairs = _pairs()
-    for layer in pairs[1]["layers"]:
+    for layer in pairs[1].layers:
         layer["rfn_swap"] = layer["rfn"] / 3
     md = markdown_summary(pairs)
     assert "- `ref-vs-good.gguf`: B's BOS &lt;flag&gt; \\| differs" in md
@@ -184,8 +195,8 @@ def test_markdown_error_pair_shows_error_in_a_fence():
 def test_markdown_empty_and_odd_inputs():
     assert "0 pairs" in markdown_summary([])
     p = copy.deepcopy(_pairs()[1])
-    p["metrics"]["topk_ordered"] = {1: 0.5}  # int keys (before a JSON round trip)
-    p["layers"][3]["rfn"] = float("nan")
+    p.metrics["topk_ordered"] = {1: 0.5}  # int keys (before a JSON round trip)
+    p.layers[3]["rfn"] = float("nan")
     md = markdown_summary([p])
     _, rows = _table_rows(md)
     assert "| 0.5 |" in rows[0]
@@ -212,8 +223,9 @@ def _red_pixels(path):
 @needs_mpl
 def test_plot_pairs_writes_one_png_per_pair(tmp_path):
     pairs = _pairs()
-    pairs[1]["kl_hist"] = {"edges": [1e-6 * 10 ** (i / 2) for i in range(9)], "counts": [1, 5, 20, 40, 20, 6, 2, 1]}
-    for layer in pairs[1]["layers"]:
+    pairs[1].metrics["kl_hist"] = {"edges": [1e-6 * 10 ** (i / 2) for i in range(9)],
+                                   "counts": [1, 5, 20, 40, 20, 6, 2, 1]}
+    for layer in pairs[1].layers:
         layer["rfn_swap"] = layer["rfn"] / 3  # an extra per-layer series is drawn too
     paths = plot_pairs(pairs, tmp_path / "plots")
     assert [p.name for p in paths] == ["ref-vs-good.gguf.png", "ref-vs-bad_pipe.gguf.png", "ref-vs-missing.gguf.png"]
@@ -230,8 +242,8 @@ def test_plot_pairs_writes_one_png_per_pair(tmp_path):
 @needs_mpl
 def test_plot_pairs_unsafe_and_duplicate_ids(tmp_path):
     p = _pairs()[0]
-    weird = [dict(p, id="../../etc/passwd"), dict(p, id="a b/c"), dict(p, id="a_b_c"), dict(p, id=""),
-             dict(p, id="cost $5 model $x_$", model_b="/m/$b.gguf", verdict="error", error="bad $ in ${path}", layers=[])]
+    weird = [replace(p, id="../../etc/passwd"), replace(p, id="a b/c"), replace(p, id="a_b_c"), replace(p, id=""),
+             replace(p, id="cost $5 model $x_$", model_b="/m/$b.gguf", error="bad $ in ${path}", layers=[])]
     paths = plot_pairs(weird, tmp_path)  # $ must not start matplotlib mathtext
     assert len({x.name for x in paths}) == 5
     assert all(x.parent == tmp_path and x.suffix == ".png" for x in paths)
@@ -247,11 +259,26 @@ def test_plot_pairs_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())
 
 
-def test_module_imports_neither_pytest_nor_matplotlib():
-    code = ("import sys, pytest_convdiff.report_extra; "
-            "print(sorted(m for m in ('pytest', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+@needs_mpl
+def test_plot_files_are_written_atomically(tmp_path, monkeypatch):
+    (tmp_path / "ref-vs-good.gguf.png").write_bytes(b"old")
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", no_rename)
+    with pytest.raises(OSError, match="No space left"):
+        plot_pairs(_pairs(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ref-vs-good.gguf.png"]
+    assert (tmp_path / "ref-vs-good.gguf.png").read_bytes() == b"old"
+
+
+@needs_mpl
+def test_render_png_is_the_plot_file(tmp_path):
+    pair = _pairs()[1]
+    (path,) = plot_pairs([pair], tmp_path)
+    data = plots.render_png(pair)
+    assert data[:8] == PNG_MAGIC and _png_size(data) == _png_size(path.read_bytes())
 
 
 # --------------------------------------------------------------------------- HTML
@@ -295,7 +322,7 @@ def test_html_report_is_well_formed_and_escaped():
     assert c.counts["table"] == 1 + 3 + 3 + 1  # overview; metrics, checks, layers per pair; the error pair's checks
     text = "".join(c.text)
     for p in pairs:
-        assert p["id"] in text
+        assert p.id in text
     assert "ref-vs-bad|pipe.gguf" in page  # no need to escape pipes in HTML
     assert "&lt;above&gt; the bound &amp; more" in page and "<above>" not in page
     assert "A &#x27;&lt;s&gt;&#x27; vs B &#x27;The&#x27;" in page
@@ -329,20 +356,77 @@ def test_html_error_pair_shows_the_error():
 def test_html_embeds_plots_as_data_uris(tmp_path):
     pairs = _pairs()
     paths = plot_pairs(pairs, tmp_path)
-    plots = {p["id"]: path for p, path in zip(pairs, paths, strict=True)}
-    page = html_report(pairs, plots)
+    figures = {p.id: path for p, path in zip(pairs, paths, strict=True)}
+    page = html_report(pairs, figures)
     assert page.count('src="data:image/png;base64,') == 3
     assert str(tmp_path) not in page  # self-contained: no file references
     c = _parse(page)
     assert c.errors == [] and c.counts["img"] == 3
-    import base64
-
     first = page.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(first)[:8] == PNG_MAGIC
 
 
 def test_html_missing_plot_file_is_reported_not_raised(tmp_path):
     pairs = _pairs()[:1]
-    page = html_report(pairs, {pairs[0]["id"]: tmp_path / "gone.png"})
+    page = html_report(pairs, {pairs[0].id: tmp_path / "gone.png"})
     assert "could not be read" in page and "data:image/png" not in page
     assert _parse(page).errors == []
+
+
+def test_html_takes_png_bytes_too():
+    pairs = _pairs()[:1]
+    page = html_report(pairs, {pairs[0].id: PNG_MAGIC + b"rest"})
+    first = page.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert base64.b64decode(first) == PNG_MAGIC + b"rest"
+
+
+def test_markdown_and_html_name_the_kinds_that_failed():
+    pairs = _pairs()
+    md = markdown_summary(pairs)
+    section = md.split("### FAIL")[1].split("### ERROR")[0]
+    assert "Kind of failure: budget, correctness." in section
+    assert "Kind of failure" not in md.split("### ERROR")[1]  # the model error says it all
+    page = html_report(pairs)
+    assert "failed: budget, correctness" in page.split('id="pair-1"')[1].split('id="pair-2"')[0]
+
+
+def test_html_write_keeps_the_old_page_when_rendering_fails(tmp_path, monkeypatch):
+    path = tmp_path / "report.html"
+    path.write_text("old page")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("renderer bug")
+
+    monkeypatch.setattr(html, "render", broken)
+    with pytest.raises(RuntimeError):
+        html.write(path, _pairs())
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"] and path.read_text() == "old page"
+    monkeypatch.undo()
+
+    def no_rename(src, dst):
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.os, "replace", no_rename)
+    with pytest.raises(PermissionError):
+        html.write(path, _pairs())
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"] and path.read_text() == "old page"
+
+
+def test_step_summary_is_appended_and_untouched_when_rendering_fails(tmp_path, monkeypatch):
+    path = tmp_path / "summary.md"
+    path.write_text("earlier step\n")
+    markdown.append(path, _pairs()[:1])
+    text = path.read_text()
+    assert text.startswith("earlier step\n## convdiff summary\n") and text.count("## convdiff summary") == 1
+
+    def broken(pairs):
+        raise RuntimeError("renderer bug")
+
+    monkeypatch.setattr(markdown, "render", broken)
+    with pytest.raises(RuntimeError):
+        markdown.append(path, _pairs())
+    assert path.read_text() == text
+
+
+def test_plot_dependency_error_is_a_convdiff_error():
+    assert issubclass(PlotDependencyError, ConvdiffError) and issubclass(PlotDependencyError, ImportError)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pytest_convdiff import baseline
 from pytest_convdiff.errors import ConvdiffError
 from pytest_convdiff.manifest import load_manifest
+from pytest_convdiff.store import baseline
 
 pytestmark = pytest.mark.usefixtures("subprocess_env")
 
@@ -120,7 +120,8 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
     shutil.copytree(bad, pytester.path / "conv" / "tiny-llama-fp16")
     res = pytester.runpytest_subprocess("--model-a", str(a), "--model-b", str(pytester.path / "conv" / "tiny-llama-fp16"),
                                         *common, "--convdiff-bound", "nmse=1,top1=0,top5=0,kl_mean=1,kl_p99=9,rfn=2,"
-                                        "ppl_ratio=9,subblock_jump=1000", "--convdiff-json", "r.json")
+                                        "ppl_ratio=9,subblock_jump=1000,weights_margin=1e9,weights_scale=1e9,weights_outlier=1e9",
+                                        "--convdiff-json", "r.json")
     assert res.ret == 1
     (pair,) = json.loads((pytester.path / "r.json").read_text())["pairs"]
     failed = {c["param"] for c in pair["checks"] if c["outcome"] == "failed"}
@@ -132,21 +133,30 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
     # accepting the new state
     res = pytester.runpytest_subprocess("--model-a", str(a), "--model-b", str(pytester.path / "conv" / "tiny-llama-fp16"),
                                         *common, "--convdiff-bound", "nmse=1,top1=0,top5=0,kl_mean=1,kl_p99=9,rfn=2,"
-                                        "ppl_ratio=9,subblock_jump=1000", "--convdiff-baseline-update")
+                                        "ppl_ratio=9,subblock_jump=1000,weights_margin=1e9,weights_scale=1e9,weights_outlier=1e9",
+                                        "--convdiff-baseline-update")
     assert res.ret == 0
     assert json.loads(base.read_text())["pairs"]["tiny-llama-vs-tiny-llama-fp16"]["nmse"] > 0.1
 
 
-def test_each_xdist_worker_gets_its_own_gpu(pytester, monkeypatch):
-    from pytest_convdiff.plugin import gpu_for_worker
+def test_each_xdist_worker_gets_its_own_gpu(pytester, monkeypatch, tiny_models):
+    from pytest_convdiff.plugin.session import gpu_for_worker, on_gpu
+    from pytest_convdiff.runner import ModelSpec
 
-    assert [gpu_for_worker(f"gw{k}", 2) for k in range(4)] == ["0", "1", "0", "1"]
+    assert [gpu_for_worker(f"gw{k}", 2) for k in range(4)] == [0, 1, 0, 1]
     assert gpu_for_worker("", 2) is None and gpu_for_worker("master", 2) is None
+    # The GPU reaches each model through its backend's device option, never through the environment
+    # (which belongs to the user's own tests in that worker too); a device the user chose is kept.
+    gguf = str(tiny_models / "gguf" / "tiny-f16.gguf")
+    assert on_gpu(ModelSpec(gguf), 1).options == {"main_gpu": 1}
+    assert on_gpu(ModelSpec(gguf, options={"main_gpu": 0}), 1).options == {"main_gpu": 0}
+    assert on_gpu(ModelSpec(str(tiny_models / "tiny-llama"), options={"device": "cuda"}), 1).options == {
+        "device": "cuda:1"}
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     pytester.makepyfile(test_env="""
         import os
         def test_env(worker_id):
-            assert os.environ["CUDA_VISIBLE_DEVICES"] == str(int(worker_id[2:]) % 2)
+            assert worker_id.startswith("gw") and "CUDA_VISIBLE_DEVICES" not in os.environ
     """)
     pytester.runpytest_subprocess("-n", "2", "--convdiff-gpus", "2", "-p", "xdist").assert_outcomes(passed=1)
     bad = pytester.runpytest_inprocess("--convdiff-gpus", "zero")

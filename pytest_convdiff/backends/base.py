@@ -15,6 +15,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# What a backend can do beyond logits, declared by each backend module as ``CAPABILITIES`` so that
+# callers ask instead of trying and catching NotImplementedError.
+HIDDEN_STATES = "hidden_states"  # per-layer hidden states in ``forward``
+SUBBLOCKS = "subblocks"  # attention / MLP sub-block outputs in ``ForwardOutput.sublayers``
+LAYER_SWAP = "layer_swap"  # ``forward(inject=...)`` replaces layer outputs
+INCREMENTAL_DECODE = "incremental_decode"  # ``greedy_decode`` on the KV cache
+ALL_CAPABILITIES = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
+
 
 @dataclass
 class ModelInfo:
@@ -30,6 +38,7 @@ class ModelInfo:
     library_version: str | None = None
     quantization: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    context_length: int | None = None  # the longest sequence this backend will take, as configured
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -60,6 +69,7 @@ def info_from_hf_config(path: Any, backend: str, cfg: dict[str, Any], **fields: 
         num_layers=int(n_layers) if n_layers is not None else None,
         vocab_size=text_cfg.get("vocab_size"),
         hidden_size=text_cfg.get("hidden_size"),
+        context_length=text_cfg.get("max_position_embeddings"),
         **fields,
     )
 

@@ -3,7 +3,7 @@
 exllamav2 is imported only inside ``load()``: importing it JIT-builds a CUDA extension
 (minutes, needs nvcc) and it cannot run without a CUDA GPU at all.
 
-Options (all optional; strings such as ``"true"`` or ``"20,24"`` are accepted, as from a command line):
+Options (declared in ``OPTIONS``; text such as ``"true"`` or ``"20,24"`` is accepted, as from a command line):
 
 - ``no_sdpa`` (bool): sets ``config.no_sdpa``. exllamav2 0.3.2 without flash-attn or xformers
   runs attention through torch SDPA *without a causal mask*, which gives wrong logits; ``no_sdpa=true``
@@ -12,7 +12,10 @@ Options (all optional; strings such as ``"true"`` or ``"20,24"`` are accepted, a
 - ``no_flash_attn``, ``no_xformers`` (bool): the matching config switches.
 - ``max_input_len`` (int): the longest sequence one forward pass takes (exllamav2 sizes its
   buffers by it). Default: the model's max_seq_len, capped at 4096.
-- ``gpu_split`` (list of GB per GPU, or ``"20,24"``): passed to ``model.load``; default: first GPU only.
+- ``gpu_split`` (GB per GPU: ``20``, ``"20,24"``, ``"20;24"``, ``[20, 24]``): passed to ``model.load``;
+  default: first GPU only.
+- ``device`` (``cuda`` or ``cuda:N``): the whole model on GPU N, without touching
+  ``CUDA_VISIBLE_DEVICES`` (translated into a gpu_split that gives the GPUs before N nothing).
 - ``add_bos`` / ``add_eos`` (bool): override what ``tokenize`` adds; by default it follows the
   checkpoint's tokenizer_config.json (``add_bos_token``) or else tokenizer.json's post-processor,
   as the transformers tokenizer does.
@@ -29,9 +32,9 @@ layer's last module (index ``2i + 3`` for a Llama). The indices are derived from
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,62 +42,67 @@ from typing import Any
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, info_from_hf_config, installed_version, special_token_flags
+from . import hfdir
+from .base import (
+    HIDDEN_STATES,
+    LAYER_SWAP,
+    ForwardOutput,
+    ModelInfo,
+    info_from_hf_config,
+    installed_version,
+    special_token_flags,
+)
+from .hfdir import tokenizer_adds_special
+from .options import BackendOption, resolve_options
 
 NAME = "exllamav2"
 DEFAULT_MAX_INPUT_LEN = 4096
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "generation_config.json")
+# A gpu_split entry larger than any GPU: "as much as this GPU has".
+_WHOLE_GPU_GB = 100_000.0
+_WEIGHTS = ("*.safetensors",)
+
+OPTIONS: tuple[BackendOption, ...] = (
+    BackendOption("no_sdpa", "bool", None, "use exllamav2's matmul attention instead of SDPA (exllamav2's default)"),
+    BackendOption("no_flash_attn", "bool", None, "do not use flash-attn (exllamav2's default)"),
+    BackendOption("no_xformers", "bool", None, "do not use xformers (exllamav2's default)"),
+    BackendOption("max_input_len", "int", None,
+                  f"longest sequence one forward takes; default the model's max_seq_len capped at {DEFAULT_MAX_INPUT_LEN}",
+                  minimum=1),
+    BackendOption("gpu_split", "split", None, "GB of weights per GPU, e.g. 20,24; default the first GPU"),
+    BackendOption("device", "str", None, "the whole model on this GPU: cuda or cuda:N", pattern=r"cuda(:\d+)?"),
+    BackendOption("add_bos", "bool", None, "add BOS when tokenizing; default as the checkpoint's tokenizer does"),
+    BackendOption("add_eos", "bool", None, "add EOS when tokenizing; default as the checkpoint's tokenizer does"),
+    BackendOption("encode_special_tokens", "bool", True, "special-token text in a prompt becomes the special token"),
+)
+CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, LAYER_SWAP})
+
+__all__ = ["CAPABILITIES", "NAME", "OPTIONS", "fingerprint_files", "gpu_split_for", "layer_output_indices", "load",
+           "probe", "tokenizer_adds_special"]
 
 
 def library_version() -> str | None:
     return installed_version("exllamav2")
 
 
-def _weight_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors")) if path.is_dir() else []
-
-
 def fingerprint_files(path: Path) -> list[Path]:
     """Files whose content identifies the model (weights, config, tokenizer)."""
+    path = Path(path)
     if not path.is_dir():
         return [path] if path.is_file() else []
-    extra = [path / n for n in ("config.json", *_TOKENIZER_FILES) if (path / n).is_file()]
-    return _weight_files(path) + extra
+    return hfdir.fingerprint_files(path, _WEIGHTS)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    if not path.is_dir() or not cfg_path.is_file():
-        raise ModelLoadError(
-            f"{path}: not an EXL2 or transformers checkpoint directory (no config.json); "
-            "exllamav2 loads a directory holding config.json, *.safetensors and tokenizer.json."
-        )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc}); is the checkpoint complete?") from exc
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{cfg_path}: expected a JSON object")
-    return cfg
+def _exl2_quantization(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantization_config of an EXL2 conversion, None for a plain checkpoint."""
+    return cfg["quantization_config"] if hfdir.quant_method(cfg) == "exl2" else None
 
 
-def _quant_config(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    qc = cfg.get("quantization_config")
-    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "exl2":
-        return qc
-    return None
-
-
-def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
+def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:  # noqa: ARG001 - nothing option-dependent
     """Cheap facts from config.json (no exllamav2 or torch import)."""
     path = Path(path)
-    cfg = _read_config(path)
-    if not _weight_files(path):
-        raise ModelLoadError(
-            f"{path}: has config.json but no *.safetensors weights; the download or conversion is incomplete."
-        )
-    qc = _quant_config(cfg)
+    cfg = hfdir.read_config(path, NAME)
+    hfdir.require_weights(path, _WEIGHTS)
+    qc = _exl2_quantization(cfg)
     extra: dict[str, Any] = {}
     if qc is not None:
         for key in ("bits", "head_bits", "version"):
@@ -112,93 +120,36 @@ def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
 # --------------------------------------------------------------------------- pure helpers (CPU-testable)
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ModelLoadError(f"exllamav2 backend: option {name} must be true or false, not {value!r}.")
-
-
-def _as_int(value: Any, name: str) -> int:
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ModelLoadError(f"exllamav2 backend: option {name} must be an integer, not {value!r}.") from None
-    if out <= 0:
-        raise ModelLoadError(f"exllamav2 backend: option {name} must be positive, not {value!r}.")
-    return out
-
-
-def _as_split(value: Any) -> list[float] | None:
-    if value is None or value == "":
+def device_index(device: str | None) -> int | None:
+    """``"cuda:2"`` -> 2, ``"cuda"`` -> 0, None -> None."""
+    if device is None:
         return None
-    items = value.split(",") if isinstance(value, str) else value
-    try:
-        split = [float(x) for x in items]
-    except (TypeError, ValueError):
-        raise ModelLoadError(
-            f"exllamav2 backend: gpu_split must be GB per GPU, e.g. [20, 24] or \"20,24\", not {value!r}."
-        ) from None
-    if not split or any(x <= 0 for x in split):
-        raise ModelLoadError(f"exllamav2 backend: gpu_split needs positive sizes in GB, not {value!r}.")
-    return split
+    _, _, index = device.partition(":")
+    return int(index) if index else 0
 
 
-def _template_ends(processor: Any) -> tuple[bool, bool] | None:
-    """(adds a special token first, adds one last) from a tokenizer.json post_processor, or None."""
-    if not isinstance(processor, dict):
-        return None
-    kind = processor.get("type")
-    if kind == "Sequence":
-        for sub in processor.get("processors") or []:
-            found = _template_ends(sub)
-            if found is not None:
-                return found
-        return None
-    if kind == "TemplateProcessing":
-        single = processor.get("single") or []
-        if not single:
-            return (False, False)
-        return ("SpecialToken" in single[0], "SpecialToken" in single[-1])
-    if kind in ("BertProcessing", "RobertaProcessing"):
-        return (True, True)
-    return None
+def gpu_split_for(gpu_split: list[float] | None, device: str | None) -> list[float] | None:
+    """The ``gpu_split`` handed to ``model.load`` from the validated options.
 
-
-def tokenizer_adds_special(model_dir: Path) -> tuple[bool, bool]:
-    """(add BOS, add EOS) as the transformers tokenizer of this checkpoint would.
-
-    An explicit ``add_bos_token`` / ``add_eos_token`` in tokenizer_config.json wins (transformers'
-    Llama-style tokenizers rebuild their post-processor from it); otherwise tokenizer.json's
-    post-processor template decides; otherwise nothing is added.
+    ``device=cuda:N`` puts every module on GPU N: nothing on the GPUs before it, all of GPU N. None
+    means exllamav2's own default (everything on the first GPU). Giving both is ambiguous.
     """
-    tc: dict[str, Any] = {}
-    tc_path = model_dir / "tokenizer_config.json"
-    if tc_path.is_file():
-        try:
-            loaded = json.loads(tc_path.read_text(encoding="utf-8"))
-            tc = loaded if isinstance(loaded, dict) else {}
-        except json.JSONDecodeError:
-            tc = {}
-    template: tuple[bool, bool] | None = None
-    tj_path = model_dir / "tokenizer.json"
-    if tj_path.is_file():
-        try:
-            tj = json.loads(tj_path.read_text(encoding="utf-8"))
-            template = _template_ends(tj.get("post_processor")) if isinstance(tj, dict) else None
-        except json.JSONDecodeError:
-            template = None
-    bos = tc.get("add_bos_token")
-    eos = tc.get("add_eos_token")
-    add_bos = bool(bos) if isinstance(bos, bool) else bool(template and template[0])
-    add_eos = bool(eos) if isinstance(eos, bool) else bool(template and template[1])
-    return add_bos, add_eos
+    if gpu_split is not None and device is not None:
+        raise ModelLoadError("exllamav2 backend: give gpu_split or device, not both "
+                             f"(gpu_split={gpu_split}, device={device!r}).")
+    if gpu_split is not None:
+        return list(gpu_split)
+    index = device_index(device)
+    if not index:
+        return None
+    return [0.0] * index + [_WHOLE_GPU_GB]
+
+
+def first_gpu(split: list[float] | None) -> int:
+    """The GPU the first module lands on: the first with memory in the split (0 without one)."""
+    if not split:
+        return 0
+    return next(i for i, gb in enumerate(split) if gb > 0)
 
 
 def layer_output_indices(module_layers: Sequence[int | None], num_layers: int) -> list[int]:
@@ -250,10 +201,16 @@ class ExLlamaV2Backend:
 
     def __init__(self, path: Path, options: dict[str, Any]) -> None:
         self.path = Path(path)
-        self.options = dict(options or {})
         self.model = None
         self.tokenizer = None
-        cfg_json = _read_config(self.path)
+        self._torch: Any = None
+        try:
+            self.options = opts = resolve_options(NAME, options)
+        except ValueError as exc:
+            raise ModelLoadError(f"{self.path}: {exc}") from None
+        self.gpu_split = gpu_split_for(opts["gpu_split"], opts["device"])
+        self.gpu = first_gpu(self.gpu_split)
+        cfg_json = hfdir.read_config(self.path, NAME)
         if not _has_exllamav2():
             raise MissingDependencyError("exllamav2", "exllamav2", "exllamav2")
         try:
@@ -267,6 +224,11 @@ class ExLlamaV2Backend:
                 f"(torch {torch.__version__}, CUDA {torch.version.cuda}). Run the exllamav2 side on a "
                 "machine with an NVIDIA GPU, or compare the original checkpoint with the transformers backend."
             )
+        n_gpus = int(torch.cuda.device_count())
+        if len(self.gpu_split or ()) > n_gpus:
+            raise ModelLoadError(
+                f"{self.path}: exllamav2 was asked to use GPU {len(self.gpu_split) - 1} "
+                f"(device={opts['device']!r}, gpu_split={opts['gpu_split']}), but torch sees {n_gpus} GPU(s).")
         try:
             from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Tokenizer
         except ImportError as exc:
@@ -277,34 +239,31 @@ class ExLlamaV2Backend:
                 f"{type(exc).__name__}: {exc}. It needs nvcc and ninja matching torch's CUDA version."
             ) from exc
 
-        opts = self.options
         try:
             config = ExLlamaV2Config(str(self.path))
             config.arch_compat_overrides(quiet=True)
         except Exception as exc:  # noqa: BLE001 - exllamav2 reports config problems with asserts and ValueErrors
             raise ModelLoadError(f"{self.path}: exllamav2 cannot read this checkpoint: {type(exc).__name__}: {exc}") from exc
         for key in ("no_sdpa", "no_flash_attn", "no_xformers"):
-            if opts.get(key) is not None:
-                setattr(config, key, _as_bool(opts[key], key))
-        max_len = opts.get("max_input_len")
-        max_len = _as_int(max_len, "max_input_len") if max_len is not None else min(
-            int(config.max_seq_len), DEFAULT_MAX_INPUT_LEN)
+            if opts[key] is not None:
+                setattr(config, key, opts[key])
+        max_len = opts["max_input_len"] or min(int(config.max_seq_len), DEFAULT_MAX_INPUT_LEN)
         config.max_input_len = max_len
         config.max_attention_size = max(int(config.max_attention_size), max_len * max_len)
         if max_len > int(config.max_seq_len):
             config.max_seq_len = max_len
         self.config = config
         self.max_input_len = max_len
-        gpu_split = _as_split(opts.get("gpu_split"))
 
+        oom_advice = "Lower max_input_len, or spread the model with gpu_split or move it with device=cuda:N."
         try:
-            self.model = ExLlamaV2(config)
-            self.model.load(gpu_split=gpu_split, progress=False)
-            self.tokenizer = ExLlamaV2Tokenizer(config)
-        except torch.cuda.OutOfMemoryError as exc:
+            with self._on_gpu(), hfdir.readable_oom(torch, self.path, "while loading", oom_advice):
+                self.model = ExLlamaV2(config)
+                self.model.load(gpu_split=self.gpu_split, progress=False)
+                self.tokenizer = ExLlamaV2Tokenizer(config)
+        except ModelLoadError:
             self.close()
-            raise ModelLoadError(f"{self.path}: out of GPU memory while loading ({exc}). "
-                                 "Lower max_input_len or use gpu_split across GPUs.") from exc
+            raise
         except Exception as exc:  # noqa: BLE001 - asserts, ValueErrors and CUDA errors from the loader
             self.close()
             raise ModelLoadError(f"{self.path}: exllamav2 could not load it: {type(exc).__name__}: {exc}") from exc
@@ -319,9 +278,9 @@ class ExLlamaV2Backend:
         self.state_indices = layer_output_indices(module_layers, self.num_layers)
 
         add_bos, add_eos = tokenizer_adds_special(self.path)
-        self.add_bos = _as_bool(opts["add_bos"], "add_bos") if opts.get("add_bos") is not None else add_bos
-        self.add_eos = _as_bool(opts["add_eos"], "add_eos") if opts.get("add_eos") is not None else add_eos
-        self.encode_special = _as_bool(opts.get("encode_special_tokens", True), "encode_special_tokens")
+        self.add_bos = add_bos if opts["add_bos"] is None else opts["add_bos"]
+        self.add_eos = add_eos if opts["add_eos"] is None else opts["add_eos"]
+        self.encode_special = opts["encode_special_tokens"]
 
         info = probe(self.path)
         info.library_version = library_version()
@@ -333,6 +292,12 @@ class ExLlamaV2Backend:
         if cfg_json.get("architectures"):
             info.architecture = cfg_json["architectures"][0]
         self.info = info
+
+    def _on_gpu(self) -> contextlib.AbstractContextManager[Any]:
+        """torch's current device set to the model's first GPU for the block (scoped, not process-wide)."""
+        if not self.gpu:
+            return contextlib.nullcontext()
+        return self._torch.cuda.device(self.gpu)
 
     # ----------------------------------------------------------------- tokenizer
 
@@ -381,23 +346,30 @@ class ExLlamaV2Backend:
         ids = torch.tensor([tokens], dtype=torch.long)
         extract = list(self.state_indices) if hidden_states else None
 
+        replaced: dict[int, Any] = {}
+        for layer, state in (inject or {}).items():
+            layer = int(layer)
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"inject: layer {layer} is out of range 0..{self.num_layers - 1}")
+            value = torch.from_numpy(np.array(state, dtype=np.float32))
+            if tuple(value.shape) != (t, self.hidden_size):
+                raise ValueError(f"inject: layer {layer} state has shape {tuple(value.shape)}, "
+                                 f"expected {(t, self.hidden_size)}")
+            replaced[self.state_indices[layer] - 1] = value.unsqueeze(0)  # the layer's last module
+
         modules = self.model.modules
         saved = list(modules)
+        oom_advice = "Lower --convdiff-max-tokens or max_input_len."
         try:
-            for layer, state in (inject or {}).items():
-                layer = int(layer)
-                if not 0 <= layer < self.num_layers:
-                    raise ValueError(f"inject: layer {layer} is out of range 0..{self.num_layers - 1}")
-                value = torch.from_numpy(np.array(state, dtype=np.float32))
-                if tuple(value.shape) != (t, self.hidden_size):
-                    raise ValueError(f"inject: layer {layer} state has shape {tuple(value.shape)}, "
-                                     f"expected {(t, self.hidden_size)}")
-                idx = self.state_indices[layer] - 1  # the layer's last module
-                modules[idx] = _Replaced(saved[idx], value.unsqueeze(0))
-            result = self.model.forward_chunk(ids, extract_state_indices=extract)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(f"{self.path}: out of GPU memory on a {t}-token prompt. "
-                                 "Lower --convdiff-max-tokens or max_input_len.") from exc
+            for idx, value in replaced.items():
+                modules[idx] = _Replaced(saved[idx], value)
+            with self._on_gpu(), hfdir.readable_oom(torch, self.path, f"on a {t}-token prompt", oom_advice):
+                result = self.model.forward_chunk(ids, extract_state_indices=extract)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - asserts and CUDA errors from exllamav2's kernels
+            raise ModelLoadError(f"{self.path}: exllamav2 failed on a {t}-token prompt: "
+                                 f"{type(exc).__name__}: {exc}") from exc
         finally:
             modules[:] = saved
         logits = result["logits"][0, :, : self.vocab_size].float().cpu().numpy()

@@ -1,8 +1,8 @@
 """transformers backend: a checkpoint directory run with torch.
 
-Options: ``dtype`` (auto | float32 | float16 | bfloat16; default: the checkpoint's
-own), ``device`` (cpu | cuda | cuda:N; default cpu), ``gguf_file`` (load a GGUF
-through transformers' dequantising loader), ``trust_remote_code`` (default false).
+Options (declared in ``OPTIONS``): ``dtype`` (auto | float32 | float16 | bfloat16; auto keeps the
+checkpoint's own), ``device`` (cpu | cuda | cuda:N; default cpu), ``gguf_file`` (a GGUF in the
+directory, loaded through transformers' dequantising loader), ``trust_remote_code`` (default false).
 
 Hidden states: transformers returns L+1 tensors whose last one is *after* the
 final norm; the last layer's pre-norm output is taken with a forward hook on the
@@ -12,74 +12,112 @@ final norm's input, so index i is always "output of decoder layer i".
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import ForwardOutput, ModelInfo, info_from_hf_config, installed_version, special_token_flags
+from . import gguf_header, hfdir
+from .base import (
+    HIDDEN_STATES,
+    INCREMENTAL_DECODE,
+    LAYER_SWAP,
+    SUBBLOCKS,
+    ForwardOutput,
+    ModelInfo,
+    info_from_hf_config,
+    installed_version,
+    special_token_flags,
+)
+from .options import BackendOption, resolve_options
 
 NAME = "transformers"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.gguf")
+
+OPTIONS: tuple[BackendOption, ...] = (
+    BackendOption("dtype", "str", "auto", "torch dtype to run in; auto keeps the checkpoint's own", choices=_DTYPES),
+    BackendOption("device", "str", "cpu", "torch device: cpu, cuda or cuda:N", pattern=r"cpu|cuda(:\d+)?"),
+    BackendOption("gguf_file", "str", None, "a .gguf file in the directory, dequantised by transformers"),
+    BackendOption("trust_remote_code", "bool", False, "allow the checkpoint's own modelling code"),
+)
+CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
 
 
 def library_version() -> str | None:
     return installed_version("transformers")
 
 
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.gguf"))
-    return files
+def _options(path: Path, options: dict[str, Any] | None) -> dict[str, Any]:
+    """Every declared option, typed; a bad one is a ModelLoadError naming the model."""
+    try:
+        return resolve_options(NAME, options)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
 
 
 def fingerprint_files(path: Path) -> list[Path]:
     """Files whose content identifies the model (weights, config, tokenizer)."""
-    names = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
-    extra = [path / n for n in names if (path / n).is_file()] if path.is_dir() else []
-    return _weight_files(path) + extra
+    return hfdir.fingerprint_files(path, _WEIGHTS)
 
 
 def probe(path: Path, options: dict[str, Any] | None = None) -> ModelInfo:
-    options = options or {}
-    cfg_path = path / "config.json"
-    if options.get("gguf_file"):
-        from .llamacpp import probe as gguf_probe
-
-        info = gguf_probe(path / options["gguf_file"])
+    path = Path(path)
+    opts = _options(path, options)
+    if opts["gguf_file"]:
+        info = gguf_header.model_info(path / opts["gguf_file"], NAME)
         return ModelInfo(str(path), NAME, info.architecture, info.num_layers, info.vocab_size,
                          info.hidden_size, "float32", library_version(), None)
-    if not cfg_path.is_file():
-        raise ModelLoadError(f"{path}: not a transformers checkpoint (no config.json).")
+    cfg = hfdir.read_config(path, NAME)
+    hfdir.require_weights(path, _WEIGHTS)
+    dtype = opts["dtype"] if opts["dtype"] != "auto" else cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return info_from_hf_config(path, NAME, cfg, dtype=str(dtype), library_version=library_version(),
+                               quantization=hfdir.quant_method(cfg))
+
+
+def _torch_dtype(torch: Any, name: str) -> Any:
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+@contextlib.contextmanager
+def quiet_transformers(transformers: Any) -> Iterator[None]:
+    """Errors-only logging and no progress bars for the duration of a load, then the caller's settings back.
+
+    transformers' verbosity and progress bars are process-wide; changing them for good would silence
+    the user's own warnings for the rest of the session.
+    """
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_path}: not valid JSON ({exc}); is the checkpoint complete?") from exc
-    if not _weight_files(path):
-        raise ModelLoadError(
-            f"{path}: has config.json but no weights (*.safetensors or *.bin); "
-            "the download or conversion is incomplete."
-        )
-    qc = cfg.get("quantization_config") or {}
-    return info_from_hf_config(
-        path, NAME, cfg,
-        dtype=str(options.get("dtype") or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
-        library_version=library_version(),
-        quantization=qc.get("quant_method") if isinstance(qc, dict) else None,
-    )
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
-def _torch_dtype(torch, name: str | None):
-    if name in (None, "", "auto"):
-        return "auto"
-    if name not in _DTYPES:
-        raise ModelLoadError(f"transformers backend: dtype must be one of {', '.join(_DTYPES)}, not {name!r}.")
-    return getattr(torch, name)
+def _check_ids(path: Path, tokens: Sequence[int], n_ids: int) -> None:
+    """Token ids must index the embedding; torch would fail with an IndexError deep inside the model."""
+    bad = [int(t) for t in tokens if not 0 <= int(t) < n_ids]
+    if bad:
+        raise ModelLoadError(f"{path}: token id {bad[0]} is outside the vocabulary (0..{n_ids - 1}).")
+
+
+def _check_device(torch: Any, path: Path, device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"{path}: device {device!r} asked for, but torch sees no CUDA GPU.")
+    m = re.fullmatch(r"cuda:(\d+)", device)
+    if m and int(m.group(1)) >= torch.cuda.device_count():
+        raise ModelLoadError(f"{path}: device {device!r} asked for, but torch sees "
+                             f"{torch.cuda.device_count()} CUDA GPU(s) (0..{torch.cuda.device_count() - 1}).")
 
 
 class TransformersBackend:
@@ -93,36 +131,32 @@ class TransformersBackend:
             raise MissingDependencyError("transformers", "transformers and torch", "transformers") from exc
         self._torch = torch
         self.path = path
-        self.options = options
-        device = str(options.get("device") or "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ModelLoadError(f"{path}: device {device!r} asked for, but torch sees no CUDA GPU.")
+        self.options = opts = _options(path, options)
+        device = opts["device"]
+        _check_device(torch, path, device)
         self.device = torch.device(device)
-        dtype = _torch_dtype(torch, options.get("dtype"))
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if options.get("gguf_file"):
-            kwargs["gguf_file"] = options["gguf_file"]
-        if options.get("trust_remote_code"):
+        kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, opts["dtype"])}
+        if opts["gguf_file"]:
+            kwargs["gguf_file"] = opts["gguf_file"]
+        if opts["trust_remote_code"]:
             kwargs["trust_remote_code"] = True
-        transformers.logging.set_verbosity_error()
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        with contextlib.suppress(Exception):
-            transformers.utils.logging.disable_progress_bar()
-        try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **{
-                k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")})
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(f"{path}: out of GPU memory while loading ({exc}). "
-                                 "Use a smaller dtype (dtype=bfloat16) or another GPU.") from exc
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
-        self.model.to(self.device).eval()
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
+        oom_advice = "Use a smaller dtype (dtype=bfloat16) or another GPU (device=cuda:N)."
+        with quiet_transformers(transformers), hfdir.readable_oom(torch, path, "while loading", oom_advice):
+            try:
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **tok_kwargs)
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                if hfdir.is_oom(torch, exc):
+                    raise
+                raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
+            self.model.to(self.device).eval()
         cfg = self.model.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         self.num_layers = int(text_cfg.num_hidden_layers)
         self.max_positions = getattr(text_cfg, "max_position_embeddings", None)
         self._final_norm = self._find_final_norm()
+        self._n_ids = int(self.model.get_input_embeddings().weight.shape[0])
         self.info = ModelInfo(
             path=str(path), backend=NAME,
             architecture=(cfg.architectures or [cfg.model_type])[0],
@@ -130,6 +164,10 @@ class TransformersBackend:
             hidden_size=int(text_cfg.hidden_size), dtype=str(self.model.dtype).replace("torch.", ""),
             library_version=transformers.__version__,
         )
+
+    def _check_open(self) -> None:
+        if self.model is None:
+            raise ModelLoadError(f"{self.path}: the transformers model was closed.")
 
     def _find_final_norm(self):
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model
@@ -156,6 +194,8 @@ class TransformersBackend:
         """One sequence. ``inject`` maps layer i to a ``[T, H]`` state that replaces layer i's output
         (layer-swap analysis: feed A's states into B for the first k layers)."""
         torch = self._torch
+        self._check_open()
+        _check_ids(self.path, tokens, self._n_ids)
         if self.max_positions and len(tokens) > self.max_positions:
             raise ContextLengthError(
                 f"{self.path}: a prompt of {len(tokens)} tokens is longer than the model's "
@@ -191,11 +231,9 @@ class TransformersBackend:
 
             handles.append(layers[idx].register_forward_hook(replace))
         try:
-            with torch.inference_mode():
+            with hfdir.readable_oom(torch, self.path, f"on a {len(tokens)}-token prompt",
+                                    "Lower --convdiff-max-tokens or use dtype=bfloat16."), torch.inference_mode():
                 out = self.model(input_ids=ids, output_hidden_states=hidden_states, use_cache=False)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(f"{self.path}: out of GPU memory on a {len(tokens)}-token prompt. "
-                                 "Lower --convdiff-max-tokens or use dtype=bfloat16.") from exc
         finally:
             for h in handles:
                 h.remove()
@@ -236,7 +274,12 @@ class TransformersBackend:
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.inference_mode():
+        self._check_open()
+        for seq in seqs:
+            _check_ids(self.path, seq, self._n_ids)
+        oom = hfdir.readable_oom(torch, self.path, f"decoding {len(seqs)} prefixes of up to {width} tokens greedily",
+                                 "Lower --convdiff-greedy-tokens or use dtype=bfloat16.")
+        with oom, torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             for step in range(steps):
                 rows = out.logits[:, -1].float().cpu().numpy()
@@ -264,5 +307,5 @@ class TransformersBackend:
             torch.cuda.empty_cache()
 
 
-def load(path: Path, options: dict[str, Any]) -> TransformersBackend:
-    return TransformersBackend(path, options)
+def load(path: Path, options: dict[str, Any] | None = None) -> TransformersBackend:
+    return TransformersBackend(Path(path), dict(options or {}))

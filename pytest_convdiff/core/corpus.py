@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import CorpusError
+from ..errors import CorpusError
 
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 

@@ -16,13 +16,21 @@ Definitions follow the tools users already know:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from . import compact
+
 TOPK_MAX = 5
+# Position buckets of the position profile: conversion bugs in position handling (rope base, rope
+# scaling, sliding windows) grow with position; quantisation noise does not.
+POSITION_BUCKETS: tuple[tuple[int, int | None, str], ...] = (
+    (0, 64, "0-64"), (64, 256, "64-256"), (256, 1024, "256-1k"), (1024, 4096, "1k-4k"), (4096, None, "4k+"))
+# llama-perplexity's KL and delta-p percentiles
+KL_PERCENTILES: tuple[float, ...] = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0)
 CHUNK_ELEMENTS = 1 << 22  # logit elements per streamed chunk (rows = this // vocabulary size)
 
 # llama.cpp check-nmse.py's interpretation scale: (upper bound, label).
@@ -280,6 +288,15 @@ class LogitMetrics:
     delta_p_mean: float
     delta_p_rms: float
     per_prompt: dict[str, dict[str, float]] = field(default_factory=dict)
+    # llama-perplexity's view: KL percentiles, delta-p percentiles, same top-1 with its uncertainty
+    kl_percentiles: dict[str, float] = field(default_factory=dict)
+    delta_p_percentiles: dict[str, float] = field(default_factory=dict)
+    top1_stderr: float = math.nan
+    # by position bucket, over every prompt (``all``) and over the prompts long enough to reach past
+    # 1k tokens (``long``: the same texts early and late, so the text does not confound position)
+    position_profile: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # against A's compact form: NMSE and KL estimated, max/mean |B - A| over A's top K and sampled positions
+    compact: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -331,7 +348,13 @@ class LogitAccumulator:
         self.nll_n = 0
         self.dp_sum = 0.0
         self.dp_sq = 0.0
+        self.dp: list[np.ndarray] = []
+        self.kl_pos: list[np.ndarray] = []  # the position of each KL value
+        self.kl_prompt_len: list[np.ndarray] = []  # the length of its prompt
+        self.same_top1: list[np.ndarray] = []
         self.per_prompt: dict[str, dict[str, float]] = {}
+        self.compact = False  # A compact (core.compact): NMSE from a sketch, mean |B - A| over sampled positions
+        self.abs_n = 0  # elements behind abs_err when compact
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
                chunk: int | None = None) -> None:
@@ -342,16 +365,37 @@ class LogitAccumulator:
             raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {ref.shape} vs B {test.shape}")
         if len(ref.shape) != 2 or ref.shape[0] == 0:
             return
-        t = ref.shape[0]
+        self._prompt(prompt, ref.shape[0], ref.shape[1], tokens, chunk,
+                     lambda start, stop, targets, local: self._update_rows(
+                         prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local))
+
+    def update_compact(self, prompt: str, ref: compact.LogitSummary, test: np.ndarray, cfg: compact.CompactConfig,
+                       tokens: Sequence[int] | None = None, chunk: int | None = None) -> None:
+        """``update`` against A's compact logits (``core.compact``): top-K/PPL exact, KL over A's top K plus
+        a rest bucket, NMSE from the sketch, max |B - A| over A's top K and the sampled positions."""
+        t = ref.stats.shape[0]
+        if test.shape != (t, ref.vocab):
+            raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {(t, ref.vocab)} vs B {test.shape}")
+        if t == 0:
+            return
+        self.compact = True
+        self._prompt(prompt, t, ref.vocab, tokens, chunk,
+                     lambda start, stop, targets, local: self._update_rows_compact(
+                         prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local))
+
+    def _prompt(self, prompt: str, t: int, v: int, tokens: Sequence[int] | None, chunk: int | None,
+                rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None]) -> None:
         local = {"n": 0, "mean": 0.0, "m2": 0.0, "sq": 0.0, "kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0,
                  "nll_n": 0, "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
-        chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, ref.shape[1]))
+        chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, v))
         for start in range(0, t, chunk):
             stop = min(t, start + chunk)
             targets = None
             if tokens is not None and len(tokens) >= 2:
                 targets = np.asarray(tokens[start + 1:min(stop + 1, t)], dtype=np.int64)
-            self._update_rows(prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local)
+            rows(start, stop, targets, local)
+            self.kl_pos.append(np.arange(start, stop, dtype=np.int32))
+            self.kl_prompt_len.append(np.full(stop - start, t, dtype=np.int32))
         pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t,
                                 "nmse": _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]),
                                 "top1": local["top1"] / t}
@@ -367,28 +411,116 @@ class LogitAccumulator:
         """One chunk of rows. Sums and differences are taken in float64; ``exp`` runs in float32
         (4x faster, relative error ~1e-7 per term, far below any bound) and KL comes from the
         log-normalisers: KL_t = lse(B_t) - lse(A_t) - E_{P_A}[B_t - A_t], exactly 0 when A == B."""
-        t = ref.shape[0]
         a32 = np.asarray(ref, dtype=np.float32)
         b32 = np.asarray(test, dtype=np.float32)
         a64 = a32.astype(np.float64)
         flat_a = a64.reshape(-1)
-
-        n_new = a64.size
         sum_a = float(flat_a.sum())
         sum_b = float(np.sum(b32, dtype=np.float64))
         if not (math.isfinite(sum_a) and math.isfinite(sum_b)):
-            bad_a = ~np.isfinite(a32)
-            bad_b = ~np.isfinite(b32)
-            na, nb = int(bad_a.sum()), int(bad_b.sum())
-            if (na or nb) and self.nonfinite_where is None:
-                rows = np.nonzero(np.any(bad_a | bad_b, axis=1))[0]
-                self.nonfinite_where = Where(prompt, offset + int(rows[0]))
-            self.nonfinite_a += na
-            self.nonfinite_b += nb
+            self._nonfinite(prompt, offset, (~np.isfinite(a32)).sum(axis=1), b32)
+        self._merge_var(local, a64.size, sum_a, float(np.dot(flat_a, flat_a)))
+        self.positions += ref.shape[0]
 
-        # Chan et al. merge of (count, mean, M2) for var(A): corpus-wide and for this prompt.
+        diff = np.subtract(b32, a32, dtype=np.float64)
+        flat_d = diff.reshape(-1)
+        sq = float(np.dot(flat_d, flat_d))
+        self.sq_err += sq
+        local["sq"] += sq
+        absdiff = np.abs(diff)
+        abs_sum = float(absdiff.sum())
+        self.abs_err += abs_sum
+        self._max_abs(prompt, offset, absdiff, np.arange(ref.shape[0]), math.isnan(abs_sum))
+        del absdiff
+
+        self._topk(topk_indices(a32, self.topk_max), topk_indices(b32, self.topk_max), local)
+        with np.errstate(invalid="ignore", over="ignore"):
+            exp_a, total_a, lse_a = _exp_lse(a32)
+            lse_b = _exp_lse(b32)[2]
+            kl = lse_b - lse_a - np.einsum("ij,ij->i", exp_a.astype(np.float64), diff) / total_a
+        del exp_a, diff
+        self._kl(prompt, offset, kl, local)
+        if targets is not None and len(targets):
+            rows = np.arange(len(targets))
+            self._nll(a64[rows, targets] - lse_a[rows], b32[rows, targets].astype(np.float64) - lse_b[rows], local)
+
+    def _update_rows_compact(self, prompt: str, ref: compact.LogitSummary, cfg: compact.CompactConfig, offset: int,
+                             test: np.ndarray, targets: np.ndarray | None, local: dict[str, Any]) -> None:
+        """One chunk of B's rows against A's compact summary of the same rows."""
+        t = test.shape[0]
+        sl = slice(offset, offset + t)
+        stats = np.asarray(ref.stats[sl], dtype=np.float64)
+        top_idx = np.asarray(ref.top_idx[sl], dtype=np.int64)
+        top_a = np.asarray(ref.top_logit[sl], dtype=np.float64)
+        b32 = np.asarray(test, dtype=np.float32)
+        sum_a = float(stats[:, compact.SUM].sum())
+        sum_b = float(np.sum(b32, dtype=np.float64))
+        if not (math.isfinite(sum_a) and math.isfinite(sum_b)):
+            self._nonfinite(prompt, offset, stats[:, compact.NONFINITE], b32)
+        self._merge_var(local, t * b32.shape[1], sum_a, float(stats[:, compact.SUMSQ].sum()))
+        self.positions += t
+
+        keys = compact.row_keys(cfg.seed, prompt, np.arange(offset, offset + t))
+        d = compact.sketch(b32, keys, cfg.logit_sketch).astype(np.float64) - np.asarray(ref.sketch[sl], np.float64)
+        sq = float(np.einsum("ij,ij->", d, d))
+        self.sq_err += sq
+        local["sq"] += sq
+
+        top_b = np.take_along_axis(b32, top_idx, axis=1).astype(np.float64)
+        absdiff = np.abs(top_b - top_a)
+        rows = np.arange(t)
+        mask = compact.sampled_rows(compact.row_keys(cfg.seed, prompt, np.arange(offset + t)), cfg.sample_every)
+        sampled = np.nonzero(mask[offset:])[0]
+        full = np.zeros((0, 1))
+        if sampled.size:  # every logit of the sampled positions: the mean |B - A| there, and their max
+            first = int(mask[:offset].sum())
+            a_rows = np.asarray(ref.sample[first:first + sampled.size], dtype=np.float32)
+            full = np.abs(np.subtract(b32[sampled], a_rows, dtype=np.float64))
+            self.abs_err += float(full.sum())
+            self.abs_n += full.size
+        bad = ((stats[:, compact.NONFINITE] > 0) | ~np.isfinite(b32).all(axis=1) | np.isnan(absdiff).any(axis=1))
+        if bad.any():  # where A is not finite is known by row only: the first such row, as NaN
+            self._max_abs(prompt, offset, np.full((1, 1), np.nan), np.nonzero(bad)[0][:1], True)
+        else:
+            self._max_abs(prompt, offset, absdiff, rows, False)
+            self._max_abs(prompt, offset, full, sampled, False)
+
+        k = min(self.topk_max, top_idx.shape[1])
+        self._topk(top_idx[:, :k], topk_indices(b32, k), local)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            exp_b, total_b, lse_b = _exp_lse(b32)
+            rest_b = compact.rest_mass(exp_b, total_b, top_idx)
+            del exp_b
+            lse_a, rest_a = stats[:, compact.LSE], stats[:, compact.REST]
+            lp_a = top_a - lse_a[:, None]
+            lp_b = top_b - lse_b[:, None]
+            kl = np.einsum("ij,ij->i", np.exp(lp_a), lp_a - lp_b)
+            kl += np.where(rest_a > 0, rest_a * (np.log(rest_a) - np.log(rest_b)), 0.0)
+            # inside the rest: E_q[r - 1 - log r] over the tokens drawn from A's rest, r = q_B / q_A
+            ridx = np.asarray(ref.rest_idx[sl], dtype=np.int64)
+            drawn = ridx >= 0
+            log_r = ((np.take_along_axis(b32, np.maximum(ridx, 0), axis=1) - lse_b[:, None] - np.log(rest_b)[:, None])
+                     - (np.asarray(ref.rest_logit[sl], dtype=np.float64) - lse_a[:, None] - np.log(rest_a)[:, None]))
+            inside = np.where(drawn, np.expm1(log_r) - log_r, 0.0).sum(axis=1) / np.maximum(drawn.sum(axis=1), 1)
+            kl += np.where(rest_a > 0, rest_a * inside, 0.0)
+        self._kl(prompt, offset, kl, local)
+        if targets is not None and len(targets):
+            rows = np.arange(len(targets))
+            self._nll(stats[rows, compact.TARGET_LP], b32[rows, targets].astype(np.float64) - lse_b[rows], local)
+
+    def _nonfinite(self, prompt: str, offset: int, bad_a_rows: np.ndarray, b32: np.ndarray) -> None:
+        bad_b = ~np.isfinite(b32)
+        na, nb = int(np.nansum(bad_a_rows)), int(bad_b.sum())
+        if (na or nb) and self.nonfinite_where is None:
+            rows = np.nonzero((np.asarray(bad_a_rows) > 0) | np.any(bad_b, axis=1))[0]
+            self.nonfinite_where = Where(prompt, offset + int(rows[0]))
+        self.nonfinite_a += na
+        self.nonfinite_b += nb
+
+    def _merge_var(self, local: dict[str, Any], n_new: int, sum_a: float, sumsq_a: float) -> None:
+        """Chan et al. merge of (count, mean, M2) for var(A): corpus-wide and for this prompt."""
         mean_new = sum_a / n_new
-        m2_new = max(float(np.dot(flat_a, flat_a)) - n_new * mean_new * mean_new, 0.0)
+        m2_new = max(sumsq_a - n_new * mean_new * mean_new, 0.0)
         if not math.isfinite(sum_a):
             m2_new = math.nan
         for acc, keys in ((self, ("n", "mean_a", "m2_a")), (None, ("n", "mean", "m2"))):
@@ -403,43 +535,33 @@ class LogitAccumulator:
                     setattr(acc, key, value)
                 else:
                     local[key] = value
-        self.positions += t
 
-        diff = np.subtract(b32, a32, dtype=np.float64)
-        flat_d = diff.reshape(-1)
-        sq = float(np.dot(flat_d, flat_d))
-        self.sq_err += sq
-        local["sq"] += sq
-        absdiff = np.abs(diff)
-        abs_sum = float(absdiff.sum())
-        self.abs_err += abs_sum
-        if math.isnan(abs_sum):
+    def _max_abs(self, prompt: str, offset: int, absdiff: np.ndarray, rows: np.ndarray, has_nan: bool) -> None:
+        """The largest |B - A| so far and where; ``absdiff`` [len(rows), *] holds the rows ``rows`` of the chunk."""
+        if has_nan:
             if self.max_abs_where is None or not math.isnan(self.max_abs):
-                row = int(np.nonzero(np.isnan(absdiff).any(axis=1))[0][0])
+                nan_rows = np.nonzero(np.isnan(absdiff).any(axis=1))[0]
+                row = int(rows[nan_rows[0]]) if nan_rows.size else int(rows[0])
                 self.max_abs, self.max_abs_where = math.nan, Where(prompt, offset + row)
-        elif not math.isnan(self.max_abs):
+        elif not math.isnan(self.max_abs) and absdiff.size:
             flat = int(np.argmax(absdiff))
             m = float(absdiff.flat[flat])
             if m > self.max_abs:
                 self.max_abs = m
-                self.max_abs_where = Where(prompt, offset + flat // ref.shape[1])
-        del absdiff
+                self.max_abs_where = Where(prompt, offset + int(rows[flat // absdiff.shape[1]]))
 
-        top_a = topk_indices(a32, self.topk_max)
-        top_b = topk_indices(b32, self.topk_max)
+    def _topk(self, top_a: np.ndarray, top_b: np.ndarray, local: dict[str, Any]) -> None:
         for k in range(1, self.topk_max + 1):
             ordered = np.all(top_a[:, :k] == top_b[:, :k], axis=-1)
             overlap = [len(set(x[:k].tolist()) & set(y[:k].tolist())) / k for x, y in zip(top_a, top_b, strict=True)]
             self.topk_ordered[k] += float(ordered.sum())
             self.topk_overlap[k] += float(sum(overlap))
             local["ordered"][k] += float(ordered.sum())
-        local["top1"] += float(np.sum(top_a[:, 0] == top_b[:, 0]))
+        same = top_a[:, 0] == top_b[:, 0]
+        self.same_top1.append(same)
+        local["top1"] += float(np.sum(same))
 
-        with np.errstate(invalid="ignore", over="ignore"):
-            exp_a, total_a, lse_a = _exp_lse(a32)
-            lse_b = _exp_lse(b32)[2]
-            kl = lse_b - lse_a - np.einsum("ij,ij->i", exp_a.astype(np.float64), diff) / total_a
-        del exp_a, diff
+    def _kl(self, prompt: str, offset: int, kl: np.ndarray, local: dict[str, Any]) -> None:
         kl = np.where(kl < 0, 0.0, kl)
         self.kl.append(kl)
         local["kl"] += float(np.sum(kl))
@@ -451,19 +573,17 @@ class LogitAccumulator:
             if kl[i] > self.kl_max:
                 self.kl_max, self.kl_max_where = float(kl[i]), Where(prompt, offset + i)
 
-        if targets is not None and len(targets):
-            rows = np.arange(len(targets))
-            la = a64[rows, targets] - lse_a[rows]
-            lb = b32[rows, targets].astype(np.float64) - lse_b[rows]
-            self.nll_a -= float(la.sum())
-            self.nll_b -= float(lb.sum())
-            self.nll_n += len(targets)
-            local["nll_a"] -= float(la.sum())
-            local["nll_b"] -= float(lb.sum())
-            local["nll_n"] += len(targets)
-            dp = np.exp(lb) - np.exp(la)
-            self.dp_sum += float(dp.sum())
-            self.dp_sq += float((dp * dp).sum())
+    def _nll(self, la: np.ndarray, lb: np.ndarray, local: dict[str, Any]) -> None:
+        self.nll_a -= float(la.sum())
+        self.nll_b -= float(lb.sum())
+        self.nll_n += len(la)
+        local["nll_a"] -= float(la.sum())
+        local["nll_b"] -= float(lb.sum())
+        local["nll_n"] += len(la)
+        dp = np.exp(lb) - np.exp(la)
+        self.dp.append(dp)
+        self.dp_sum += float(dp.sum())
+        self.dp_sq += float((dp * dp).sum())
 
     def result(self) -> LogitMetrics:
         if self.positions == 0:
@@ -477,6 +597,11 @@ class LogitAccumulator:
         kl_bad = bool(np.isnan(kl).any())
         ppl_a = math.exp(self.nll_a / self.nll_n) if self.nll_n else math.nan
         ppl_b = math.exp(self.nll_b / self.nll_n) if self.nll_n else math.nan
+        pos = np.concatenate(self.kl_pos) if self.kl_pos else np.zeros(0, dtype=np.int32)
+        plen = np.concatenate(self.kl_prompt_len) if self.kl_prompt_len else np.zeros(0, dtype=np.int32)
+        same = np.concatenate(self.same_top1) if self.same_top1 else np.zeros(0, dtype=bool)
+        top1 = self.topk_ordered[1] / self.positions
+        long = plen > POSITION_BUCKETS[3][0]
         return LogitMetrics(
             positions=self.positions,
             nmse=value,
@@ -485,7 +610,8 @@ class LogitAccumulator:
             mse=mse,
             max_abs=self.max_abs,
             max_abs_where=self.max_abs_where,
-            mean_abs=self.abs_err / self.n,
+            mean_abs=self.abs_err / (self.abs_n if self.compact else self.n) if (self.abs_n or not self.compact)
+            else math.nan,
             nonfinite_a=self.nonfinite_a,
             nonfinite_b=self.nonfinite_b,
             nonfinite_where=self.nonfinite_where,
@@ -502,6 +628,12 @@ class LogitAccumulator:
             delta_p_mean=self.dp_sum / self.nll_n if self.nll_n else math.nan,
             delta_p_rms=math.sqrt(self.dp_sq / self.nll_n) if self.nll_n else math.nan,
             per_prompt=self.per_prompt,
+            kl_percentiles=percentiles(kl),
+            delta_p_percentiles=percentiles(np.concatenate(self.dp) if self.dp else np.zeros(0)),
+            top1_stderr=math.sqrt(max(top1 * (1 - top1), 0.0) / self.positions),
+            position_profile={"all": profile_by_bucket(pos, kl, same),
+                              "long": profile_by_bucket(pos[long], kl[long], same[long])},
+            compact=self.compact,
         )
 
 
@@ -517,6 +649,10 @@ class LayerMetrics:
     sublayers: dict[str, list[float]] = field(default_factory=dict)
     # Each sub-block's error as a share of the residual stream: ||dOut_s[i]||_F / ||h_A[i]||_F.
     sub_contrib: dict[str, list[float]] = field(default_factory=dict)
+    # rfn of the last layer by position bucket over the prompts that reach past 1k tokens:
+    # [{"bucket", "positions", "rfn"}] (see POSITION_BUCKETS)
+    position_profile: list[dict[str, Any]] = field(default_factory=list)
+    compact: bool = False  # against A's compact form: rfn from sketches, the worst row's value a rough estimate
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -527,6 +663,7 @@ class LayerMetrics:
             "nonfinite_b": self.nonfinite_b,
             "sublayers": self.sublayers,
             "sub_contrib": self.sub_contrib,
+            "compact": self.compact,
         }
 
     @classmethod
@@ -547,6 +684,9 @@ class LayerAccumulator:
         self.bad_b = np.zeros(num_layers, dtype=np.int64)
         self.sub_num: dict[str, np.ndarray] = {}
         self.sub_den: dict[str, np.ndarray] = {}
+        nb = len(POSITION_BUCKETS)
+        self.pos_num, self.pos_den, self.pos_n = np.zeros(nb), np.zeros(nb), np.zeros(nb, dtype=np.int64)
+        self.compact = False
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray,
                sub_ref: dict[str, np.ndarray] | None = None, sub_test: dict[str, np.ndarray] | None = None) -> None:
@@ -557,25 +697,9 @@ class LayerAccumulator:
         for layer in range(self.num_layers):
             a = np.asarray(ref[layer], dtype=np.float64)
             b = np.asarray(test[layer])
-            self.bad_a[layer] += int((~np.isfinite(a)).sum())
-            self.bad_b[layer] += int((~np.isfinite(b)).sum())
             d = np.subtract(b, a, dtype=np.float64)
-            d2 = np.einsum("ij,ij->i", d, d)
-            r2 = np.einsum("ij,ij->i", a, a)
-            self.num[layer] += float(d2.sum())
-            self.den[layer] += float(r2.sum())
-            with np.errstate(divide="ignore", invalid="ignore"):
-                row = np.sqrt(d2) / np.sqrt(r2)
-            if np.isnan(row).any():
-                i = int(np.nonzero(np.isnan(row))[0][0])
-                if not math.isnan(self.worst[layer]):
-                    self.worst[layer] = math.nan
-                    self.worst_where[layer] = Where(prompt, i, layer)
-            elif not math.isnan(self.worst[layer]) and row.size:
-                i = int(np.argmax(row))
-                if row[i] > self.worst[layer]:
-                    self.worst[layer] = float(row[i])
-                    self.worst_where[layer] = Where(prompt, i, layer)
+            self._rows(prompt, layer, np.einsum("ij,ij->i", d, d), np.einsum("ij,ij->i", a, a),
+                       int((~np.isfinite(a)).sum()), int((~np.isfinite(b)).sum()))
         for name in (sub_ref or {}):
             if sub_test is None or name not in sub_test:
                 continue
@@ -589,6 +713,81 @@ class LayerAccumulator:
                 d = np.subtract(sb[layer], sa[layer], dtype=np.float64).reshape(-1)
                 num[layer] += float(np.dot(d, d))
                 den[layer] += float(np.dot(a, a))
+
+    def update_compact(self, prompt: str, ref: compact.StateSummary, test: np.ndarray, cfg: compact.CompactConfig,
+                       sub_ref: dict[str, compact.StateSummary] | None = None,
+                       sub_test: dict[str, np.ndarray] | None = None) -> None:
+        """``update`` against A's compact states: ||h_B - h_A||² from the flat sketch of each position segment
+        (the worst position from the row sketches), ||h_A||² exact."""
+        n_layers, t = ref.norm2.shape
+        if test.shape[:2] != (n_layers, t):
+            raise ValueError(f"prompt {prompt!r}: hidden-state shape mismatch, A {(n_layers, t)} vs B {test.shape[:2]}")
+        if n_layers != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} layers, got {n_layers}")
+        self.compact = True
+        layout = compact.flat_layout(cfg.seed, prompt, t, test.shape[-1], cfg.state_sketch)
+        last = compact.flat_layout(cfg.seed, prompt, t, test.shape[-1], cfg.last_sketch) if ref.last is not None else None
+        keys = compact.state_keys(compact.row_keys(cfg.seed, prompt, np.arange(t)))
+
+        def seg_sq(sk_a: np.ndarray, b: np.ndarray, lay: compact.FlatLayout = layout) -> np.ndarray:
+            return compact.segment_sq(compact.flat_sketch(b, lay).astype(np.float64) - np.asarray(sk_a, np.float64), lay)
+
+        for layer in range(n_layers):
+            b = np.asarray(test[layer])
+            r2 = np.asarray(ref.norm2[layer], dtype=np.float64)
+            if layer == n_layers - 1 and last is not None:  # the finer sketch its position profile needs
+                segs = seg_sq(ref.last, b, last)
+            else:
+                segs = seg_sq(ref.sketch[layer], b)
+            self.bad_a[layer] += int(ref.nonfinite[layer])
+            self.bad_b[layer] += int((~np.isfinite(b)).sum())
+            self.num[layer] += float(segs.sum())
+            self.den[layer] += float(r2.sum())
+            if layer == self.num_layers - 1 and t > POSITION_BUCKETS[3][0]:  # a long prompt: segments are buckets
+                for i, v in enumerate(segs):
+                    lo, hi = POSITION_BUCKETS[i][0], POSITION_BUCKETS[i][1] or t
+                    self.pos_num[i] += v
+                    self.pos_den[i] += float(r2[lo:hi].sum())
+                    self.pos_n[i] += min(hi, t) - lo
+            if ref.rows is not None:
+                d = compact.sketch(b, keys, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer], np.float64)
+                self._worst(prompt, layer, np.einsum("ij,ij->i", d, d), r2)
+        for name, sa in (sub_ref or {}).items():
+            sb = (sub_test or {}).get(name)
+            if sb is None or sb.shape[:2] != sa.norm2.shape:
+                continue
+            num = self.sub_num.setdefault(name, np.zeros(sa.norm2.shape[0]))
+            den = self.sub_den.setdefault(name, np.zeros(sa.norm2.shape[0]))
+            for layer in range(sa.norm2.shape[0]):
+                num[layer] += float(seg_sq(sa.sketch[layer], np.asarray(sb[layer])).sum())
+                den[layer] += float(np.sum(sa.norm2[layer], dtype=np.float64))
+
+    def _rows(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray, bad_a: int, bad_b: int) -> None:
+        """One layer of one prompt: ||h_B - h_A||² and ||h_A||² per position."""
+        self.bad_a[layer] += bad_a
+        self.bad_b[layer] += bad_b
+        self.num[layer] += float(d2.sum())
+        self.den[layer] += float(r2.sum())
+        if layer == self.num_layers - 1 and d2.shape[0] > POSITION_BUCKETS[3][0]:  # a long prompt
+            idx = bucket_index(np.arange(d2.shape[0]))
+            self.pos_num += np.bincount(idx, weights=d2, minlength=len(POSITION_BUCKETS))
+            self.pos_den += np.bincount(idx, weights=r2, minlength=len(POSITION_BUCKETS))
+            self.pos_n += np.bincount(idx, minlength=len(POSITION_BUCKETS))
+        self._worst(prompt, layer, d2, r2)
+
+    def _worst(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray) -> None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            row = np.sqrt(d2) / np.sqrt(r2)
+        if np.isnan(row).any():
+            i = int(np.nonzero(np.isnan(row))[0][0])
+            if not math.isnan(self.worst[layer]):
+                self.worst[layer] = math.nan
+                self.worst_where[layer] = Where(prompt, i, layer)
+        elif not math.isnan(self.worst[layer]) and row.size:
+            i = int(np.argmax(row))
+            if row[i] > self.worst[layer]:
+                self.worst[layer] = float(row[i])
+                self.worst_where[layer] = Where(prompt, i, layer)
 
     def result(self) -> LayerMetrics:
         values = []
@@ -613,7 +812,50 @@ class LayerAccumulator:
             nonfinite_b=[int(x) for x in self.bad_b],
             sublayers=subs,
             sub_contrib=contrib,
+            position_profile=[
+                {"bucket": label, "start": lo, "stop": hi, "positions": int(self.pos_n[b]),
+                 "rfn": _safe_ratio(math.sqrt(self.pos_num[b]), math.sqrt(self.pos_den[b]))}
+                for b, (lo, hi, label) in enumerate(POSITION_BUCKETS) if self.pos_n[b]],
+            compact=self.compact,
         )
+
+
+def bucket_index(positions: np.ndarray) -> np.ndarray:
+    """The POSITION_BUCKETS index of each position."""
+    edges = np.array([lo for lo, _, _ in POSITION_BUCKETS[1:]])
+    return np.searchsorted(edges, positions, side="right")
+
+
+def percentiles(values: np.ndarray, qs: Sequence[float] = KL_PERCENTILES) -> dict[str, float]:
+    """``{"99.9": ..., "50": ...}`` (NaN when ``values`` is empty or holds a NaN)."""
+    if values.size == 0 or np.isnan(values).any():
+        return {f"{q:g}": math.nan for q in qs}
+    return {f"{q:g}": float(v) for q, v in zip(qs, np.percentile(values, qs), strict=True)}
+
+
+def profile_by_bucket(positions: np.ndarray, kl: np.ndarray, same_top1: np.ndarray) -> list[dict[str, Any]]:
+    """KL mean/p99 and same-top-1 per position bucket (buckets without positions are left out)."""
+    out = []
+    idx = bucket_index(positions)
+    for b, (lo, hi, label) in enumerate(POSITION_BUCKETS):
+        sel = idx == b
+        n = int(sel.sum())
+        if not n:
+            continue
+        k = kl[sel]
+        bad = bool(np.isnan(k).any())
+        out.append({"bucket": label, "start": lo, "stop": hi, "positions": n,
+                    "kl_mean": math.nan if bad else float(k.mean()),
+                    "kl_p99": math.nan if bad else float(np.percentile(k, 99)),
+                    "top1": float(same_top1[sel].mean())})
+    return out
+
+
+def typical_level(values: Sequence[float]) -> float | None:
+    """The median of a sub-block's finite per-layer errors: its typical level, against which one layer's
+    value is judged; None when fewer than three layers have a finite value (too few to call typical)."""
+    finite = [float(v) for v in values if v is not None and not math.isnan(v)]
+    return float(np.median(finite)) if len(finite) >= 3 else None
 
 
 def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: float,
@@ -632,10 +874,9 @@ def subblock_anomalies(contrib: dict[str, list[float]], jump: float, floor: floa
     """
     found: list[tuple[int, str, float]] = []
     for name, values in contrib.items():
-        finite = [v for v in values if not math.isnan(v)]
-        if len(finite) < 3:
+        typical = typical_level(values)
+        if typical is None:
             continue
-        typical = float(np.median(finite))
         for i, v in enumerate(values):
             upstream = float(inherited[i]) if inherited is not None and i < len(inherited) else 0.0
             level = max(typical, upstream if not math.isnan(upstream) else math.inf, 1e-12)

@@ -5,20 +5,24 @@ its absolute bounds. The baseline file (JSON) maps a pair id to a snapshot of it
 id comes from the file names, so re-converting a model in place is compared with its previous
 conversion. Tolerances follow pytest-benchmark's style: ``nmse:50%`` (relative) or
 ``kl_mean:abs:1e-3`` (absolute); ``rfn`` applies per layer to the whole curve.
+
+Only storage and the pure comparison live here; what a regression means for a test item (its
+message, its outcome) is the baseline check family's business.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConvdiffError
+from ..core.results import PairResult, clean
+from ..errors import ConvdiffError
+from .atomic import write_json
 
 VERSION = 1
 # metric -> True when larger is worse
@@ -52,26 +56,28 @@ def parse_tolerances(text: str, where: str = "--convdiff-baseline-tolerance") ->
     return out
 
 
-def snapshot(pair: dict[str, Any]) -> dict[str, Any] | None:
-    """The metrics a baseline keeps, from a pair in the JSON report's shape (or PairResult.to_dict())."""
-    m = pair.get("metrics") or {}
-    if m.get("nmse") is None and not pair.get("layers"):
+def snapshot(pair: PairResult) -> dict[str, Any] | None:
+    """The metrics a baseline keeps for this pair, JSON-safe (NaN becomes null, which ``regressions``
+    counts as worse); None when the pair has neither logit metrics nor layers to keep."""
+    m = pair.metrics or {}
+    if m.get("nmse") is None and not pair.layers:
         return None
 
-    def key(d: dict[str, Any] | None, k: int) -> Any:
-        d = d or {}
+    def at(d: dict[Any, Any] | None, k: int) -> Any:
+        d = d or {}  # live results key top-k by int, results read back from JSON by str
         return d.get(str(k), d.get(k))
 
-    return {
+    return clean({
         "nmse": m.get("nmse"), "kl_mean": m.get("kl_mean"), "kl_p99": m.get("kl_p99"),
-        "ppl_ratio": m.get("ppl_ratio"), "top1": key(m.get("topk_ordered"), 1), "top5": key(m.get("topk_overlap"), 5),
-        "rfn": [layer.get("rfn") for layer in pair.get("layers", [])],
-        "model_a": pair.get("model_a"), "model_b": pair.get("model_b"), "recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+        "ppl_ratio": m.get("ppl_ratio"), "top1": at(m.get("topk_ordered"), 1), "top5": at(m.get("topk_overlap"), 5),
+        "rfn": [layer.get("rfn") for layer in pair.layers],
+        "model_a": pair.model_a, "model_b": pair.model_b, "recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
 
 
 def load(path: Path) -> dict[str, Any]:
-    """The stored baselines; an absent file is an empty baseline, a damaged one an error naming it."""
+    """The stored baselines by pair id; an absent file is an empty baseline, a damaged one an error naming it."""
+    path = Path(path)
     if not path.exists():
         return {}
     try:
@@ -85,20 +91,21 @@ def load(path: Path) -> dict[str, Any]:
     return data["pairs"]
 
 
-def update(path: Path, pairs: list[dict[str, Any]]) -> list[str]:
-    """Store the snapshots of these pairs (others in the file are kept); atomic. Returns the ids written."""
+def update(path: Path, pairs: Iterable[PairResult]) -> list[str]:
+    """Store the snapshots of these pairs (others in the file are kept); returns the ids written.
+
+    A pair that errored is not recorded: it measured nothing. The file is replaced atomically, so a
+    failing write leaves the previous baseline intact.
+    """
+    path = Path(path)
     stored = load(path)
     written = []
     for pair in pairs:
         snap = snapshot(pair)
-        if snap is not None and pair.get("verdict") != "error":
-            stored[pair["id"]] = snap
-            written.append(pair["id"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({"version": VERSION, "pairs": dict(sorted(stored.items()))}, fh, indent=2)
-    os.replace(tmp, path)
+        if snap is not None and pair.verdict != "error":
+            stored[pair.id] = snap
+            written.append(pair.id)
+    write_json(path, {"version": VERSION, "pairs": dict(sorted(stored.items()))}, indent=2)
     return written
 
 

@@ -1,12 +1,17 @@
 """Golden references: model A's outputs saved to one file, so A never has to be loaded again.
 
 ``save_reference`` writes every array of a run (token ids, logits, hidden states,
-sub-block outputs) into one standard safetensors file whose ``__metadata__`` holds
+sub-block outputs; or, for a run stored compact, the default, what the metrics need of them:
+``core.compact``, tens of MB instead of GBs) into one standard safetensors file whose ``__metadata__`` holds
 the run's meta (model info, pieces, tokenizer cases, causality probe), the corpus
 digest, the model fingerprint, library versions and a SHA-256 of the tensor data.
-``--model-a ref.safetensors`` (backend ``reference``) then reads it back through
-``ReferenceEntry``, which stands in for a cache entry: arrays are memory-mapped,
-one at a time, never all loaded.
+
+A reference is a stored entry, not a backend: ``is_reference`` recognises one by its
+content (a safetensors header carrying the convdiff key), whatever the file is called,
+so ``--model-a PATH`` takes whatever ``--convdiff-save-reference PATH`` wrote.
+``open_reference_run`` serves it as a ``ModelRun`` through ``ReferenceEntry``, one
+implementation of ``store.entry.Entry``: arrays are memory-mapped, one at a time,
+never all loaded. ``reference_info`` reads the header only (collection stays cheap).
 
 The file is written and read by this module's own small safetensors codec rather
 than ``safetensors.numpy``: ``save_file`` builds the whole file in memory (hidden
@@ -27,21 +32,22 @@ import json
 import math
 import os
 import struct
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import ModelLoadError
+from ..backends.base import ModelInfo
+from ..errors import ModelLoadError
+from .atomic import atomic_open
+from .run import ModelRun, RunSource
 
 if TYPE_CHECKING:
-    from .corpus import Corpus
-    from .runner import ModelRun, ModelSpec, RunSettings
+    from ..core.corpus import Corpus
 
 FORMAT = "1"
 HEADER_KEY = "convdiff_reference"
@@ -57,7 +63,24 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _NAMES = {dt.str: name for name, dt in _DTYPES.items()}
 
-SAVE_HINT = "Save one with --convdiff-save-reference PATH (or pytest_convdiff.reference.save_reference)."
+SAVE_HINT = "Save one with --convdiff-save-reference PATH (or pytest_convdiff.store.reference.save_reference)."
+
+
+class ReferenceSettings(Protocol):
+    """The run settings a reference must match (``runner.RunSettings`` is one)."""
+
+    hidden_states: bool
+    tokenizer_cases: bool
+    causality: bool
+    max_tokens: int | None
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """What made a run served from a reference when the caller has no model spec for it."""
+
+    path: str
+    backend: str = "reference"
 
 
 def _version(dist: str) -> str | None:
@@ -68,7 +91,7 @@ def _version(dist: str) -> str | None:
 
 
 def plugin_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -141,9 +164,74 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     return Header(path, data_start, tensors, meta)
 
 
+def _raw_header(path: Path) -> bytes | None:
+    """The header bytes of a safetensors-shaped file, or None (a directory, a GGUF, anything else)."""
+    try:
+        if not path.is_file():
+            return None
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > min(MAX_HEADER, size - 8):
+                return None
+            first = fh.read(1)
+            if first != b"{":
+                return None
+            return first + fh.read(n - 1)
+    except OSError:
+        return None
+
+
+def is_reference(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a convdiff golden reference, judged by its content, never its name.
+
+    True for any file whose safetensors header carries the convdiff key, even one that is
+    truncated or of another format version (opening it then says what is wrong); False, without
+    raising, for directories, missing files, GGUFs and plain safetensors weights.
+    """
+    raw = _raw_header(Path(path))
+    if raw is None or HEADER_KEY.encode() not in raw:  # cheap: most candidates never reach the JSON parser
+        return False
+    try:
+        meta = json.loads(raw.decode("utf-8")).get("__metadata__")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        return False
+    return isinstance(meta, dict) and HEADER_KEY in meta
+
+
+def reference_info(path: str | os.PathLike[str]) -> ModelInfo:
+    """The saved model's info (layers, vocabulary, dtype, its backend), from the header only.
+
+    Collection needs the layer count of model A; this gives it without reading any tensor.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: a convdiff reference is one file, not a directory. {SAVE_HINT}")
+    hdr = read_header(path)
+    if HEADER_KEY not in hdr.metadata:
+        raise _not_reference(path, "a safetensors file without a convdiff header, e.g. model weights")
+    try:
+        info = json.loads(hdr.metadata["meta"])["info"]
+        known = {k: v for k, v in info.items() if k in ModelInfo.__dataclass_fields__}
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise _not_reference(path, f"its convdiff header has no model info ({exc!r})") from exc
+    known["extra"] = {**(known.get("extra") or {}), "reference": str(path),
+                      "reference_created": hdr.metadata.get("created"),
+                      "reference_of": hdr.metadata.get("model")}
+    known.setdefault("path", str(path))
+    known.setdefault("backend", "reference")
+    try:
+        return ModelInfo(**known)
+    except TypeError as exc:
+        raise _not_reference(path, f"its convdiff header has incomplete model info ({exc})") from exc
+
+
 def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, Callable[[], np.ndarray]],
                       metadata_: dict[str, str]) -> str:
-    """Write a safetensors file streaming one array at a time, atomically (temp file, fsync, os.replace).
+    """Write a safetensors file streaming one array at a time, atomically (``store.atomic``, fsynced).
 
     ``arrays`` maps each name to a function giving the array (a memory map: only its shape and dtype
     are read before it is written, and only one array is held at a time). The SHA-256 of the tensor
@@ -170,39 +258,30 @@ def write_safetensors(path: str | os.PathLike[str], arrays: dict[str, Callable[[
         return blob + b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
 
     blob = encode(header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(struct.pack("<Q", len(blob)))
-            fh.write(blob)
-            h = hashlib.sha256()
-            for name, get in arrays.items():
-                a = get()
-                dt_name, shape = layout[name]
-                if tuple(a.shape) != shape:
-                    raise RuntimeError(f"array {name!r} changed shape while the reference was written")
-                for block in _blocks(a, _DTYPES[dt_name]):
-                    h.update(block)
-                    fh.write(block)
-                del a
-            digest = h.hexdigest()
-            header["__metadata__"]["data_sha256"] = digest
-            final = encode(header)
-            if len(final) != len(blob):
-                raise RuntimeError("the reference header changed length while it was written")
-            fh.seek(8)
-            fh.write(final)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb", fsync=True) as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        h = hashlib.sha256()
+        for name, get in arrays.items():
+            a = get()
+            dt_name, shape = layout[name]
+            if tuple(a.shape) != shape:
+                raise RuntimeError(f"array {name!r} changed shape while the reference was written")
+            for block in _blocks(a, _DTYPES[dt_name]):
+                h.update(block)
+                fh.write(block)
+            del a
+        digest = h.hexdigest()
+        header["__metadata__"]["data_sha256"] = digest
+        final = encode(header)
+        if len(final) != len(blob):
+            raise RuntimeError("the reference header changed length while it was written")
+        fh.seek(8)
+        fh.write(final)
     return digest
 
 
-def _blocks(a: np.ndarray, dt: np.dtype):
+def _blocks(a: np.ndarray, dt: np.dtype) -> Iterator[bytes]:
     """The array's bytes in C order as dtype ``dt``, in bounded chunks."""
     flat = np.asarray(a).reshape(-1)
     step = max(1, _CHUNK // max(1, dt.itemsize))
@@ -223,7 +302,7 @@ def _data_sha256(header: Header) -> str:
 
 
 def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
-                   settings: RunSettings | None = None) -> Path:
+                   settings: ReferenceSettings | None = None) -> Path:
     """Write A's run (every array of its entry, and its meta) to one safetensors file; returns the path.
 
     ``settings``: the RunSettings the run was made with, recorded so that a later run with other
@@ -234,12 +313,14 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
     if list(meta.get("prompts", [])) != [p.id for p in corpus]:
         raise ValueError(f"{path}: the run was not made on this corpus ({corpus.source}); pass the run's corpus.")
     entry = run.entry
-    names = _entry_arrays(entry, meta)
+    names = list(meta.get("files") or ())  # every Entry lists its arrays in meta["files"]
+    if not names:
+        raise ValueError(f"{path}: the run's entry lists no arrays (meta['files'] is missing)")
     fingerprint = meta.get("fingerprint")  # set when the run is itself a reference: keep the model's
     if not fingerprint:
         try:
-            fingerprint = run.spec.fingerprint()
-        except Exception:  # noqa: BLE001 - informational; the model may be gone
+            fingerprint = run.spec.fingerprint()  # type: ignore[attr-defined]  # a ModelSpec has one
+        except Exception:  # noqa: BLE001 - informational; the model may be gone, or the spec has none
             fingerprint = None
     info = meta.get("info", {})
     spec = meta.get("spec", {})
@@ -269,20 +350,11 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
     return path
 
 
-def _entry_arrays(entry: Any, meta: dict[str, Any]) -> list[str]:
-    files = meta.get("files")
-    if isinstance(files, dict) and files:
-        return list(files)
-    if isinstance(entry, ReferenceEntry):
-        return list(entry.names)
-    raise ValueError("the run's entry lists no arrays (meta['files'] is missing)")
-
-
 # --------------------------------------------------------------------------- loading
 
 
 class ReferenceEntry:
-    """A saved reference, read like a cache entry: ``path``, ``meta``, ``has(name)``, ``array(name)``.
+    """A saved reference, read like a cache entry (``store.entry.Entry``).
 
     Arrays are read-only memory maps into the file, made on demand. ``hide`` names arrays to
     treat as absent (hidden states when the current run asks for none).
@@ -349,17 +421,16 @@ _SETTING_OPTIONS = {"hidden_states": "--convdiff-no-layers", "tokenizer_cases": 
                     "causality": "--convdiff-no-causality"}
 
 
-def load_reference_run(path: str | os.PathLike[str], corpus: Corpus, spec: ModelSpec | None = None,
-                       settings: RunSettings | None = None, *, verify: bool = True) -> ModelRun:
+def open_reference_run(path: str | os.PathLike[str], corpus: Corpus, settings: ReferenceSettings | None = None,
+                       *, spec: RunSource | None = None, verify: bool = True) -> ModelRun:
     """A ModelRun served from a saved reference (no model is loaded).
 
     Raises ModelLoadError when the file is not a convdiff reference, is damaged, was saved on
     another corpus, or lacks what ``settings`` asks for (or was saved with another --convdiff-max-tokens).
+    ``spec``: what the run reports as its source (the runner passes its ModelSpec).
     """
-    from .runner import ModelRun, ModelSpec
-
     path = Path(path)
-    spec = spec or ModelSpec(str(path), "reference")
+    spec = spec or ReferenceSource(str(path))
     header = read_header(path)
     probe_entry = ReferenceEntry(path, header)
     md, meta = header.metadata, probe_entry.meta
@@ -380,7 +451,7 @@ def load_reference_run(path: str | os.PathLike[str], corpus: Corpus, spec: Model
                 f"{path}: this reference was saved with --convdiff-max-tokens {stored.get('max_tokens')}, the current "
                 f"run uses {settings.max_tokens}; pass the same value or save the reference again."
             )
-        has_hidden = any(n.endswith(".hidden") for n in header.tensors)
+        has_hidden = any(n.endswith((".hidden", ".c_hidden_sketch")) for n in header.tensors)
         present = {"hidden_states": has_hidden, "tokenizer_cases": "tokenizer_cases" in meta,
                    "causality": "causality" in meta}
         for key, option in _SETTING_OPTIONS.items():
@@ -396,7 +467,7 @@ def load_reference_run(path: str | os.PathLike[str], corpus: Corpus, spec: Model
                 )
         if not settings.hidden_states:
             def hide(n: str) -> bool:
-                return n.endswith(".hidden") or ".sub_" in n
+                return n.endswith(".hidden") or any(part in n for part in (".sub_", ".c_hidden_", ".c_sub_"))
         if not settings.tokenizer_cases:
             drop.append("tokenizer_cases")
         if not settings.causality:
@@ -409,23 +480,6 @@ def load_reference_run(path: str | os.PathLike[str], corpus: Corpus, spec: Model
     if verify:
         entry.verify()
     return ModelRun(spec, entry, from_cache=True)
-
-
-def reference_run_for(spec: ModelSpec, corpus: Corpus, *, feed: ModelRun | None = None,
-                      settings: RunSettings | None = None, progress: Callable[[str], None] | None = None,
-                      label: str = "") -> ModelRun:
-    """What ``run_model`` does for a spec whose backend is ``reference``: serve A from the file."""
-    if feed is not None:
-        raise ModelLoadError(
-            f"{spec.path}: a saved convdiff reference can only be model A (--model-a): it holds outputs, "
-            f"not a model that can be run on A's tokens. Pass the converted model itself as --model-b."
-        )
-    run = load_reference_run(spec.path, corpus, spec, settings)
-    if progress:
-        ref = run.meta.get("reference", {})
-        progress(f"{label}{spec.path}: outputs served from the saved reference of {ref.get('model', '?')} "
-                 f"({ref.get('backend', '?')}, saved {ref.get('created', '?')})")
-    return run
 
 
 # --------------------------------------------------------------------------- llama.cpp's conversion-script files
@@ -484,8 +538,8 @@ def compare_llamacpp_bins(reference: str | os.PathLike[str], model_b: str | os.P
     Only one position of one prompt: the method of llama.cpp's scripts, kept for moving over;
     save a full reference with --convdiff-save-reference for the real checks.
     """
-    from . import metrics
-    from .backends import open_backend
+    from ..backends import open_backend
+    from ..core import metrics
 
     ref, ids, ref_path = load_llamacpp_bins(reference)
     be = open_backend(model_b, backend, options)

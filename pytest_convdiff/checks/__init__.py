@@ -1,0 +1,97 @@
+"""The check registry: every module of this package that defines ``FAMILY`` is a check family.
+
+Adding a family means adding one module (and its tests): the plan, the bounds, the evaluation
+and the messages all come from the families found here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from ..core.bounds import Bounds, BoundTable, pair_class
+from ..core.results import ERROR, CheckId, CheckResult
+from ..errors import ConvdiffError
+from .base import CheckFamily, EvalContext, PlanContext
+
+__all__ = ["bound_table", "default_bounds", "evaluate_all", "families", "parse_bound_overrides", "plan_all"]
+
+
+@lru_cache(maxsize=1)
+def families() -> tuple[CheckFamily, ...]:
+    found = []
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name.startswith("_") or mod.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        family = getattr(module, "FAMILY", None)
+        # Duck-typed, not isinstance: a module re-imported after sys.modules was restored (pytester's
+        # in-process runs) carries its own copy of the CheckFamily class.
+        if family is not None and callable(getattr(family, "plan", None)) and callable(getattr(family, "evaluate", None)):
+            found.append(family)
+    names = [f.name for f in found]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two check families share a name: {sorted(names)}")
+    return tuple(sorted(found, key=lambda f: (f.order, f.name)))
+
+
+@lru_cache(maxsize=1)
+def bound_table() -> BoundTable:
+    return BoundTable(spec for f in families() for spec in f.bounds)
+
+
+def default_bounds(info_a: dict[str, Any], info_b: dict[str, Any]) -> tuple[str, Bounds]:
+    """The precision class of the pair and its row of default bounds."""
+    cls = pair_class(info_a, info_b)
+    return cls, bound_table().row(cls)
+
+
+def parse_bound_overrides(text: str, where: str = "--convdiff-bound") -> dict[str, float]:
+    return bound_table().parse(text, where)
+
+
+def parse_bound_mapping(values: Mapping[str, Any], where: str) -> dict[str, float]:
+    return bound_table().parse_mapping(values, where)
+
+
+def plan_by_family(ctx: PlanContext) -> dict[str, list[CheckId]]:
+    """Each family's items, families in report order."""
+    return {f.name: f.plan(ctx) for f in families()}
+
+
+def plan_all(ctx: PlanContext) -> list[CheckId]:
+    """The union of every family's plan, in report order."""
+    return [cid for ids in plan_by_family(ctx).values() for cid in ids]
+
+
+def evaluate_all(ctx: EvalContext, plan: list[CheckId] | None = None, *,
+                 outputs: bool | None = None) -> list[CheckResult]:
+    """Every family's results (``outputs``: only the families that need (True) or do not need (False)
+    the models' outputs). With a ``plan``, a planned item of those families always gets a result: one a
+    family did not produce becomes an error that says so (a bug, never a silent pass)."""
+    ctx.specs = bound_table().specs
+    out: list[CheckResult] = []
+    ctx.result.checks = out  # filled as families run: a later family may read an earlier one's results
+    chosen = [f for f in families() if outputs is None or f.needs_outputs == outputs]
+    for f in chosen:
+        try:
+            if f.measure is not None:
+                ctx.measurement(f)  # made (or read from the cache) once per pair
+            out += f.evaluate(ctx)
+        except ConvdiffError as exc:  # a family that cannot measure this pair: its items say why
+            ids = (ctx.plan_families or {}).get(f.name) or []
+            out += [CheckResult(c.name, c.param, None, None, ERROR, f"{f.name} checks could not run: {exc}")
+                    for c in ids]
+    if plan is not None:
+        have = {c.id for c in out}
+        by_family = ctx.plan_families or {}
+        owned = set(plan) if outputs is None else {cid for f in chosen for cid in by_family.get(f.name, ())}
+        for cid in plan:
+            if cid in owned and str(cid) not in have:
+                out.append(CheckResult(cid.name, cid.param, None, None, ERROR,
+                                       f"check {cid} was planned but its family produced no result for this pair "
+                                       f"(the models' outputs do not match what was planned at collection)."))
+    return out

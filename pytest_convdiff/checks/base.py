@@ -1,0 +1,182 @@
+"""What a check family is, and the helpers every family uses to judge a value against a bound.
+
+A family is one module in ``pytest_convdiff.checks`` with a module-level ``FAMILY``: its name,
+its order in the report, the bounds it declares (name, direction, default per precision class),
+``plan`` (the items it will produce, known before any model runs, so pytest can collect them)
+and ``evaluate`` (one result per planned item, with its message). Nothing else in the project
+lists checks: the registry (``checks/__init__.py``) discovers the modules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core.bounds import Bounds, BoundSpec
+from ..core.results import (
+    BUDGET,
+    CORRECTNESS,
+    FAILED,
+    LOWER,
+    PASSED,
+    SKIPPED,
+    UPPER,
+    CheckId,
+    CheckResult,
+    PairResult,
+)
+
+if TYPE_CHECKING:
+    from ..comparison import PairMetrics
+    from ..core.corpus import Corpus
+    from ..runner import RunSettings
+    from ..store.run import ModelRun
+
+OVERRIDE_HINT = ("Change it with --convdiff-bound {name}=VALUE, the convdiff_bounds ini option, or "
+                 "@pytest.mark.convdiff_bounds({name}=VALUE).")
+
+__all__ = ["BUDGET", "CORRECTNESS", "LOWER", "UPPER", "BaselineConfig", "CheckFamily", "EvalContext",
+           "PlanContext", "fmt", "judge", "per_class", "result", "skipped"]
+
+
+@dataclass
+class BaselineConfig:
+    """Regression mode: the baseline file, how much worse is allowed, and whether to rewrite it."""
+
+    path: Any  # pathlib.Path
+    tolerances: dict[str, tuple[str, float]]
+    update: bool = False
+
+
+@dataclass
+class PlanContext:
+    """What planning may know: nothing that needs a model loaded (probes read headers and configs)."""
+
+    corpus: Corpus
+    num_layers: int | None
+    settings: RunSettings
+    baseline: BaselineConfig | None = None
+    spec_a: Any = None  # runner.ModelSpec, for families whose items depend on the files (tensors, fields)
+    spec_b: Any = None
+
+
+@dataclass
+class EvalContext:
+    """What evaluation gets: both runs (None for a family that needs no outputs), the corpus, the
+    bounds in force, the pair's metrics (computed once per pair, lazily), each family's measurement
+    (``measured[family.name]``), and the pair result that families annotate (layers, metrics, notes).
+
+    ``spec_a``/``spec_b`` name the models (path, backend, options) for families that read the model
+    files themselves (config, weights): they run before any model is loaded.
+    """
+
+    a: ModelRun | None
+    b: ModelRun | None
+    corpus: Corpus
+    bounds: Bounds
+    settings: RunSettings
+    result: PairResult
+    metrics_fn: Callable[[], PairMetrics]
+    baseline: BaselineConfig | None = None
+    plan: list[CheckId] | None = None  # what was collected; families answer every planned item of theirs
+    plan_families: dict[str, list[CheckId]] | None = None  # the same, by family
+    specs: dict[str, BoundSpec] = field(default_factory=dict)
+    spec_a: Any = None  # runner.ModelSpec
+    spec_b: Any = None
+    measured: dict[str, Any] = field(default_factory=dict)
+    measure_fn: Callable[[CheckFamily, EvalContext], Any] | None = None  # cached measurement (Comparison)
+    _metrics: PairMetrics | None = None
+
+    def measurement(self, family: CheckFamily) -> Any:
+        """The family's measurement (made once per pair; an exception it raised is raised again)."""
+        if family.name not in self.measured:
+            try:
+                fn = self.measure_fn or (lambda f, c: f.measure(c))
+                self.measured[family.name] = fn(family, self)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - stored: the family's items report it
+                self.measured[family.name] = exc
+        value = self.measured[family.name]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def planned(self, name: str) -> list[CheckId]:
+        return [c for c in self.plan or [] if c.name == name]
+
+    @property
+    def metrics(self) -> PairMetrics:
+        if self._metrics is None:
+            self._metrics = self.metrics_fn()
+        return self._metrics
+
+
+@dataclass(frozen=True)
+class CheckFamily:
+    """One check family.
+
+    ``needs_outputs=False``: the family reads the model files (``ctx.spec_a``/``spec_b``), not the runs,
+    and is evaluated before any model loads (a structural bug is reported in seconds, and still when
+    a model cannot be run). ``measure``: the family's costly, bound-independent part (e.g. per-tensor
+    errors); its JSON-serialisable result is computed once per pair, stored in the cache keyed by both
+    models' contents, the family's code and ``version``, and handed to ``evaluate`` as
+    ``ctx.measured[name]``.
+    """
+
+    name: str
+    order: int  # place in the plan and the report
+    plan: Callable[[PlanContext], list[CheckId]]
+    evaluate: Callable[[EvalContext], list[CheckResult]]
+    bounds: Sequence[BoundSpec] = ()
+    doc: str = ""
+    needs_outputs: bool = True
+    measure: Callable[[EvalContext], Any] | None = None
+    version: int = 1
+
+
+def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:
+    """A bound's defaults, one per precision class, most precise first (core.bounds.PRECISION_CLASSES)."""
+    return {"float": float_, "bf16": bf16, "q8": q8, "q5-6": q5_6, "q4": q4, "q2-3": q2_3}
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return f"{v:.4g}"
+
+
+def result(cid: CheckId, value: float | None, ok: bool, message: str, *, kind: str = CORRECTNESS,
+           details: dict[str, Any] | None = None) -> CheckResult:
+    """An exact check (no bound to change): passed or failed as ``ok`` says."""
+    return CheckResult(cid.name, cid.param, value, 0.0 if value is not None else None, PASSED if ok else FAILED,
+                       message, details or {}, None, kind)
+
+
+def skipped(cid: CheckId, why: str, *, threshold: float | None = None, kind: str = CORRECTNESS) -> CheckResult:
+    return CheckResult(cid.name, cid.param, None, threshold, SKIPPED, why, {}, None, kind)
+
+
+def judge(ctx: EvalContext, cid: CheckId, bound: str, value: float, what: str, extra: str = "", *,
+          kind: str = BUDGET, details: dict[str, Any] | None = None) -> CheckResult:
+    """``value`` against the bound named ``bound``, in that bound's declared direction.
+
+    The message has the shape of torch.testing.assert_close: what was compared, the value, the bound,
+    where it is worst (``extra``), and how to change the bound.
+    """
+    spec = ctx.specs[bound]
+    limit = ctx.bounds[bound]
+    ok = spec.ok(value, limit)
+    rel = "<=" if spec.direction == UPPER else ">="
+    if ok:
+        msg = f"{what}: {fmt(value)} {rel} {fmt(limit)}"
+    else:
+        side = "above" if spec.direction == UPPER else "below"
+        msg = (f"{what} is {fmt(value)}, {side} the bound {fmt(limit)}."
+               + (f"\n{extra}" if extra else "") + "\n" + OVERRIDE_HINT.format(name=bound))
+    return CheckResult(cid.name, cid.param, value, limit, PASSED if ok else FAILED, msg, details or {},
+                       spec.direction, kind)

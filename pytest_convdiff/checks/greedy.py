@@ -1,0 +1,62 @@
+"""``greedy``: A continues a few short prompts greedily and B is run on A's continuation; where B's
+greedy choice first differs, each model's token must be in the other's top-N (vLLM's
+check_logprobs_close). Catches generation that goes off the rails although logits look close.
+
+A float or 8-bit conversion must stay within the top-N on every prompt. Quantisation below that
+moves logits enough to leave it at some steps where A was not close (a random-weight model's flat
+distributions most of all): the budget ``greedy_off_path`` is the fraction of prompts allowed to,
+by precision class (docs/bounds.md)."""
+
+from __future__ import annotations
+
+from ..core.bounds import BoundSpec
+from ..core.results import UPPER, CheckId, CheckResult
+from .base import CheckFamily, EvalContext, PlanContext, judge, per_class, skipped
+
+GREEDY = CheckId("greedy")
+BOUNDS = (BoundSpec("greedy_off_path", UPPER, per_class(0.0, 0.0, 0.0, 0.34, 0.67, 1.0),
+                    "fraction of greedy prompts where B leaves A's path beyond the top-N"),)
+
+
+def plan(ctx: PlanContext) -> list[CheckId]:
+    return [GREEDY] if ctx.settings.greedy_tokens else []
+
+
+def evaluate(ctx: EvalContext) -> list[CheckResult]:
+    ga, gb = ctx.a.meta.get("greedy"), ctx.b.meta.get("greedy")
+    if ga is None and gb is None:
+        return [skipped(GREEDY, "greedy continuations were not recorded")] if ctx.planned("greedy") else []
+    if not ga or not gb:
+        return [skipped(GREEDY, "greedy continuations were not recorded")]
+    bad, lines, same = [], [], 0
+    for pid, ra in ga.items():
+        rb = gb.get(pid)
+        if rb is None:
+            continue
+        for step, (ta, tb) in enumerate(zip(ra["generated"], rb["generated"], strict=False)):
+            if ta == tb:
+                continue
+            in_b, in_a = ta in rb["top"][step], tb in ra["top"][step]
+            lines.append(f"{pid!r}: first difference at generated token {step}: A {ta}, B {tb}; "
+                         f"A's token {'in' if in_b else 'NOT in'} B's top-{len(rb['top'][step])}, "
+                         f"B's token {'in' if in_a else 'NOT in'} A's top-{len(ra['top'][step])}")
+            if not (in_a and in_b):
+                bad.append(pid)
+            break
+        else:
+            same += 1
+    n = len(ga)
+    if not n:
+        return [skipped(GREEDY, "no greedy prompt was run")]
+    frac = len(bad) / n
+    if bad:
+        where = (f"{len(bad)} of {n} prompts leave A's path beyond the top-N ({', '.join(map(repr, bad))})\n"
+                 + "\n".join(lines))
+    else:
+        where = (f"{same} of {n} greedy continuations identical; the rest differ only between close candidates"
+                 + (": " + "; ".join(lines) if lines else ""))
+    return [judge(ctx, GREEDY, "greedy_off_path", frac, "fraction of greedy prompts off A's path", where,
+                  details={"prompts": n, "off_path": bad})]
+
+
+FAMILY = CheckFamily("greedy", 50, plan, evaluate, bounds=BOUNDS, doc="greedy generation stays on A's path")

@@ -1,0 +1,353 @@
+"""``weights[layer-<i>]``, ``weights[other]``: B's tensors against A's, one by one, before any model runs.
+
+A conversion bug in the tensors themselves (q/k rows not permuted for llama.cpp's rope, two layers
+swapped, a tensor scaled, a norm stored in another convention, a NaN, an untrained output layer where A
+ties it to the embedding) shows in the weights, and is reported here in seconds with the tensor's name,
+where the forward checks can only say which layer's output drifts.
+
+B's tensors are dequantised and brought into A's naming and convention (``core.dequant``), and each
+tensor's relative error ``||B - A||_F / ||A||_F`` is judged against the error its storage type gives on
+real weights (``core.weight_errors.TYPE_ERROR``, measured: the type sets the bound, not the file's label).
+A tensor fails when its error is above ``weights_margin`` times its type's error, when B is a multiple
+of A farther than ``weights_scale`` from 1, when its error is more than ``weights_outlier`` times the
+median of its peers (same role, same types, other layers), or when it holds a NaN or Inf. A failing
+tensor is compared cheaply with what it may be instead (another layer's tensor, A's tensor without the
+rope permutation, a multiple of A, A + 1, A transposed) and the message says what it matches.
+
+One item per decoder layer and one for the rest (embeddings, output layer, final norm). A side whose
+weights cannot be read here (an EXL2 model, a saved golden reference, an architecture whose GGUF
+transforms are not known) skips with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any
+
+from ..core import dequant, weight_errors
+from ..core.bounds import BoundSpec
+from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
+from ..errors import ConvdiffError
+from .base import OVERRIDE_HINT, CheckFamily, EvalContext, PlanContext, fmt, per_class
+
+NAME = "weights"
+OTHER = "other"
+BOUNDS = (
+    BoundSpec("weights_margin", UPPER, per_class(*[2.0] * 6),
+              "a tensor's relative error over the error its storage type gives (measured per type)"),
+    BoundSpec("weights_outlier", UPPER, per_class(*[2.0] * 6),
+              "a tensor's relative error over the median of its peers (same role and types, other layers)"),
+    BoundSpec("weights_scale", UPPER, per_class(*[0.1] * 6),
+              "|c - 1| for the least-squares scale c of B's tensor against A's (B = c * A)"),
+)
+MIN_PEERS = 3  # a median of fewer peers says little
+SHOWN = 6  # failing tensors written out per item (all are in the details)
+
+
+def _code_version() -> int:
+    """The stored measurement is reused only by the code that made it: the cache key hashes this module
+    (where ``measure`` is); the reading and numbers live in two helper modules, hashed here."""
+    h = hashlib.sha256()
+    for mod in (dequant, weight_errors):
+        h.update(Path(mod.__file__).read_bytes())
+    return int(h.hexdigest()[:8], 16)
+
+
+def item_id(param: str) -> CheckId:
+    return CheckId(NAME, param)
+
+
+def plan(ctx: PlanContext) -> list[CheckId]:
+    if not ctx.num_layers:
+        return []
+    return [item_id(f"layer-{i}") for i in range(ctx.num_layers)] + [item_id(OTHER)]
+
+
+# --------------------------------------------------------------------------- reading the files
+
+
+def _open(spec: Any, role: str) -> dequant.Source:
+    """The side's weights, or WeightsUnreadable saying why they cannot be compared here."""
+    if spec.is_saved_reference():
+        raise dequant.WeightsUnreadable(f"{role} is a saved convdiff reference: it keeps outputs, not weights")
+    backend = spec.resolved_backend()
+    path = Path(spec.path)
+    if backend == "llama.cpp":
+        return dequant.GGUFWeights(path)
+    if backend == "exllamav2":
+        raise dequant.WeightsUnreadable(
+            f"{role} is an EXL2 model: its weights are packed for exllamav2's GPU kernels, which this check does "
+            "not unpack (its outputs are still compared)")
+    if backend == "transformers":
+        gguf_file = (spec.options or {}).get("gguf_file")
+        if gguf_file:
+            return dequant.GGUFWeights(path / str(gguf_file))
+        from ..backends import hfdir
+
+        cfg = hfdir.read_config(path, backend)
+        method = hfdir.quant_method(cfg)
+        if method not in (None, "gguf"):  # a GGUF-loaded checkpoint saved by transformers holds plain floats
+            raise dequant.WeightsUnreadable(f"{role}'s weights are packed by {method}, which this check does not unpack")
+        return dequant.SafetensorsWeights(path)
+    raise dequant.WeightsUnreadable(f"{role}'s backend {backend} has no weights this check reads")
+
+
+def measure(ctx: EvalContext) -> dict[str, Any]:
+    """Every tensor's comparison (bound-independent; cached per pair by the comparison)."""
+    sources: list[dequant.Source] = []
+    try:
+        try:
+            for spec, role in ((ctx.spec_a, "A"), (ctx.spec_b, "B")):
+                sources.append(_open(spec, role))
+        except ImportError as exc:
+            return {"status": "skipped", "reason": f"the gguf package is needed to read GGUF tensors ({exc}): "
+                                                   "pip install gguf"}
+        n_layers = _num_layers(ctx)
+        return dequant.measure_weights(sources[0], sources[1], n_layers)
+    except dequant.WeightsUnreadable as exc:
+        return {"status": "skipped", "reason": str(exc)}
+    finally:
+        for s in sources:
+            s.close()
+
+
+def _num_layers(ctx: EvalContext) -> int | None:
+    planned = [c for c in ctx.plan or [] if c.name == NAME and c.param.startswith("layer-")]
+    return len(planned) or None
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _type_label(e: dict[str, Any]) -> str:
+    ta, tb = e["type_a"], e["type_b"]
+    return tb if ta in ("F32", "F64", None) or ta == tb else f"A {ta}, B {tb}"
+
+
+def _expected_text(e: dict[str, Any]) -> str:
+    ta, tb = e["type_a"], e["type_b"]
+    parts = [t for t in (ta, tb) if t and t not in ("F32", "F64")] or [tb or "F32"]
+    estimated = [t for t in parts if not weight_errors.expected_error(t)[1]]
+    text = f"the {' and '.join(dict.fromkeys(parts))} error {fmt(e['expected'])}"
+    if estimated:
+        text += f" (for {', '.join(estimated)} estimated from its bits per weight, not measured)"
+    return text
+
+
+def _ratio(e: dict[str, Any]) -> float | None:
+    if e["error"] is None or not e["expected"]:
+        return None
+    return e["error"] / e["expected"]
+
+
+def _peer_level(e: dict[str, Any]) -> float | None:
+    """The level a tensor is compared with for the outlier test: its peers' median, floored at a tenth of
+    what its types give (errors below that are as exact as the type gets)."""
+    med = e.get("peer_median")
+    if med is None or (e.get("peers") or 0) < MIN_PEERS or not e["expected"]:
+        return None
+    return max(med, e["expected"] / 10.0)
+
+
+def judge_tensor(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
+    """Why this tensor fails, as (bound name or "", reason); empty when it passes. A NaN/Inf is always
+    named; of the three bounds, only the first that fails (margin, scale, outlier), so the message leads
+    with the strongest evidence."""
+    if e.get("problem"):
+        return [("", e["problem"])]
+    if e.get("unreadable"):
+        return []
+    why: list[tuple[str, str]] = []
+    if e["nonfinite_b"] or e["nonfinite_a"]:
+        f = e["first_nonfinite"] or {}
+        sides = [f"{n} in {s}" for n, s in ((e["nonfinite_b"], "B"), (e["nonfinite_a"], "A")) if n]
+        why.append(("", f"non-finite values ({', '.join(sides)}); the first, {f.get('value')} in {f.get('side')}, "
+                        f"at row {f.get('row')}, column {f.get('col')}"))
+    err = e["error"]
+    if err is None:
+        return why + [("", "its relative error is infinite (A's tensor is all zeros, B's is not)")]
+    if why:
+        why.append(("", f"over the finite entries the relative error is {fmt(err)}, {fmt(_ratio(e))}× "
+                        f"{_expected_text(e)}"))
+    ratio = _ratio(e)
+    c = e["scale"]
+    level = _peer_level(e)
+    if ratio is not None and not ratio <= bounds.weights_margin:
+        why.append(("weights_margin", f"relative error {fmt(err)}, {fmt(ratio)}× {_expected_text(e)}, above the "
+                                      f"allowed {fmt(bounds.weights_margin)}×"))
+    elif c is not None and not abs(c - 1.0) <= bounds.weights_scale and not e.get("b_zero"):
+        why.append(("weights_scale", f"B ≈ {c:.4g} × A (least-squares scale), more than {fmt(bounds.weights_scale)} "
+                                     f"from 1 (relative error {fmt(err)}, {fmt(ratio)}× {_expected_text(e)})"))
+    elif level and not err / level <= bounds.weights_outlier:
+        why.append(("weights_outlier", f"relative error {fmt(err)} is {fmt(err / level)}× the median "
+                                       f"{fmt(e['peer_median'])} of its {e['peers']} peers ({e['role']} in "
+                                       f"{_type_label(e)}), above the allowed {fmt(bounds.weights_outlier)}×"))
+    return why
+
+
+def _match_text(m: dict[str, Any]) -> str:
+    how = ", on a 64×64 sample" if m.get("sampled") else ""
+    return f"{m['what']} (relative error {fmt(m['error'])}{how})"
+
+
+def _tensor_text(e: dict[str, Any], why: list[tuple[str, str]]) -> str:
+    names = []
+    if e["a_name"] and e["a_name"] != e["name"]:
+        names.append(f"A: {e['a_name']}")
+    if e["b_name"] and e["b_name"] != e["name"]:
+        names.append(f"B: {e['b_name']}")
+    if e["type_b"]:
+        names.append(_type_label(e))
+    head = e["name"] + (f" ({', '.join(names)})" if names else "")
+    lines = [f"- {head}: " + "; ".join(w for _, w in why) + "."]
+    if e.get("note"):
+        lines.append(f"  {e['note'][0].upper()}{e['note'][1:]}.")
+    if e.get("matches"):
+        best = e["matches"][0]
+        lines.append(f"  It matches {_match_text(best)}: {best.get('meaning') or 'see above'}."
+                     + "".join(f" Also close: {_match_text(m)}." for m in e["matches"][1:3]))
+    elif e.get("error") is not None and not (e["nonfinite_a"] or e["nonfinite_b"]):
+        lines.append("  Nothing cheaper to name matches it better (no other tensor of A of its shape, no transpose, "
+                     "scale, offset or q/k row order).")
+    return "\n".join(lines)
+
+
+def _swap_summary(layer: int | None, failing: list[tuple[dict[str, Any], list[str]]]) -> str:
+    """When every failing tensor of a layer matches the same role in one other layer: say it once."""
+    if layer is None or len(failing) < 2:
+        return ""
+    others = set()
+    for e, _ in failing:
+        m = (e.get("matches") or [None])[0]
+        if not m or m.get("kind") != "tensor" or m.get("role") != e["role"] or m.get("layer") is None:
+            return ""
+        others.add(m["layer"])
+    if len(others) != 1:
+        return ""
+    (j,) = others
+    return (f"Every failing tensor of layer {layer} matches A's layer {j} tensor of the same role: "
+            f"layers {layer} and {j} swapped (or layer {j} written in its place).\n")
+
+
+def _worst(checked: list[dict[str, Any]]) -> dict[str, Any] | None:
+    rated = [e for e in checked if _ratio(e) is not None]
+    return max(rated, key=lambda e: _ratio(e) or 0.0) if rated else None
+
+
+def _item(cid: CheckId, where: str, layer: int | None, tensors: list[dict[str, Any]], bounds: Any,
+          extra_notes: list[str]) -> CheckResult:
+    margin = bounds.weights_margin
+    if not tensors:
+        return CheckResult(cid.name, cid.param, None, margin, SKIPPED,
+                           f"A has no tensor {where}: nothing to compare.", {}, UPPER, CORRECTNESS)
+    checked = [e for e in tensors if not e.get("unreadable")]
+    failing = [(e, why) for e in checked if (why := judge_tensor(e, bounds))]
+    worst = _worst(checked)
+    value: float | None = _ratio(worst) if worst else None
+    if any(e["nonfinite_a"] or e["nonfinite_b"] for e, _ in failing):
+        value = math.nan  # NaN never satisfies a bound
+    elif any(e.get("problem") or e["error"] is None for e, _ in failing):
+        value = math.inf  # missing, another shape, or an error that cannot be measured
+    notes = [f"{e['name']} not compared: {e['unreadable']}" for e in tensors if e.get("unreadable")] + extra_notes
+    details: dict[str, Any] = {
+        "tensors": len(tensors),
+        "failing": [{"name": e["name"], "b_name": e["b_name"], "type_a": e["type_a"], "type_b": e["type_b"],
+                     "error": e["error"], "expected": e["expected"], "scale": e["scale"],
+                     "why": [{"bound": b or None, "reason": w} for b, w in why],
+                     "matches": e.get("matches", [])[:3], "first_nonfinite": e.get("first_nonfinite")}
+                    for e, why in failing],
+    }
+    if worst is not None:
+        details["worst"] = {"name": worst["name"], "type": _type_label(worst), "error": worst["error"],
+                            "expected": worst["expected"]}
+    if failing:
+        shown = failing[:SHOWN]
+        msg = (f"Weights {where}: {len(failing)} of {len(tensors)} tensors are not A's as their storage "
+               "types would give them.\n" + _swap_summary(layer, failing)
+               + "\n".join(_tensor_text(e, why) for e, why in shown)
+               + (f"\n... and {len(failing) - SHOWN} more (all in the JSON report's details)." if len(failing) > SHOWN
+                  else ""))
+        others = len(checked) - len(failing)
+        if others and worst is not None:
+            fine = _worst([e for e in checked if all(e is not f for f, _ in failing)])
+            if fine is not None and fine["error"] == 0.0:
+                msg += f"\nThe other {others} are identical to A's."
+            elif fine is not None:
+                msg += (f"\nThe other {others} are within their types' errors (worst {fine['name']}, "
+                        f"{fmt(_ratio(fine))}× {_expected_text(fine)}).")
+        if notes:
+            msg += "\n" + "\n".join(notes)
+        used = [b for _, why in failing for b, _ in why if b]
+        if used:
+            msg += "\n" + OVERRIDE_HINT.format(name=used[0])
+        return CheckResult(cid.name, cid.param, value, margin, FAILED, msg, details, UPPER, CORRECTNESS)
+    if worst is None or worst["error"] == 0.0:
+        msg = f"{len(checked)} tensors {where} identical to A's."
+    else:
+        msg = (f"{len(checked)} tensors {where} within the errors their storage types give: worst {worst['name']} "
+               f"({_type_label(worst)}), relative error {fmt(worst['error'])} = {fmt(_ratio(worst))}× "
+               f"{_expected_text(worst)} (allowed {fmt(margin)}×); none scaled, none far above its peers, no NaN/Inf.")
+    if notes:
+        msg += "\n" + "\n".join(notes)
+    return CheckResult(cid.name, cid.param, value, margin, PASSED, msg, details, UPPER, CORRECTNESS)
+
+
+def _notes(m: dict[str, Any], layer: int | None, layers: set[int]) -> list[str]:
+    """What was left out of this item's comparison: tensors of A not compared, tensors of B with no
+    counterpart in A (each in its layer's item; the rest in ``weights[other]``)."""
+    def here(name: str) -> bool:
+        i = weight_errors.layer_and_role(name)[0]
+        return i == layer if layer is not None else i not in layers
+
+    notes = []
+    extra = [n for n in m.get("unmatched_b") or [] if here(n)]
+    if extra:
+        notes.append(f"B has {len(extra)} tensor(s) with no counterpart in A, not compared: "
+                     + ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""))
+    left = [d for d in m.get("not_compared") or [] if here(d["name"])]
+    if left:
+        notes.append(f"{len(left)} tensor(s) of A not compared: "
+                     + "; ".join(f"{d['name']} ({d['why']})" for d in left[:5]) + (" ..." if len(left) > 5 else ""))
+    return notes
+
+
+def evaluate(ctx: EvalContext) -> list[CheckResult]:
+    planned = ctx.planned(NAME) if ctx.plan is not None else None
+    if planned is not None and not planned:
+        return []
+    try:
+        m = ctx.measurement(FAMILY)
+    except ConvdiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug here must error the items, never pass them or stop the run
+        ids = planned or [item_id(OTHER)]
+        return [CheckResult(c.name, c.param, None, None, ERROR,
+                            f"weights checks could not run: unexpected {type(exc).__name__}: {exc}. This is a bug "
+                            "in pytest-convdiff; please report it with this message.") for c in ids]
+    tensors = m.get("tensors") or []
+    if planned is None:
+        layers = sorted({e["layer"] for e in tensors if e["layer"] is not None})
+        planned = [item_id(f"layer-{i}") for i in range(max(layers) + 1 if layers else 0)] + [item_id(OTHER)]
+    if m.get("status") != "ok":
+        why = f"weights not compared: {m.get('reason')}"
+        return [CheckResult(c.name, c.param, None, ctx.bounds.weights_margin, SKIPPED, why, {}, UPPER, CORRECTNESS)
+                for c in planned]
+    layer_items = {int(c.param.split("-", 1)[1]) for c in planned if c.param.startswith("layer-")}
+    out = []
+    for cid in planned:
+        if cid.param == OTHER:
+            group = [e for e in tensors if e["layer"] not in layer_items]
+            out.append(_item(cid, "outside the decoder layers (embeddings, output layer, final norm)",
+                             None, group, ctx.bounds, _notes(m, None, layer_items)))
+        else:
+            i = int(cid.param.split("-", 1)[1])
+            out.append(_item(cid, f"of decoder layer {i}", i, [e for e in tensors if e["layer"] == i], ctx.bounds,
+                             _notes(m, i, layer_items)))
+    return out
+
+
+FAMILY = CheckFamily(NAME, 7, plan, evaluate, BOUNDS,
+                     doc="every tensor of B against A's, against the error its storage type gives",
+                     needs_outputs=False, measure=measure, version=_code_version())

@@ -1,0 +1,492 @@
+"""Compare a reference model A with a converted model B: the one pipeline, for the library and the plugin.
+
+    from pytest_convdiff import compare
+    result = compare("ref-dir", "model-f16.gguf")
+    print(result.verdict, result.first_divergent_layer)
+
+A ``Comparison`` owns a pair from start to end: the plan (which checks, known before any model
+loads), the runs (A, then B on A's token ids, each loaded only when its cache entry is missing and
+closed before the next loads), the bound-independent metrics (computed once, cached beside the
+entries), and the evaluation of every check family against the bounds in force. ``compare()`` is
+one Comparison; the pytest plugin keeps one per pair and maps its results onto items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import tempfile
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import checks
+from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
+from .core import compact, metrics
+from .core.corpus import Corpus, load_corpus
+from .core.results import ERROR, FAILED, CheckId, CheckResult, PairResult
+from .errors import ConvdiffError
+from .runner import ModelRun, ModelSpec, RunSettings, run_model
+from .store.cache import Cache, make_key
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- bound-independent metrics
+
+PAIR_METRICS_VERSION = 3  # bump when what pair_metrics derives from the arrays changes (3: compact A)
+MEASUREMENTS = "measurements"  # the cache folder of the families' stored measurements
+
+
+@dataclass
+class PairMetrics:
+    """What the arrays of a pair reduce to, before any bound is applied: the costly part of
+    evaluation, stored in the cache so a warm run (or another set of bounds) reuses it."""
+
+    logits: metrics.LogitMetrics | None = None  # None: the vocabularies differ
+    layers: metrics.LayerMetrics | None = None  # None: no hidden states, or shapes that do not pair
+    swap_rfn: list[float] | None = None  # per-layer rfn of the layer-swap run, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = None
+        if self.layers is not None:  # LayerMetrics.to_dict leaves the position profile out; a stored copy needs it
+            layers = {**self.layers.to_dict(), "position_profile": self.layers.position_profile}
+        return {"logits": self.logits.to_dict() if self.logits else None, "layers": layers,
+                "swap_rfn": self.swap_rfn}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PairMetrics:
+        return cls(metrics.LogitMetrics.from_dict(d["logits"]) if d.get("logits") else None,
+                   metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"))
+
+
+_CODE_DIGEST: str | None = None
+
+
+def _metrics_code_digest() -> str:
+    """Stored pair metrics are reused only by the metric code that computed them."""
+    global _CODE_DIGEST
+    if _CODE_DIGEST is None:
+        h = hashlib.sha256()
+        for module in (metrics, compact):
+            h.update(Path(module.__file__).read_bytes())
+        _CODE_DIGEST = h.hexdigest()[:16]
+    return _CODE_DIGEST
+
+
+def reduced_against(a: ModelRun) -> dict[str, Any]:
+    """What a B streamed against ``a`` depends on besides its own model: A's stored outputs and the metric
+    code (part of the streamed B's cache key, and recorded in its entry)."""
+    return {"a": a.entry.identity, "version": PAIR_METRICS_VERSION, "code": _metrics_code_digest()}
+
+
+def pair_metrics_key(a: ModelRun, b: ModelRun, corpus: Corpus) -> str:
+    return make_key({"pair_metrics": PAIR_METRICS_VERSION, "code": _metrics_code_digest(), "corpus": corpus.digest,
+                     "a": a.entry.identity, "b": b.entry.identity})
+
+
+def _pairable_logits(a: ModelRun, vocab_b: int | None) -> bool:
+    """A's logits and B's compare position by position: the same vocabulary width."""
+    va = a.vocab_width()
+    return va is not None and va == vocab_b
+
+
+def _pairable_layers(a: ModelRun, dims_b: tuple[int, int] | None) -> bool:
+    """A's hidden states and B's pair layer by layer: the same (layers, hidden size)."""
+    da = a.hidden_dims()
+    return da is not None and da == dims_b
+
+
+class PairReducer:
+    """B's outputs reduced against A's stored run, one prompt at a time, into the pair's metrics.
+
+    One reduction for both ways B is served: the runner feeds it B's outputs as they are produced (B
+    streamed: none of them is written), ``pair_metrics`` feeds it B's stored arrays (B kept), so both
+    give the same metrics. Whether logits and layers pair is decided on the first prompt (the corpus's
+    first); the shapes are the same for every prompt.
+    """
+
+    def __init__(self, a: ModelRun) -> None:
+        self.a = a
+        self._logits: metrics.LogitAccumulator | None = None
+        self._layers: metrics.LayerAccumulator | None = None
+        self._swap: metrics.LayerAccumulator | None = None
+        self._started = False
+
+    def add(self, pid: str, logits: np.ndarray | None, hidden: np.ndarray | None = None,
+            sublayers: dict[str, np.ndarray] | None = None, hidden_swap: np.ndarray | None = None) -> None:
+        """One prompt of B, each array as stored: logits ``[T, V]``, hidden ``[L, T, H]``, sub-block outputs
+        (the cache dtype), and the layer-swap run's hidden states (float32); None for what B lacks."""
+        a = self.a
+        if not self._started:
+            self._started = True
+            if _pairable_logits(a, logits.shape[-1] if logits is not None else None):
+                self._logits = metrics.LogitAccumulator()
+            dims = (hidden.shape[0], hidden.shape[-1]) if hidden is not None else None
+            if _pairable_layers(a, dims):
+                self._layers = metrics.LayerAccumulator(dims[0])
+                if hidden_swap is not None:
+                    self._swap = metrics.LayerAccumulator(dims[0])
+        if a.compact:  # B against A's compact form (core.compact); A has no states to swap in
+            cfg = a.compact_config()
+            if self._logits is not None:
+                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid))
+            if self._layers is not None:
+                self._layers.update_compact(pid, a.state_summary(pid), hidden, cfg, a.sub_summaries(pid),
+                                            sublayers or {})
+            return
+        if self._logits is not None:
+            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid))
+        if self._layers is not None:
+            hidden_a = a.hidden(pid)
+            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {})
+            if self._swap is not None:
+                self._swap.update(pid, hidden_a, hidden_swap)
+
+    def result(self) -> PairMetrics:
+        return PairMetrics(self._logits.result() if self._logits is not None else None,
+                           self._layers.result() if self._layers is not None else None,
+                           self._swap.result().rfn if self._swap is not None else None)
+
+
+def _streamed_metrics(a: ModelRun, b: ModelRun) -> PairMetrics:
+    """The metrics a streamed B's entry holds, provided they were reduced against this A by this code."""
+    streamed = b.meta["streamed"]
+    here = reduced_against(a)
+    if streamed.get("a") != here["a"]:
+        raise ConvdiffError(
+            f"model B ({b.spec.path}) was streamed against other outputs of model A than those of {a.spec.path} "
+            "given here: its entry holds that pair's metrics, not B's arrays. Run B again with this A as its feed "
+            "(run_model(..., feed=run_a)), or keep B's arrays with --convdiff-keep-b / RunSettings(keep_b=True).")
+    if (streamed.get("version"), streamed.get("code")) != (here["version"], here["code"]):
+        raise ConvdiffError(
+            f"model B ({b.spec.path}) was streamed by another version of the metric code; its metrics cannot be "
+            "reused and its arrays were not stored. Run B again (its cache key changes with the code, so a new "
+            "run recomputes it).")
+    return PairMetrics.from_dict(b.meta["pair_metrics"])
+
+
+def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None = None) -> PairMetrics:
+    """The pair's metrics: those a streamed B's entry holds (reduced while B ran, no read-back of A),
+    else both runs' arrays reduced prompt by prompt, or read from ``cache`` when reduced before."""
+    if b.meta.get("streamed") is not None:
+        return _streamed_metrics(a, b)
+    key = pair_metrics_key(a, b, corpus) if cache is not None else ""
+    doc = cache.get_json(key) if cache is not None else None
+    if doc is not None:
+        with contextlib.suppress(KeyError, TypeError, ValueError):  # unreadable: recompute
+            return PairMetrics.from_dict(doc["metrics"])
+    reducer = PairReducer(a)
+    for p in corpus:  # memory maps: only what pairs with A is read
+        reducer.add(p.id, b.logits(p.id), b.hidden(p.id), b.sublayers(p.id), b.hidden_swap(p.id))
+    out = reducer.result()
+    if cache is not None:
+        cache.put_json(key, {"metrics": out.to_dict(), "a": a.spec.path, "b": b.spec.path})
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _notes(a: ModelRun, b: ModelRun) -> list[str]:
+    notes = []
+    swap_info = b.meta.get("layer_swap") or {}
+    if swap_info.get("error"):
+        notes.append(f"layer swap (k={swap_info.get('k')}) not run: {swap_info['error']}")
+    truncated = {**a.meta.get("truncated", {}), **b.meta.get("truncated", {})}
+    if truncated:
+        limit = a.meta.get("max_tokens") or b.meta.get("max_tokens")
+        notes.append(f"prompts cut to {limit} tokens (the shorter model context, or --convdiff-max-tokens): "
+                     + ", ".join(f"{k} (was {v} tokens)" for k, v in sorted(truncated.items())))
+    return notes
+
+
+def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: ModelSpec) -> str:
+    """A family's measurement is reused only for the same two models' contents and the same family code."""
+    code = inspect.getsourcefile(family.measure) if family.measure else None
+    digest = hashlib.sha256(Path(code).read_bytes()).hexdigest()[:16] if code else ""
+    return make_key({"family": family.name, "version": family.version, "code": digest,
+                     "a": [spec_a.fingerprint(), spec_a.resolved_backend(), spec_a.options],
+                     "b": [spec_b.fingerprint(), spec_b.resolved_backend(), spec_b.options]})
+
+
+def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None) -> Any:
+    """The family's bound-independent measurement: from the cache when stored, else computed and stored."""
+    key = family_measurement_key(family, ctx.spec_a, ctx.spec_b) if cache is not None else ""
+    doc = cache.get_json(key, folder=MEASUREMENTS) if cache is not None else None
+    if doc is not None and "value" in doc:
+        return doc["value"]
+    value = family.measure(ctx)
+    if cache is not None:
+        cache.put_json(key, {"value": value, "family": family.name, "a": ctx.spec_a.path, "b": ctx.spec_b.path},
+                       folder=MEASUREMENTS)
+    return value
+
+
+def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: str = "",
+             precision: str | None = None, pm: PairMetrics | None = None, cache: Cache | None = None,
+             settings: RunSettings | None = None, plan: list[CheckId] | None = None,
+             plan_families: dict[str, list[CheckId]] | None = None, baseline: BaselineConfig | None = None,
+             measured: dict[str, Any] | None = None) -> PairResult:
+    """Every check family's results for a pair whose two runs exist.
+
+    ``bounds``: a ``Bounds`` (or a mapping of every bound name). ``pm``: the pair's metrics when already
+    computed; else computed here (read from / stored in ``cache`` when one is given). ``measured``: the
+    families' measurements already made (filled in as they are made).
+    """
+    if isinstance(bounds, Mapping) and not hasattr(bounds, "with_overrides"):
+        from .core.bounds import Bounds
+
+        bounds = Bounds(bounds)
+    res = PairResult(pair_id, a.spec.path, b.spec.path, a.info.get("backend"), b.info.get("backend"),
+                     precision_class=precision, bounds=bounds.to_dict(), info_a=a.info, info_b=b.info,
+                     from_cache={"A": a.from_cache, "B": b.from_cache}, notes=_notes(a, b))
+    ctx = EvalContext(a, b, corpus, bounds, settings or RunSettings(), res,
+                      (lambda: pm) if pm is not None else (lambda: pair_metrics(a, b, corpus, cache)),
+                      baseline=baseline, plan=plan, plan_families=plan_families, spec_a=a.spec, spec_b=b.spec,
+                      measured=measured if measured is not None else {},
+                      measure_fn=lambda f, c: measure(f, c, cache))
+    res.checks = checks.evaluate_all(ctx, plan)
+    return res
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CONVDIFF_CACHE_DIR") or Path(tempfile.gettempdir()) / "convdiff-cache")
+
+
+def default_pair_id(a: str, b: str) -> str:
+    return f"{Path(a).name}--{Path(b).name}"
+
+
+def error_result(pair_id: str, spec_a: ModelSpec, spec_b: ModelSpec, plan: list[CheckId], error: str) -> PairResult:
+    """A pair that could not be run: the reason, and every planned check marked as errored by it."""
+    res = PairResult(pair_id, spec_a.path, spec_b.path, _backend_or_none(spec_a), _backend_or_none(spec_b), error=error)
+    res.checks = [CheckResult(c.name, c.param, None, None, ERROR, error) for c in plan]
+    return res
+
+
+def _backend_or_none(spec: ModelSpec) -> str | None:
+    try:
+        return spec.resolved_backend()
+    except (ConvdiffError, ValueError):
+        return None
+
+
+def describe_failure(exc: BaseException, stage: str) -> str:
+    """One readable paragraph for an exception that stopped a pair.
+
+    A ``ConvdiffError`` already says what is wrong and what to do. A backend's runtime failure
+    (RuntimeError, OSError, MemoryError: CUDA out of memory, llama_decode failing) is the backend's
+    word, not a bug here. Anything else is a bug, reported with where it happened.
+    """
+    if isinstance(exc, ConvdiffError):
+        return str(exc)
+    if isinstance(exc, (RuntimeError, OSError, MemoryError)):
+        return f"{stage} failed: {type(exc).__name__}: {exc}"
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    return (f"unexpected {type(exc).__name__} while {stage}: {exc}{at}. This is a bug in a backend or in "
+            "pytest-convdiff; please report it with this message.")
+
+
+@dataclass
+class Comparison:
+    """One A/B pair: plan, runs, metrics and evaluation, each done once.
+
+    The families that read the model files (config, weights) are evaluated before any model loads,
+    so a structural bug is reported in seconds, and still reported when a model cannot be run.
+    """
+
+    a: ModelSpec
+    b: ModelSpec
+    corpus: Corpus
+    cache: Cache
+    settings: RunSettings = field(default_factory=RunSettings)
+    bound_overrides: dict[str, float] = field(default_factory=dict)
+    pair_id: str = ""
+    baseline: BaselineConfig | None = None
+    save_reference: Path | None = None
+    progress: Progress = _quiet
+
+    def __post_init__(self) -> None:
+        self.pair_id = self.pair_id or default_pair_id(self.a.path, self.b.path)
+        self._plan: dict[str, list[CheckId]] | None = None
+        self._runs: tuple[ModelRun, ModelRun] | None = None
+        self._metrics: PairMetrics | None = None
+        self._measured: dict[str, Any] = {}
+        self._results: dict[tuple[tuple[str, float], ...], PairResult] = {}
+        self._error: str | None = None
+        self._stage = "starting"
+        self._label = f"[{self.pair_id}] "
+        self.static_only = False  # set when only checks that need no model outputs were selected
+
+    # -- planning: no model is loaded
+    def _probe(self, spec: ModelSpec) -> dict[str, Any]:
+        try:
+            return spec.probe().to_dict()
+        except Exception:  # noqa: BLE001 - a model that cannot be probed errors readably when the pair runs
+            return {}
+
+    def plan_by_family(self) -> dict[str, list[CheckId]]:
+        if self._plan is None:
+            ctx = PlanContext(self.corpus, self._probe(self.a).get("num_layers"), self.settings, self.baseline,
+                              self.a, self.b)
+            self._plan = checks.plan_by_family(ctx)
+        return self._plan
+
+    def plan(self) -> list[CheckId]:
+        return [cid for ids in self.plan_by_family().values() for cid in ids]
+
+    def needs_outputs(self, selected: list[str]) -> bool:
+        """Whether any of these check ids belongs to a family that needs the models run (``-k weights``
+        or ``-k config`` alone then loads no model)."""
+        wanted = set(selected)
+        static = {f.name for f in checks.families() if not f.needs_outputs}
+        return any(str(c) in wanted for name, ids in self.plan_by_family().items() if name not in static
+                   for c in ids)
+
+    # -- running: A, then B on A's token ids; each loaded only when its outputs are not stored
+    def runs(self) -> tuple[ModelRun, ModelRun]:
+        if self._runs is None:
+            self._stage = "recognising the models"
+            for spec in (self.a, self.b):  # a mistyped path fails now, not after A has run
+                spec.resolved_backend()
+            self.settings = self._fit_context(self.settings)
+            self._stage = f"running model A ({self.a.path})"
+            run_a = run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
+                              label=self._label + "A ")
+            if self.save_reference is not None:
+                from .store.reference import save_reference
+
+                self._stage = f"saving the reference to {self.save_reference}"
+                save_reference(run_a, self.save_reference, self.corpus, self.settings)
+                self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
+            self._stage = f"running model B ({self.b.path})"
+            run_b = run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
+                              progress=self.progress, label=self._label + "B ")
+            self._runs = (run_a, run_b)
+        return self._runs
+
+    def _fit_context(self, settings: RunSettings) -> RunSettings:
+        """Prompts longer than either model's context are cut to fit (and the report says so), rather than
+        erroring the pair: a 2,048-context model still gets every check on the default corpus."""
+        limits = [c for c in (self._probe(self.a).get("context_length"), self._probe(self.b).get("context_length"))
+                  if isinstance(c, int) and c > 1]
+        if not limits or (settings.max_tokens is not None and settings.max_tokens <= min(limits)):
+            return settings
+        return replace(settings, max_tokens=min(limits))
+
+    def metrics(self) -> PairMetrics:
+        if self._metrics is None:
+            run_a, run_b = self.runs()
+            self._stage = "computing the pair's metrics"
+            self._metrics = pair_metrics(run_a, run_b, self.corpus, self.cache)
+        return self._metrics
+
+    def _context(self, run_a: ModelRun | None, run_b: ModelRun | None, bounds: Any, res: PairResult) -> EvalContext:
+        return EvalContext(run_a, run_b, self.corpus, bounds, self.settings, res, self.metrics,
+                           baseline=self.baseline, plan=self.plan(), plan_families=self.plan_by_family(),
+                           spec_a=self.a, spec_b=self.b, measured=self._measured,
+                           measure_fn=lambda f, c: measure(f, c, self.cache))
+
+    def _static(self, merged: dict[str, float]) -> PairResult:
+        """The families that need no model outputs, with the bounds of the classes the files declare."""
+        info_a, info_b = self._probe(self.a), self._probe(self.b)
+        cls, row = checks.default_bounds(info_a, info_b)
+        res = PairResult(self.pair_id, self.a.path, self.b.path, info_a.get("backend"), info_b.get("backend"),
+                         precision_class=cls, bounds=row.with_overrides(merged).to_dict(), info_a=info_a,
+                         info_b=info_b)
+        res.checks = checks.evaluate_all(self._context(None, None, row.with_overrides(merged), res), self.plan(),
+                                         outputs=False)
+        failing = [c.id for c in res.checks if c.outcome == FAILED]  # an unreadable file is the pair's error
+        if failing:
+            self.progress(f"{self._label}{len(failing)} check(s) fail before any model runs: "
+                          + ", ".join(failing[:6]) + (" ..." if len(failing) > 6 else ""))
+        return res
+
+    # -- evaluation: every family, against the bounds in force
+    def result(self, overrides: Mapping[str, float] | None = None) -> PairResult:
+        """The pair's result with the default bounds of its precision class, the comparison's overrides and
+        then ``overrides`` (narrowest wins). Never raises for a pair that cannot run: the result's
+        ``error`` says why, the checks that read only the files keep their results, and every other
+        planned check is an error."""
+        merged = {**self.bound_overrides, **(overrides or {})}
+        key = tuple(sorted(merged.items()))
+        if key in self._results:
+            return self._results[key]
+        static = self._static(merged)
+        if self.static_only:
+            self._results[key] = static
+            return static
+        if self._error is None:
+            try:
+                run_a, run_b = self.runs()
+                cls, chosen = checks.default_bounds(run_a.info, run_b.info)
+                self.metrics()
+                self._stage = "evaluating the checks"
+                res = evaluate(run_a, run_b, self.corpus, chosen.with_overrides(merged), pair_id=self.pair_id,
+                               precision=cls, pm=self._metrics, cache=self.cache, settings=self.settings,
+                               plan=self.plan(), plan_families=self.plan_by_family(), baseline=self.baseline,
+                               measured=self._measured)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - a crash must error the pair, never pass it
+                self._error = describe_failure(exc, self._stage)
+        if self._error is not None:
+            res = error_result(self.pair_id, self.a, self.b, self.plan(), self._error)
+            kept = {c.id: c for c in static.checks}
+            res.checks = [kept.get(c.id, c) for c in res.checks]
+            res.info_a, res.info_b, res.precision_class = static.info_a, static.info_b, static.precision_class
+        self._results[key] = res
+        return res
+
+    def close(self) -> None:
+        """Let the runs go once the pair's items are done: their cache entries are no longer in use (the
+        budget may evict them). A later ``result()`` with new bounds still works from what was measured;
+        ``runs()`` reads the entries again when asked."""
+        if self._runs is not None:
+            for run in self._runs:
+                release = getattr(run.entry, "release", None)
+                if release is not None:
+                    release()
+        self._runs = None
+
+
+def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathLike[str] | ModelSpec, *,
+            corpus: Corpus | str | None = None, bounds: dict[str, float] | None = None,
+            cache_dir: str | os.PathLike[str] | None = None, refresh: bool = False,
+            settings: RunSettings | None = None, progress: Progress | None = None,
+            pair_id: str | None = None, store: str | None = None, static_only: bool = False) -> PairResult:
+    """Run A and B (or read them from the cache) and evaluate every check.
+
+    ``bounds``: overrides applied on top of the default row for the pair's precision class.
+    ``store``: how A's outputs are cached, ``"compact"`` (the default) or ``"full"`` (as ``RunSettings.store``,
+    which it overrides). A model that cannot be loaded gives a result with ``verdict == "error"`` and the reason
+    in ``error``. ``static_only``: evaluate only the checks that read the model files (``config``,
+    ``weights``), loading no model: a structural or metadata defect reported in seconds.
+    """
+    spec_a = model_a if isinstance(model_a, ModelSpec) else ModelSpec(str(model_a))
+    spec_b = model_b if isinstance(model_b, ModelSpec) else ModelSpec(str(model_b))
+    overrides = checks.parse_bound_mapping(dict(bounds or {}), "compare(bounds=...)") if bounds else {}
+    settings = settings or RunSettings()
+    if store is not None:
+        settings = replace(settings, store=store)
+    comparison = Comparison(
+        spec_a, spec_b, corpus if isinstance(corpus, Corpus) else load_corpus(corpus),
+        Cache(Path(cache_dir) if cache_dir else default_cache_dir(), read=not refresh),
+        settings, overrides, pair_id or "", progress=progress or _quiet)
+    comparison.static_only = static_only
+    return comparison.result()

@@ -1,0 +1,698 @@
+"""Read two models' weights one tensor (a chunk of rows) at a time, in one naming and one convention.
+
+A GGUF keeps its tensors under llama.cpp's names (``blk.3.ffn_down.weight``) and in llama.cpp's
+conventions (q/k rows permuted for its rope, Gemma's norms stored as 1 + w); a transformers checkpoint
+keeps them under its own. To compare them tensor by tensor, B's tensors are dequantised and brought
+into A's naming and convention the way transformers' GGUF loader does (gguf-py's tensor name map for
+the architecture, then the reverse of each transform the converter applied). Everything is read
+through memory maps a block of rows at a time, as float32: a 70B model's weights are never all in
+memory, only one chunk of one tensor pair and a small fixed sample (sketch) of each tensor.
+
+No pytest here and no torch: numpy, the ``gguf`` package (for its name maps and dequantisers) and the
+project's own GGUF header reader; safetensors files are read from their (JSON) header and a memory map.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends import gguf_header
+from .weight_errors import (
+    Sketch,
+    TensorStats,
+    expected_error,
+    layer_and_role,
+    pair_expected_error,
+    rope_permute,
+    rope_unpermute,
+    sample_error,
+)
+
+__all__ = ["CONVENTIONS", "Convention", "GGUFWeights", "SafetensorsWeights", "StoredTensor", "WeightsUnreadable",
+           "measure_weights"]
+
+CHUNK_ELEMENTS = 1 << 22  # entries per side per chunk (16 MiB as float32)
+CANDIDATE_RATIO = 0.5  # an alternative explains B when its error is at most half of B's own error
+
+
+class WeightsUnreadable(Exception):
+    """This side's weights cannot be compared here; the message says why (the items skip with it)."""
+
+
+@dataclass(frozen=True)
+class Convention:
+    """What llama.cpp's converter does to an architecture's tensors beyond renaming them."""
+
+    permute_qk: bool = False  # q/k rows reordered for llama.cpp's rope (LlamaModel.permute)
+    norm_offset: float = 0.0  # GGUF norm weight = HF norm weight + offset (Gemma's RMSNorm computes x * (1 + w))
+
+
+# GGUF architecture -> convention, from convert_hf_to_gguf.py (LlamaModel and its subclasses with
+# undo_permute, GemmaModel/Gemma2Model/Gemma3Model's norm shift) and transformers' GGUF loader, which
+# undoes the same (LlamaTensorProcessor, Gemma2TensorProcessor). Others are not guessed.
+CONVENTIONS: dict[str, Convention] = {
+    "llama": Convention(permute_qk=True),
+    "arcee": Convention(permute_qk=True),
+    "smollm3": Convention(permute_qk=True),
+    "qwen2": Convention(),
+    "qwen3": Convention(),
+    "gemma": Convention(norm_offset=1.0),
+    "gemma2": Convention(norm_offset=1.0),
+    "gemma3": Convention(norm_offset=1.0),
+}
+# transformers model_type -> GGUF architecture, for comparing two transformers checkpoints of these
+HF_ARCH = {"llama": "llama", "mistral": "llama", "arcee": "arcee", "smollm3": "smollm3", "qwen2": "qwen2",
+           "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# GGUF tensors that a transformers checkpoint does not store (its config describes them)
+_CONFIG_TENSORS = {n: "llama.cpp's rope frequency factors; transformers computes them from the config (the config "
+                      "check compares the rope settings)"
+                   for n in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")}
+# safetensors dtype -> (numpy dtype of the stored values, name in the type table)
+_ST_DTYPES = {"F64": ("<f8", "F64"), "F32": ("<f4", "F32"), "F16": ("<f2", "F16"), "BF16": ("<u2", "BF16")}
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as stored: its name in its file, numpy-order shape, storage type, and where its bytes are."""
+
+    name: str
+    shape: tuple[int, ...]
+    type: str
+    file: Path
+    offset: int  # absolute byte offset in ``file``
+    nbytes: int
+    rows: int  # the 2-D view the comparison streams: (rows, cols)
+    cols: int
+
+
+def _view(shape: tuple[int, ...], block: int = 1) -> tuple[int, int]:
+    """A tensor's 2-D view: leading dims as rows; a 1-D tensor as a column (rows are what chunks split and
+    what llama.cpp's q/k permutation moves), unless its type packs blocks along it."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return (shape[0], 1) if block == 1 else (1, shape[0])
+    return math.prod(shape[:-1]), shape[-1]
+
+
+class _Maps:
+    """One read-only memory map per file, opened on first use."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, np.memmap] = {}
+
+    def get(self, path: Path) -> np.memmap:
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        return self._maps[path]
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+class GGUFWeights:
+    """A GGUF file (or the shards of a split one): tensor table from the header, data through a memory map,
+    rows dequantised by gguf-py."""
+
+    kind = "gguf"
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf  # noqa: F401 - fail early with a readable reason when missing
+
+        self.path = Path(path)
+        self.tensors: dict[str, StoredTensor] = {}
+        self.kv: dict[str, Any] = {}
+        for shard in gguf_header.shard_files(self.path):
+            hdr = gguf_header.read_header(shard)
+            if not self.kv:
+                self.kv = hdr.kv
+            for name, ne, ttype, offset in hdr.tensors:
+                tname, block, nbytes = gguf_header.GGML_TYPES.get(ttype, (f"type {ttype}", 0, 0))
+                shape = tuple(int(d) for d in reversed(ne))
+                n = math.prod(shape) if shape else 1
+                size = n // block * nbytes if block else 0
+                r, c = _view(shape, block or 1)
+                self.tensors[name] = StoredTensor(name, shape, tname, shard, hdr.data_start + offset, size, r, c)
+        self.arch = str(self.kv.get("general.architecture") or "")
+        self._maps = _Maps()
+
+    def meta(self, key: str, layer: int | None = None) -> Any:
+        v = self.kv.get(f"{self.arch}.{key}")
+        if isinstance(v, list):
+            return v[layer] if layer is not None and layer < len(v) else (v[0] if v else None)
+        return v
+
+    def heads(self, layer: int | None) -> tuple[int | None, int | None]:
+        n_head = self.meta("attention.head_count", layer)
+        n_kv = self.meta("attention.head_count_kv", layer) or n_head
+        return (int(n_head) if n_head else None), (int(n_kv) if n_kv else None)
+
+    def read(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of the tensor's 2-D view, dequantised to float32."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].reshape(t.rows, -1)[r0:r1]
+        if t.type == "F64":
+            return np.asarray(raw).view("<f8").astype(np.float32)
+        try:
+            qtype = GGMLQuantizationType[t.type]
+        except KeyError:
+            raise WeightsUnreadable(f"gguf-py does not know the tensor type {t.type}") from None
+        out = dequantize(np.asarray(raw), qtype)
+        return np.asarray(out, dtype=np.float32).reshape(r1 - r0, t.cols)
+
+    def close(self) -> None:
+        self._maps.close()
+
+
+class SafetensorsWeights:
+    """A transformers checkpoint's ``*.safetensors`` files: header JSON, data through a memory map (bf16
+    widened to float32 by bit shift, so no torch is needed)."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        files = self._files()
+        if not files:
+            bins = sorted(self.path.glob("*.bin")) + sorted(self.path.glob("*.pt"))
+            if bins:
+                raise WeightsUnreadable(f"{self.path} keeps its weights in {bins[0].name} (a pickle), which this check "
+                                        "does not read; save the checkpoint with safetensors")
+            raise WeightsUnreadable(f"{self.path} has no *.safetensors weights")
+        self.tensors: dict[str, StoredTensor] = {}
+        self.skipped: dict[str, str] = {}
+        for f in files:
+            self._read_header(f)
+        cfg = self.path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+        except (OSError, ValueError):
+            self.config = {}
+        self._maps = _Maps()
+
+    def _files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                return [self.path / n for n in names]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return sorted(self.path.glob("*.safetensors"))
+
+    def _read_header(self, f: Path) -> None:
+        try:
+            with f.open("rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, struct.error, ValueError) as exc:
+            raise WeightsUnreadable(f"{f}: not a readable safetensors file ({exc})") from None
+        base = 8 + n
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = str(info.get("dtype"))
+            if dtype not in _ST_DTYPES:
+                self.skipped[name] = f"dtype {dtype} (not a float type this check reads)"
+                continue
+            start, end = info["data_offsets"]
+            shape = tuple(int(d) for d in info["shape"])
+            r, c = _view(shape)
+            self.tensors[name] = StoredTensor(name, shape, _ST_DTYPES[dtype][1], f, base + start, end - start, r, c)
+
+    def read(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
+        np_dtype = _ST_DTYPES[t.type][0]
+        raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].view(np_dtype).reshape(t.rows, t.cols)[r0:r1]
+        if t.type == "BF16":
+            return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
+        if t.type == "F32":
+            return np.asarray(raw)
+        return np.asarray(raw, dtype=np.float32)
+
+    def close(self) -> None:
+        self._maps.close()
+
+
+Source = GGUFWeights | SafetensorsWeights
+
+
+# --------------------------------------------------------------------------- pairing
+
+
+@dataclass
+class Pair:
+    """One tensor of the comparison: its name in the common naming, each side's stored tensor, and what
+    turns each side's rows into the common convention."""
+
+    name: str
+    a: StoredTensor | None
+    b: StoredTensor | None
+    qk: str | None = None  # "q" or "k": rows in llama.cpp's rope order on a GGUF side
+    groups: dict[str, int] = field(default_factory=dict)  # "q"/"k" head count for the permutation
+    unpermute: tuple[bool, bool] = (False, False)  # whether A's / B's rows must be rope-unpermuted
+    norm_offset: tuple[float, float] = (0.0, 0.0)  # subtracted from A's / B's values
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    mode: str  # "hf-gguf", "gguf-hf", "gguf-gguf", "hf-hf"
+    arch: str | None
+    pairs: list[Pair]
+    permute_arch: bool  # whether the architecture's q/k are permuted by llama.cpp (for the candidates)
+    heads: tuple[int | None, int | None] = (None, None)
+    unmatched_b: list[str] = field(default_factory=list)
+    not_compared: list[dict[str, str]] = field(default_factory=list)
+
+
+def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]:
+    """GGUF tensor name -> transformers name, from gguf-py's name map for the architecture applied to the
+    transformers names (as transformers' ``get_gguf_hf_weights_map`` does)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch_id = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if arch_id is None:
+        raise WeightsUnreadable(f"gguf-py does not know the architecture {arch!r}")
+    name_map = get_tensor_name_map(arch_id, n_blocks)
+    out: dict[str, str] = {}
+    for hf in hf_names:
+        base, dot, suffix = hf.rpartition(".")
+        if not dot:
+            continue
+        g = name_map.get_name(base)
+        if g is not None:
+            out[f"{g}.{suffix}"] = hf
+    return out
+
+
+def _n_blocks(src: Source) -> int:
+    if isinstance(src, GGUFWeights):
+        n = src.meta("block_count")
+        if n:
+            return int(n)
+    layers = [layer_and_role(n)[0] for n in src.tensors]
+    return max((i for i in layers if i is not None), default=-1) + 1
+
+
+def _qk_kind(gguf_name: str) -> str | None:
+    if ".attn_q." in gguf_name:
+        return "q"
+    if ".attn_k." in gguf_name:
+        return "k"
+    return None
+
+
+def plan_pairs(a: Source, b: Source) -> Plan:
+    """Which tensor of B goes with which of A, in which naming, with which transforms undone."""
+    if isinstance(a, SafetensorsWeights) and isinstance(b, SafetensorsWeights):
+        return _plan_same(a, b, "hf-hf")
+    if isinstance(a, GGUFWeights) and isinstance(b, GGUFWeights):
+        return _plan_same(a, b, "gguf-gguf")
+    hf, gg = (a, b) if isinstance(a, SafetensorsWeights) else (b, a)
+    assert isinstance(gg, GGUFWeights) and isinstance(hf, SafetensorsWeights)
+    arch = gg.arch
+    if arch not in CONVENTIONS:
+        raise WeightsUnreadable(
+            f"GGUF architecture {arch!r}: which transforms llama.cpp's converter applies to its tensors (beyond "
+            f"renaming) is not known to this check, so its tensors cannot be brought back into transformers' "
+            f"convention (known: {', '.join(sorted(CONVENTIONS))})")
+    conv = CONVENTIONS[arch]
+    hf_names = list(hf.tensors)
+    g2h = _gguf_to_hf(arch, _n_blocks(gg), hf_names)
+    head = "lm_head.weight"
+    if "output.weight" not in g2h and "output.weight" in gg.tensors:
+        g2h["output.weight"] = head  # the HF side ties its head: compared with its embedding below
+    h2g = {h: g for g, h in g2h.items()}
+    a_is_hf = hf is a
+    plan = Plan("hf-gguf" if a_is_hf else "gguf-hf", arch, [], conv.permute_qk, gg.heads(None))
+    gside = 1 if a_is_hf else 0  # which side is the GGUF
+    gname = "B" if a_is_hf else "A"
+    embed_hf = g2h.get("token_embd.weight")
+    for name in hf_names:
+        g = h2g.get(name)
+        if g is None:
+            if a_is_hf:
+                plan.not_compared.append({"name": name, "why": "no GGUF tensor corresponds to it in gguf-py's name map"})
+            else:
+                plan.unmatched_b.append(name)
+            continue
+        layer, _ = layer_and_role(name)
+        pair = Pair(name, None, None)
+        gg_t = gg.tensors.get(g)
+        if gg_t is None and g == "output.weight" and "token_embd.weight" in gg.tensors:
+            gg_t = gg.tensors["token_embd.weight"]
+            pair.note = f"{gname} has no output.weight: llama.cpp uses its token_embd.weight as the output layer (tied)"
+        kind = _qk_kind(g)
+        if kind and conv.permute_qk:
+            n_head, n_kv = gg.heads(layer)
+            pair.qk, pair.groups = kind, {"q": n_head or 0, "k": n_kv or 0}
+            pair.unpermute = (gside == 0, gside == 1)
+        if conv.norm_offset and g.endswith("norm.weight"):
+            pair.norm_offset = (conv.norm_offset, 0.0) if gside == 0 else (0.0, conv.norm_offset)
+        pair.a, pair.b = (hf.tensors[name], gg_t) if a_is_hf else (gg_t, hf.tensors[name])
+        plan.pairs.append(pair)
+    if head not in hf.tensors and "output.weight" in gg.tensors and embed_hf in hf.tensors:
+        hname = "A" if a_is_hf else "B"
+        p = Pair(head, None, None, note=f"{hname} ties its output layer to {embed_hf}, so {gname}'s output.weight "
+                                        "must be that embedding")
+        hf_t, gg_t = hf.tensors[embed_hf], gg.tensors["output.weight"]
+        p.a, p.b = (hf_t, gg_t) if a_is_hf else (gg_t, hf_t)
+        plan.pairs.append(p)
+    unmapped = [n for n in gg.tensors if n not in g2h]
+    if a_is_hf:
+        plan.unmatched_b = sorted(unmapped)
+    else:  # A is the GGUF: a tensor of it that B lacks is missing, unless transformers derives it from the config
+        for name in unmapped:
+            if name in _CONFIG_TENSORS:
+                plan.not_compared.append({"name": name, "why": _CONFIG_TENSORS[name]})
+            else:
+                plan.pairs.append(Pair(name, gg.tensors[name], None))
+    for name, why in hf.skipped.items():
+        plan.not_compared.append({"name": name, "why": why})
+    return plan
+
+
+def _plan_same(a: Source, b: Source, mode: str) -> Plan:
+    """Two models in the same naming: tensors pair by name; a tied output pairs with the embedding."""
+    if mode == "hf-hf":
+        assert isinstance(a, SafetensorsWeights)
+        arch = HF_ARCH.get(str(a.config.get("model_type") or ""))
+        n_head = a.config.get("num_attention_heads")
+        n_kv = a.config.get("num_key_value_heads") or n_head
+        heads = (int(n_head) if n_head else None, int(n_kv) if n_kv else None)
+        head = "lm_head.weight"
+        embed = next((n for n in list(a.tensors) + list(b.tensors) if n.endswith(("embed_tokens.weight", "wte.weight"))),
+                     None)
+    else:
+        assert isinstance(a, GGUFWeights)
+        arch = a.arch
+        heads = a.heads(None)
+        head, embed = "output.weight", "token_embd.weight"
+    conv = CONVENTIONS.get(arch or "")
+    plan = Plan(mode, arch, [], bool(conv and conv.permute_qk), heads)
+    for name, ta in a.tensors.items():
+        tb = b.tensors.get(name)
+        pair = Pair(name, ta, tb)
+        if tb is None and name == head and embed and embed in b.tensors:
+            pair.b = b.tensors[embed]
+            pair.note = f"B has no {head}: it ties its output layer to {embed}"
+        plan.pairs.append(pair)
+    if head not in a.tensors and head in b.tensors and embed and embed in a.tensors:
+        plan.pairs.append(Pair(head, a.tensors[embed], b.tensors[head],
+                               note=f"A ties its output layer to {embed}, so B's {head} must be that embedding"))
+    plan.unmatched_b = sorted(n for n in b.tensors if n not in a.tensors and n != head)
+    for src, role in ((a, "A"), (b, "B")):
+        for name, why in getattr(src, "skipped", {}).items():
+            plan.not_compared.append({"name": name, "why": f"{role}: {why}"})
+    if plan.permute_arch:
+        for pair in plan.pairs:
+            kind = _qk_kind(pair.name) if mode == "gguf-gguf" else (
+                "q" if ".q_proj." in pair.name else "k" if ".k_proj." in pair.name else None)
+            if kind:
+                layer = layer_and_role(pair.name)[0]
+                h = a.heads(layer) if isinstance(a, GGUFWeights) else heads
+                pair.qk, pair.groups = kind, {"q": h[0] or 0, "k": h[1] or 0}
+    return plan
+
+
+# --------------------------------------------------------------------------- streaming one pair
+
+
+class _Reader:
+    """One side of a pair in the common convention: rows dequantised, rope-unpermuted, norm offset removed."""
+
+    def __init__(self, src: Source, t: StoredTensor, unpermute_groups: int, offset: float) -> None:
+        self.src, self.t, self.groups, self.offset = src, t, unpermute_groups, offset
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        x = self.src.read(self.t, r0, r1)
+        if self.groups:
+            per = self.t.rows // self.groups
+            x = rope_unpermute(x, (r1 - r0) // per)
+        if self.offset:
+            x = x - np.float32(self.offset)
+        return x
+
+
+def _chunks(rows: int, cols: int, align: int) -> Iterator[tuple[int, int]]:
+    step = max(align, (CHUNK_ELEMENTS // max(cols, 1)) // align * align)
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _perm_groups(pair: Pair) -> int:
+    return pair.groups.get(pair.qk or "", 0) if pair.qk else 0
+
+
+def _check_groups(rows: int, n: int) -> bool:
+    return n > 0 and rows % n == 0 and (rows // n) % 2 == 0
+
+
+def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
+            alternatives: bool = False) -> tuple[TensorStats, Sketch, Sketch]:
+    """One pass over a tensor pair: its stats and both sketches (and, with ``alternatives``, how B compares
+    with A under the other q/k row orders)."""
+    n = _perm_groups(pair)
+    ra = _Reader(srcs[0], pair.a, n if pair.unpermute[0] else 0, pair.norm_offset[0])
+    rb = _Reader(srcs[1], pair.b, n if pair.unpermute[1] else 0, pair.norm_offset[1])
+    align = rows // n if n else 1
+    n_head = pair.groups.get("q", 0)
+    stats = TensorStats()
+    sa, sb = Sketch.for_shape(rows, cols), Sketch.for_shape(rows, cols)
+    for r0, r1 in _chunks(rows, cols, align):
+        a, b = ra.rows(r0, r1), rb.rows(r0, r1)
+        if a.shape != b.shape:
+            a, b = a.reshape(r1 - r0, cols), b.reshape(r1 - r0, cols)
+        stats.update(a, b, r0)
+        sa.update(a, r0)
+        sb.update(b, r0)
+        if alternatives and n:
+            k = (r1 - r0) // align
+            stats.add_alt("unpermuted", a, rope_permute(b, k))
+            stats.add_alt("twice", a, rope_unpermute(b, k))
+            if pair.qk == "k" and n_head and n_head != n and _check_groups(rows, n_head) and n_head % n == 0:
+                per_h = rows // n_head
+                stats.add_alt("heads", a, rope_unpermute(rope_permute(b, k), (r1 - r0) // per_h))
+    return stats, sa, sb
+
+
+# --------------------------------------------------------------------------- the measurement
+
+
+def _describe_alt(name: str, mode: str, pair: Pair) -> tuple[str, str]:
+    """(what B matches, what that means) when another q/k row order explains it, in this comparison's
+    terms (B a GGUF: what its converter did; B a transformers checkpoint: what a GGUF-to-transformers
+    conversion did)."""
+    which = "q_proj" if pair.qk == "q" else "k_proj"
+    if name == "heads":
+        return (f"A's {which} permuted for llama.cpp's rope with n_head={pair.groups.get('q')} heads instead of "
+                f"n_head_kv={pair.groups.get('k')}", "the grouped-query attention permutation bug")
+    if mode in ("hf-gguf", "gguf-gguf"):
+        if name == "unpermuted":
+            return (f"A's {which} without llama.cpp's rope permutation",
+                    "the converter did not permute this tensor's rows for llama.cpp's rope")
+        return f"A's {which} with llama.cpp's rope permutation applied twice", "the rows were permuted twice"
+    if name == "unpermuted":
+        return (f"A's {which} with llama.cpp's rope permutation undone twice",
+                "the conversion back from GGUF undid a permutation that was not there")
+    return (f"A's {which} in llama.cpp's rope row order",
+            "the conversion back from GGUF did not undo llama.cpp's q/k permutation")
+
+
+def _entry(pair: Pair, layer: int | None, role: str) -> dict[str, Any]:
+    a, b = pair.a, pair.b
+    return {
+        "name": pair.name, "a_name": a.name if a else None, "b_name": b.name if b else None,
+        "type_a": a.type if a else None, "type_b": b.type if b else None,
+        "shape_a": list(a.shape) if a else None, "shape_b": list(b.shape) if b else None,
+        "layer": layer, "role": role, "error": None, "expected": None, "measured_types": None,
+        "scale": None, "scale_residual": None, "offset": None, "offset_residual": None,
+        "nonfinite_a": 0, "nonfinite_b": 0, "first_nonfinite": None, "problem": None,
+        "note": pair.note, "matches": [], "sample_error": None,
+    }
+
+
+def _shape_problem(pair: Pair) -> str | None:
+    a, b = pair.a, pair.b
+    assert a is not None and b is not None
+    if a.shape == b.shape or (a.rows, a.cols) == (b.rows, b.cols):
+        return None
+    if len(a.shape) == 2 and tuple(reversed(a.shape)) == b.shape:
+        return f"B's shape {b.shape} is A's {a.shape} transposed"
+    return f"B's shape {b.shape} differs from A's {a.shape}"
+
+
+def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[str, Any]:
+    """Compare every tensor of B with A's; a JSON-serialisable dict (see checks/weights.py for the reading).
+
+    Tensors are read and compared one at a time in row chunks; afterwards, the tensors whose error is
+    above what their types give (or whose scale is off) are compared cheaply, on their sketches, with every
+    other tensor of A of the same shape, with A's transpose, and (q/k) with A under llama.cpp's other row
+    orders, to say what B matches better.
+    """
+    t0 = time.perf_counter()
+    plan = plan_pairs(a, b)
+    entries: list[dict[str, Any]] = []
+    sketches_a: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    sketches_b: dict[int, Sketch] = {}
+    for pair in plan.pairs:
+        layer, role = layer_and_role(pair.name)
+        e = _entry(pair, layer, role)
+        entries.append(e)
+        if pair.b is None:
+            e["problem"] = f"B has no tensor for A's {pair.name}" + (f" ({pair.a.name})" if pair.a and
+                                                                     pair.a.name != pair.name else "")
+            continue
+        assert pair.a is not None
+        shape = _shape_problem(pair)
+        if shape:
+            e["problem"] = shape
+            continue
+        rows, cols = pair.a.rows, pair.a.cols
+        n = _perm_groups(pair)
+        if pair.qk and (pair.unpermute[0] or pair.unpermute[1]) and not _check_groups(rows, n):
+            e["problem"] = (f"its {rows} rows are not {n} heads of an even size, so llama.cpp's rope permutation "
+                            "cannot be undone")
+            continue
+        if pair.qk and not _check_groups(rows, n):
+            pair.qk = None
+        try:
+            stats, sa, sb = _stream((a, b), pair, rows, cols)
+        except WeightsUnreadable as exc:
+            e["problem"] = None
+            e["unreadable"] = str(exc)
+            continue
+        exp = pair_expected_error(pair.a.type, pair.b.type)
+        c, c_res = stats.scale()
+        k, k_res = stats.offset()
+        v, v_res = stats.constant()
+        err = stats.error()
+        e.update({"error": err if math.isfinite(err) else None, "expected": exp,
+                  "measured_types": expected_error(pair.a.type)[1] and expected_error(pair.b.type)[1],
+                  "scale": c, "scale_residual": c_res, "offset": k, "offset_residual": k_res,
+                  "constant": v, "constant_residual": v_res, "nonfinite_a": stats.nonfinite_a, "nonfinite_b": stats.nonfinite_b,
+                  "first_nonfinite": stats.first_nonfinite, "a_zero": stats.a2 == 0.0, "b_zero": stats.b2 == 0.0})
+        idx = len(entries) - 1
+        sketches_a.setdefault((rows, cols), []).append((idx, sa.values))
+        sketches_b[idx] = sb
+    _peer_medians(entries)
+    for idx, sb in sketches_b.items():
+        e = entries[idx]
+        if _suspect(e):
+            e["matches"] = _matches((a, b), plan, idx, e, sb, sketches_a)
+    a.close()
+    b.close()
+    return {"status": "ok", "mode": plan.mode, "arch": plan.arch, "tensors": entries,
+            "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
+            "n_layers": n_layers, "seconds": time.perf_counter() - t0}
+
+
+def _peer_medians(entries: list[dict[str, Any]]) -> None:
+    """Each tensor's peers: the other tensors of the same role and the same storage types in the file."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, e in enumerate(entries):
+        if e["error"] is not None and e["layer"] is not None:
+            groups.setdefault((e["role"], e["type_a"], e["type_b"]), []).append(i)
+    for idx in groups.values():
+        for i in idx:
+            peers = [entries[j]["error"] for j in idx if j != i]
+            entries[i]["peers"] = len(peers)
+            entries[i]["peer_median"] = float(np.median(peers)) if peers else None
+
+
+def _suspect(e: dict[str, Any]) -> bool:
+    """Worth asking what B matches better: above the type's error, off in scale, or far above its peers."""
+    err, exp = e["error"], e["expected"]
+    if err is None or exp is None:
+        return False
+    med = e.get("peer_median")
+    return (err > exp or (e["scale"] is not None and abs(e["scale"] - 1.0) > 0.05)
+            or (med is not None and err > 1.5 * max(med, exp / 10)))
+
+
+def _matches(srcs: tuple[Source, Source], plan: Plan, idx: int, e: dict[str, Any], sb: Sketch,
+             sketches_a: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> list[dict[str, Any]]:
+    """What B's tensor is closer to than A's own, best first: another tensor of A (a swap, a tied embedding),
+    A transposed, A with another q/k row order, a multiple of A, A plus a constant, zeros."""
+    pair = plan.pairs[idx]
+    assert pair.a is not None
+    err = float(e["error"])
+    found: list[dict[str, Any]] = []
+    cands = sketches_a.get((pair.a.rows, pair.a.cols), [])
+    own = next(v for i, v in cands if i == idx)
+    own_sample = sample_error(own, sb.values)
+    e["sample_error"] = own_sample
+    limit = CANDIDATE_RATIO * own_sample
+    best = sorted((s, i) for s, i in ((sample_error(v, sb.values), i) for i, v in cands if i != idx) if s <= limit)
+    for s, i in best[:3]:
+        other = plan.pairs[i]
+        layer, role = layer_and_role(other.name)
+        found.append({"kind": "tensor", "tensor": other.name, "a_name": other.a.name if other.a else None,
+                      "layer": layer, "role": role, "error": s, "sampled": True, "what": f"A's {other.name}",
+                      "meaning": _tensor_meaning(pair, other)})
+    if sb.square:
+        s = sample_error(own.T, sb.values)
+        if s <= limit:
+            found.append({"kind": "transpose", "error": s, "sampled": True, "what": "A's tensor transposed",
+                          "meaning": "the tensor was written transposed"})
+    if pair.qk and plan.permute_arch:
+        stats, _, _ = _stream(srcs, pair, pair.a.rows, pair.a.cols, alternatives=True)
+        for name in ("unpermuted", "twice", "heads"):
+            alt = stats.alt_error(name)
+            if alt is not None and alt <= CANDIDATE_RATIO * err:
+                what, meaning = _describe_alt(name, plan.mode, pair)
+                found.append({"kind": f"rope-{name}", "error": alt, "sampled": False, "what": what,
+                              "meaning": meaning})
+    c, c_res = e["scale"], e["scale_residual"]
+    if e.get("b_zero") and not e.get("a_zero"):
+        found.append({"kind": "zero", "error": 1.0, "sampled": False, "what": "zeros",
+                      "meaning": "B's tensor is all zeros"})
+    elif (c is not None and c_res is not None and abs(c - 1.0) > 0.02 and c != 0.0
+          and c_res / abs(c) <= CANDIDATE_RATIO * err):
+        found.append({"kind": "scale", "factor": c, "error": c_res / abs(c) if c else c_res, "sampled": False,
+                      "what": f"{c:.3g} × A's tensor", "meaning": "the tensor was scaled"})
+    v, v_res = e.get("constant"), e.get("constant_residual")
+    if not e.get("b_zero") and v is not None and v_res is not None and v_res <= 1e-3 * CANDIDATE_RATIO * err:
+        found.append({"kind": "constant", "value": v, "error": v_res, "sampled": False,
+                      "what": f"the constant {v:.4g}",
+                      "meaning": "every value of B's tensor is the same" + (
+                          ": a norm weight left at its initial value" if abs(v - 1.0) < 1e-6 else "")})
+    k, k_res = e["offset"], e["offset_residual"]
+    if k is not None and k_res is not None and abs(k) > 0 and k_res <= CANDIDATE_RATIO * err:
+        meaning = "a constant was added to the tensor"
+        if abs(abs(k) - 1.0) < 0.02 and pair.name.endswith("norm.weight"):
+            meaning = ("a norm weight stored in the (1 + w) convention of Gemma's RMSNorm (or with it undone) "
+                       "where the architecture does not use it")
+        found.append({"kind": "offset", "offset": k, "error": k_res, "sampled": False,
+                      "what": f"A's tensor {'+' if k > 0 else '−'} {abs(k):.3g}", "meaning": meaning})
+    found.sort(key=lambda m: m["error"])
+    if found:  # the best explanation, and the others only when nearly as good
+        keep = 2.0 * found[0]["error"] + 2.0 * float(e["expected"] or 0.0)
+        found = [m for m in found if m["error"] <= keep]
+    return found
+
+
+def _tensor_meaning(pair: Pair, other: Pair) -> str:
+    """What it means that B's tensor is A's ``other`` tensor."""
+    layer, role = layer_and_role(pair.name)
+    o_layer, o_role = layer_and_role(other.name)
+    if role == o_role and layer is not None and o_layer is not None:
+        return f"layer {o_layer}'s tensor is in layer {layer}'s place (layers swapped or written twice)"
+    if pair.note and layer is None and o_layer is None:
+        return f"{pair.note[0].lower()}{pair.note[1:]}, where A's own tensor is different"
+    if layer is None and o_layer is None:
+        return "B's tensor is another of A's tensors (an output layer tied or untied, or a mix-up)"
+    return "B's tensor is another of A's tensors of the same shape (a mix-up)"

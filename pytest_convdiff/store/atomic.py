@@ -1,0 +1,59 @@
+"""One way to write a file so that a reader sees the old content or the new, never half of either.
+
+Every file the project writes for a person or a later run (cache metadata, golden references,
+baselines, JSON/HTML reports, plots) goes through here: the bytes go to a temporary file in the
+target's directory, which is renamed over the target; on any error the temporary file is removed
+and the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, encoding: str | None = "utf-8",
+                fsync: bool = False) -> Iterator[IO[Any]]:
+    """``with atomic_open(p) as fh: ...``: ``p`` appears complete when the block ends, or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else encoding) as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_open(path, "w") as fh:
+        fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_json(path: str | os.PathLike[str], doc: Any, *, indent: int | None = None) -> None:
+    # Serialise first: an unserialisable document must not leave even a temporary file behind.
+    write_text(path, json.dumps(doc, indent=indent))
+
+
+def write_with(path: str | os.PathLike[str], writer: Callable[[IO[bytes]], None]) -> None:
+    """Stream binary content (e.g. a large reference file) through ``writer(fh)``, atomically."""
+    with atomic_open(path, "wb") as fh:
+        writer(fh)

