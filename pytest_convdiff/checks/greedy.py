@@ -2,10 +2,13 @@
 greedy choice first differs, each model's token must be in the other's top-N (vLLM's
 check_logprobs_close). Catches generation that goes off the rails although logits look close.
 
-A float or 8-bit conversion must stay within the top-N on every prompt. Quantisation below that
-moves logits enough to leave it at some steps where A was not close (a random-weight model's flat
-distributions most of all): the budget ``greedy_off_path`` is the fraction of prompts allowed to,
-by precision class (docs/bounds.md)."""
+A float or 8-bit conversion must stay within the top-N on every prompt (``greedy_off_path`` 0).
+Below 8 bits the budget is 1, so the item reports and never fails: a correct Q5_K_M of the tiny
+random-weight model leaves A's path on 2 of the 3 prompts of the default corpus and its Q4_0 on all 3
+(flat distributions: a little noise reorders a top-5), and a correct Q3_K_M of a trained model failed
+on greedy alone. With a few prompts the fraction moves in steps of a third, so no budget between 0 and
+1 separates noise from a defect; the checks that do are the correctness families (docs/bounds.md).
+Tighten it for a model you know with ``--convdiff-bound greedy_off_path=0.34``."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from ..core.results import UPPER, CheckId, CheckResult
 from .base import CheckFamily, EvalContext, PlanContext, judge, per_class, skipped
 
 GREEDY = CheckId("greedy")
-BOUNDS = (BoundSpec("greedy_off_path", UPPER, per_class(0.0, 0.0, 0.0, 0.34, 0.67, 1.0),
+BOUNDS = (BoundSpec("greedy_off_path", UPPER, per_class(0.0, 0.0, 0.0, 1.0, 1.0, 1.0),
                     "fraction of greedy prompts where B leaves A's path beyond the top-N"),)
 
 
