@@ -153,7 +153,8 @@ def run(models: list[str], json_path: Path, cache_root: Path, refresh: bool, onl
     doc["environment"] = env
     entries = pipeline.load_manifest()
     for model in models:
-        mine = [e for e in entries if e["model"] == model and (only is None or only in e["file"])]
+        mine = [e for e in entries if e["model"] == model
+                and (only is None or any(o in e["file"] for o in only.split(",")))]
         if not mine:
             print(f"{model}: nothing built (python -m fixtures.pipeline --models {model})", flush=True)
             continue
@@ -254,23 +255,23 @@ def _beyond(row: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
 
 
 def _table(rows: list[dict[str, Any]], all_rows: list[dict[str, Any]], bugs: bool) -> list[str]:
-    head = ["file", "bpw", "verdict", "failing checks", "KL mean", "KL p99", "NMSE", "max rfn (layer)",
+    head = ["file", "bpw", "class", "verdict", "failing checks", "KL mean", "KL p99", "NMSE", "max rfn (layer)",
             "first div. layer", "top-1", "seed method (last-pos NMSE)"]
     if bugs:
         head[1:1] = ["expected layer"]
-        head[5:5] = ["failing beyond the correct file"]
+        head[6:6] = ["failing beyond the correct file"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"`{r['file']}`", f"{r['bpw']:.2f}", ("**" + r["verdict"] + "**") if r["verdict"] != "pass" else "pass",
+        cells = [f"`{r['file']}`", f"{r['bpw']:.2f}", r.get("precision_class") or "–", ("**" + r["verdict"] + "**") if r["verdict"] != "pass" else "pass",
                  r["failing"] or "", _f(r["kl_mean"]), _f(r["kl_p99"]), _f(r["nmse"]), _rfn_cell(r), _layer(r),
                  _f(r["top1"], 3), _seed_cell(r)]
         if r.get("error"):
-            cells[3] = "error: " + r["error"].splitlines()[0][:80]
+            cells[4] = "error: " + r["error"].splitlines()[0][:80]
         if bugs:
             exp = r.get("expected_layer")
             cells[1:1] = ["–" if exp is None else str(exp)]
             beyond = _beyond(r, all_rows)
-            cells[5:5] = ["?" if beyond is None else (beyond or "**nothing**")]
+            cells[6:6] = ["?" if beyond is None else (beyond or "**nothing**")]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -322,8 +323,9 @@ NOTES = """\
   so both models fall back to legacy types for most tensors and the label says little: on the tiny model (rows of
   128 and 384) Q6_K has exactly Q8_0's tensor types (8.53 bpw), Q2_K exactly Q4_0's and IQ4_XS exactly
   IQ4_NL's, so their rows below are identical; on SmolLM2 (hidden 576) Q4_K_M is 6.17 bpw, Q2_K 5.14 bpw. The
-  plugin picks its bounds from the label (general.file_type), so the tiny Q6_K is held to q5-6 bounds with
-  Q8_0 weights and the Q2_K to q2-3 bounds with Q4_0 weights.
+  plugin takes its bounds class from the noise the tensor types carry, not from the label
+  ([bounds.md](bounds.md)): the tiny Q6_K is q8 (its tensors are Q8_0), both models' Q4_K_M are q5-6 and
+  their Q2_K q4.
 - **NaN**: `llama_model_quantize` refuses NaN input (`tensor 'blk.22.ffn_down.weight' has invalid data`; the
   same for a NaN in an F32 norm weight), so a NaN a converter writes survives only in the F16 file (the
   `.f16.gguf` NaN bug). The Q4_K_M NaN bug carries its NaN the only way a quantised file can: the f16 scale of
@@ -338,21 +340,51 @@ NOTES = """\
 """
 
 
+_BUDGETS = (("nmse", "nmse", max), ("kl[mean]", "kl_mean", max), ("kl[p99]", "kl_p99", max),
+            ("topk[1]", "top1", min), ("topk[5]", "top5", min), ("rfn", "rfn", max), ("ppl[ratio]", "ppl_ratio", max))
+
+
+def _worst_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per precision class, the worst correct file's value of each budget and the budget's margin over it
+    (for a lower bound such as top-1, the margin on the disagreement: (1 - bound) / (1 - value))."""
+    correct = [r for r in rows if r["kind"] == "correct" and r.get("checks")]
+    out = ["| class | files | " + " | ".join(f"{n} {'≥' if agg is min else '≤'}" for _, n, agg in _BUDGETS) + " |",
+           "|" + "---|" * (len(_BUDGETS) + 2)]
+    for cls in ("float", "bf16", "q8", "q5-6", "q4", "q2-3"):
+        mine = [r for r in correct if r.get("precision_class") == cls]
+        if not mine:
+            continue
+        cells = []
+        for key, _name, agg in _BUDGETS:
+            vals = [(v, t, f"{r['model']} {r['quant']}") for r in mine for cid, (v, t, _o) in r["checks"].items()
+                    if (cid == key or (key == "rfn" and cid.startswith("rfn[layer")))
+                    and isinstance(v, (int, float)) and np.isfinite(v) and t is not None]
+            if not vals:
+                cells.append("–")
+                continue
+            v, t, who = agg(vals, key=lambda x: x[0])
+            margin = (t / v if v else float("inf")) if agg is max else ((1 - t) / (1 - v) if v < 1 else float("inf"))
+            cells.append(f"{_f(float(v))} ({who}; {_f(float(t))}, {margin:.1f}×)")
+        files = ", ".join(f"{r['model']} {r['quant']}" for r in mine)
+        out.append(f"| {cls} | {files} | " + " | ".join(cells) + " |")
+    return out
+
+
 def render(doc: dict[str, Any], models: list[str]) -> str:
     env = doc.get("environment", {})
     rows = list(doc["rows"].values())
+    corpus = next((r.get("corpus") for r in rows if r.get("corpus")), "default")
     lines = [
-        "# The real conversion pipeline: today's verdicts (draft measurements)",
+        "# The real conversion pipeline: today's verdicts",
         "",
         "Files built by `python -m fixtures.pipeline` with llama.cpp's own `convert_hf_to_gguf.py` (from the "
         f"llama-cpp-python {env.get('llama_cpp_python')} sdist) and `llama_model_quantize`; the list, and how each "
         "bug was made, is in `fixtures/models/pipeline/MANIFEST.json` and [fixtures/pipeline.py](../fixtures/pipeline.py). "
-        "Each file is compared with `pytest_convdiff.compare(A, B, corpus=\"default\")` under today's default "
+        f"Each file is compared with `pytest_convdiff.compare(A, B, corpus=\"{corpus}\")` under the default "
         "bounds, A being the model's transformers checkpoint in fp32. Measured by `bench/pipeline_table.py` on "
         f"{env.get('cpu')} ({env.get('cores')} cores, CPU only), {env.get('date')}; transformers "
-        f"{env.get('transformers')}, torch {env.get('torch')}; library: {env.get('library')} "
-        "(the checks and bounds were being changed by others while this was measured: the verdicts are "
-        "those of that state, the metrics are what to recalibrate on).",
+        f"{env.get('transformers')}, torch {env.get('torch')}; library: {env.get('library')}. "
+        "tests/test_pipeline_verdicts.py asserts the same verdicts on the `quick` corpus in CI.",
         "",
         "- **bpw**: real bits per weight from the tensor types (Σ n·bits(type) / Σ n), not the label.",
         "- **failing checks**: `tokens×n` = n prompts tokenised differently; `tokenizer×n` = n tokenizer cases; `rfn[a-b]`, `weights[a-b]` = those per-layer items of layers a to b.",
@@ -365,6 +397,14 @@ def render(doc: dict[str, Any], models: list[str]) -> str:
         "the last position's logits, pass when the token ids are equal and NMSE < 1e-2.",
         "",
         NOTES,
+        "## Worst correct conversion per precision class",
+        "",
+        "Each cell: the worst value over the correct files of both models in that class, which file, the "
+        "default budget, and the budget's margin over it (for top-1/top-5, on the disagreement: "
+        "(1 − bound) / (1 − value)). [bounds.md](bounds.md) says how the budgets were set.",
+        "",
+        *_worst_table(rows),
+        "",
     ]
     for model in models:
         mine = [r for r in rows if r["model"] == model]
@@ -417,7 +457,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path("/tmp/pipeline_table.json"))
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "pipeline.md")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/convdiff-pipeline-cache"))
-    ap.add_argument("--only", default=None, help="only files whose name contains this")
+    ap.add_argument("--only", default=None, help="only files whose name contains this (comma-separated: any of them)")
     ap.add_argument("--refresh", action="store_true", help="measure again rows already in the JSON")
     ap.add_argument("--corpus", default="default", help="corpus name or path (default: default)")
     ap.add_argument("--render-only", action="store_true", help="write the Markdown from the JSON, run nothing")
