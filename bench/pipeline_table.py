@@ -340,13 +340,18 @@ NOTES = """\
 """
 
 
+# (check id, bound name, which value is the worst)
 _BUDGETS = (("nmse", "nmse", max), ("kl[mean]", "kl_mean", max), ("kl[p99]", "kl_p99", max),
             ("topk[1]", "top1", min), ("topk[5]", "top5", min), ("rfn", "rfn", max), ("ppl[ratio]", "ppl_ratio", max))
 
 
 def _worst_table(rows: list[dict[str, Any]]) -> list[str]:
     """Per precision class, the worst correct file's value of each budget and the budget's margin over it
-    (for a lower bound such as top-1, the margin on the disagreement: (1 - bound) / (1 - value))."""
+    (for a lower bound such as top-1, the margin on the disagreement: (1 - bound) / (1 - value)). The budgets
+    are today's defaults (``checks.bound_table()``), not those in force when a row was measured."""
+    from pytest_convdiff import checks
+
+    table = checks.bound_table()
     correct = [r for r in rows if r["kind"] == "correct" and r.get("checks")]
     out = ["| class | files | " + " | ".join(f"{n} {'≥' if agg is min else '≤'}" for _, n, agg in _BUDGETS) + " |",
            "|" + "---|" * (len(_BUDGETS) + 2)]
@@ -355,15 +360,21 @@ def _worst_table(rows: list[dict[str, Any]]) -> list[str]:
         if not mine:
             continue
         cells = []
-        for key, _name, agg in _BUDGETS:
-            vals = [(v, t, f"{r['model']} {r['quant']}") for r in mine for cid, (v, t, _o) in r["checks"].items()
+        for key, name, agg in _BUDGETS:
+            t = getattr(table.row(cls), name)
+            vals = [(v, f"{r['model']} {r['quant']}") for r in mine for cid, (v, _t, _o) in r["checks"].items()
                     if (cid == key or (key == "rfn" and cid.startswith("rfn[layer")))
-                    and isinstance(v, (int, float)) and np.isfinite(v) and t is not None]
+                    and isinstance(v, (int, float)) and np.isfinite(v)]
             if not vals:
                 cells.append("–")
                 continue
-            v, t, who = agg(vals, key=lambda x: x[0])
-            margin = (t / v if v else float("inf")) if agg is max else ((1 - t) / (1 - v) if v < 1 else float("inf"))
+            v, who = agg(vals, key=lambda x: x[0])
+            if key == "ppl[ratio]":  # on the excess over 1
+                margin = (t - 1) / (v - 1) if v > 1 else float("inf")
+            elif agg is max:
+                margin = t / v if v else float("inf")
+            else:
+                margin = (1 - t) / (1 - v) if v < 1 else float("inf")
             cells.append(f"{_f(float(v))} ({who}; {_f(float(t))}, {margin:.1f}×)")
         files = ", ".join(f"{r['model']} {r['quant']}" for r in mine)
         out.append(f"| {cls} | {files} | " + " | ".join(cells) + " |")
@@ -401,7 +412,7 @@ def render(doc: dict[str, Any], models: list[str]) -> str:
         "",
         "Each cell: the worst value over the correct files of both models in that class, which file, the "
         "default budget, and the budget's margin over it (for top-1/top-5, on the disagreement: "
-        "(1 − bound) / (1 − value)). [bounds.md](bounds.md) says how the budgets were set.",
+        "(1 − bound) / (1 − value); for the PPL ratio, on its excess over 1). [bounds.md](bounds.md) says how the budgets were set.",
         "",
         *_worst_table(rows),
         "",
