@@ -49,7 +49,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--convdiff-cache-dtype",), "convdiff_cache_dtype", "how logits and hidden states are stored: float32 "
            "(default, exact) or float16 (half the disk; see docs/performance.md)", metavar="DTYPE"),
     Option(("--convdiff-store",), "convdiff_store", "how model A's outputs are stored in the cache and in a golden "
-           "reference: compact (default: its top-64 logits, log-normaliser and a seeded sketch of the logits and "
+           "reference: compact (default: its top-256 logits, log-normaliser and a seeded sketch of the logits and "
            "states, a few kB per token; see docs/storage.md) or full (every logit and state; needed by "
            "--convdiff-layer-swap and by A's arrays in the convdiff_pair fixture)", metavar="FORM"),
     Option(("--convdiff-cache-max-size",), "convdiff_cache_max_size", "the most the cache may hold, e.g. 20GB, "
