@@ -66,12 +66,13 @@ def _weights_divergence(res: PairResult) -> tuple[int, str] | None:
     """The first layer whose weights fail, and its sub-block: attention when any of its attention tensors
     (or their norm) fails, as attention runs first in a decoder layer. A wrong tensor is the surest
     location there is, and budgets loose enough for 4-bit noise may let its layer's rfn through."""
-    failed = [c for c in res.checks if c.name == "weights" and c.outcome == FAILED and c.param.startswith("layer-")]
+    failed = {int(c.param.split("-", 1)[1]): c for c in res.checks
+              if c.name == "weights" and c.outcome == FAILED and c.param.startswith("layer-")}
     if not failed:
         return None
-    first = min(failed, key=lambda c: int(c.param.split("-", 1)[1]))
-    subs = {_tensor_sub(str(t.get("b_name") or t.get("name") or "")) for t in first.details.get("failing", [])}
-    return int(first.param.split("-", 1)[1]), ("attn" if "attn" in subs or not subs else "mlp")
+    layer = min(failed)
+    subs = {_tensor_sub(str(t.get("b_name") or t.get("name") or "")) for t in failed[layer].details.get("failing", [])}
+    return layer, ("attn" if "attn" in subs or not subs else "mlp")
 
 
 def _localise(lm: metrics.LayerMetrics, rfn_bound: float, jump: float, res: PairResult
