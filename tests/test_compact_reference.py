@@ -63,6 +63,37 @@ def test_sketch_is_exactly_zero_for_equal_rows_and_unbiased_for_a_rank_one_diffe
     assert np.array_equal(compact.sketch(x[5:9], keys[5:9], 64), compact.sketch(x, keys, 64)[5:9])
 
 
+def test_sketches_equal_their_definition_computed_element_by_element():
+    """The fast sketches (sign bits XOR-ed into the float32 sign) against a plain loop over the definition:
+    bucket j mod m (or the layout's bucket) gets +x or -x by the element's sign bit; NaN keeps its place."""
+    rng = np.random.default_rng(5)
+    t, d, m = 7, 200, 64  # 200 = 3 * 64 + 8: the last bucket group is padded
+    x = rng.standard_normal((t, d)).astype(np.float32)
+    x[2, 130] = np.nan
+    keys = compact.row_keys(CFG.seed, "p", np.arange(t))
+    bits = compact._sign_bits(keys, d)
+    want = np.zeros((t, m))
+    for r in range(t):
+        for j in range(d):
+            want[r, j % m] += -float(x[r, j]) if bits[r, j] else float(x[r, j])
+    got = compact.sketch(x, keys, m)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[2, 130 % m])
+    ok = ~np.isnan(want)
+    assert np.allclose(got[ok], want[ok].astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert 0.4 < bits.mean() < 0.6  # both signs occur
+
+    h = 32
+    states = rng.standard_normal((t, h)).astype(np.float32)
+    layout = compact.flat_layout(CFG.seed, "p", t, h, CFG.state_sketch)
+    negative = (layout.negative >> np.uint32(31)).astype(bool)
+    flat = np.zeros(layout.size)
+    for r in range(t):
+        for j in range(h):
+            flat[layout.index[r * h + j]] += -float(states[r, j]) if negative[r, j] else float(states[r, j])
+    assert np.allclose(compact.flat_sketch(states, layout), flat.astype(np.float32), rtol=1e-6, atol=1e-6)
+    assert negative.any() and not negative.all()
+
+
 def test_flat_sketch_estimates_a_layer_whose_error_sits_in_one_position():
     """An attention sink: one position holds most of the error; a per-row sketch would leave that row's error."""
     rng = np.random.default_rng(1)

@@ -132,7 +132,8 @@ def test_gguf_fields_read_through_transformers_mapping_and_the_header(tiny_ggufs
 
 
 def test_header_alone_gives_the_same_verdicts_without_transformers(tiny_ref, tiny_ggufs, monkeypatch):
-    monkeypatch.setattr(cf, "_transformers_gguf", lambda path: (None, "transformers' GGUF loader is not available"))
+    monkeypatch.setattr(cf, "_transformers_gguf",
+                        lambda path, hdr=None: (None, "transformers' GGUF loader is not available"))
     side = cf.read_side(ModelSpec(str(tiny_ggufs["tiny-rope-base"])))
     assert side["via"] == "GGUF header" and "not available" in side["notes"][0]
     res = run_config(tiny_ref, tiny_ggufs["tiny-rope-base"])
@@ -180,6 +181,35 @@ def write_variant(src: Path, dst: Path, *, drop: tuple[str, ...] = (), tensors: 
     writer.write_tensors_to_file()
     writer.close()
     return dst
+
+
+def _gguf_files(tiny_ggufs: dict[str, Path], tmp: Path) -> list[Path]:
+    """Every tiny GGUF there is (the fixtures, llama.cpp's pipeline files when built) and one without
+    ``llama.vocab_size`` (transformers then counts the tokens, a table the header reader steps over)."""
+    files = sorted(tiny_ggufs.values()) + sorted((PIPELINE / "tiny").glob("*.gguf"))
+    files.append(write_variant(_base_gguf(tiny_ggufs), tmp / "no-vocab-size.gguf", drop=("llama.vocab_size",)))
+    return files
+
+
+def test_transformers_config_through_the_header_equals_gguf_pys_reader(tiny_ggufs, tmp_path):
+    """The fast path (our header shaped as gguf-py's reader) must give transformers' config exactly as its own
+    reader does: same keys, same values, the vocabulary-size fallback included."""
+    import gguf
+
+    from pytest_convdiff.backends import gguf_header
+
+    files = _gguf_files(tiny_ggufs, tmp_path)
+    reader_class = gguf.GGUFReader
+    for path in files:
+        real, why_real = cf._transformers_gguf(path)
+        fast, why_fast = cf._transformers_gguf(path, gguf_header.read_header(path))
+        assert real is not None and fast is not None, (path, why_real, why_fast)
+        assert fast["config"] == real["config"], path
+        assert gguf.GGUFReader is reader_class  # put back after the read
+        tokens = real["tokenizer"]["tokens"]
+        ids = [0, 1, len(tokens) // 2, len(tokens) - 1, len(tokens)]  # the last one is out of range
+        assert gguf_header.token_texts(path, ids) == {i: tokens[i] for i in ids[:-1]}, path
+    assert fast["config"]["vocab_size"] == len(tokens)  # the variant without llama.vocab_size
 
 
 @pytest.fixture(scope="module")

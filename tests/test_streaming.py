@@ -234,3 +234,23 @@ def test_custom_check_example_keeps_b_arrays(pytester, tiny_models, tmp_path):
     assert len(list(cache.glob("*/p0.logits.npy"))) == 2
     b = next(p for p, meta in entries.items() if meta["spec"]["path"].endswith("tiny-llama-bf16"))
     assert np.load(b / "p0.logits.npy", mmap_mode="r").shape[-1] == 512
+
+
+def test_a_large_vocabulary_corpus_is_bounded_by_one_prompt_in_memory_and_by_the_compact_entry_on_disk(tmp_path):
+    """bench/stream_memory.py's pipeline part, small: A compact and B streamed through ``run_model`` with a
+    synthetic backend. The entries must be a small share of full storage, B's a few bytes a token, and the
+    resident memory between prompts must not grow with the prompts seen (one prompt's outputs at a time)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "stream.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "stream_memory.py"), "--part", "pipeline", "--tokens", "4096",
+                    "--pipeline-prompts", "8", "--vocab", "20000", "--layers", "4", "--hidden", "64",
+                    "--workdir", str(tmp_path), "--out", str(out)], check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())["pipeline"]
+    assert res["tokens"] == 4096 and res["metrics"]["nmse"] > 0 and res["metrics"]["kl_mean"] > 0
+    assert res["a_entry_bytes"] < res["full_entry_bytes_per_model"] / 5  # compact: top-256 of 20k logits and sketches
+    assert res["b_entry_bytes"] < 100 * res["tokens"]  # B streamed: its tokens and records only
+    a_rss = [r["rss_mib"] for r in res["rss_trace"] if r["what"].startswith("A")]
+    assert len(a_rss) == 8 and max(a_rss[4:]) < max(a_rss[:4]) + 0.5 * res["one_prompt_outputs_mib"] + 20
+    assert not list(tmp_path.glob("convdiff-stream-*"))  # the bench cleans its cache up

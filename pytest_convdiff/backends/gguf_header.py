@@ -18,7 +18,8 @@ from typing import Any
 from ..errors import ModelLoadError
 from .base import ModelInfo
 
-__all__ = ["FILE_TYPES", "GGML_TYPES", "GGUF_MAGIC", "ggml_type_name", "model_info", "read_header", "shard_files"]
+__all__ = ["FILE_TYPES", "GGML_TYPES", "GGUF_MAGIC", "ggml_type_name", "model_info", "read_header", "shard_files",
+           "token_texts"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -66,6 +67,9 @@ class _Header:
         self.version = 0
         self.kv: dict[str, Any] = {}
         self.array_len: dict[str, int] = {}
+        self.types: dict[str, tuple[int, ...]] = {}  # key -> (value type,) or (ARRAY, element type)
+        self.token_strings_at = 0  # where tokenizer.ggml.tokens' elements start (0: no such array)
+        self.endian = "<"
         self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne, type, offset
         self.data_start = 0
         self.file_size = 0
@@ -104,6 +108,9 @@ class _Reader:
             etype = self.take("I", 4)
             count = self.take("Q", 8)
             hdr.array_len[key] = count
+            hdr.types[key] = (_ARRAY, etype)
+            if key == "tokenizer.ggml.tokens" and etype == _STRING:
+                hdr.token_strings_at = self.pos
             if etype in _SCALARS:
                 fmt, n = _SCALARS[etype]
                 if count * n > self.size - self.pos:
@@ -151,6 +158,28 @@ def read_header(path: str | os.PathLike[str]) -> _Header:
             buf.close()
 
 
+def token_texts(path: str | os.PathLike[str], ids: list[int]) -> dict[int, str]:
+    """The texts of a few token ids (``tokenizer.ggml.tokens``), which ``read_header`` steps over: one walk over
+    the array's length prefixes, no other parsing (0.1 s for 150k tokens)."""
+    path = Path(path)
+    hdr = read_header(path)
+    count = hdr.array_len.get("tokenizer.ggml.tokens", 0)
+    wanted = {i for i in ids if 0 <= i < count}
+    if not hdr.token_strings_at or not wanted:
+        return {}
+    out: dict[int, str] = {}
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        r = _Reader(buf, hdr.file_size, hdr.endian)
+        r.pos = hdr.token_strings_at
+        last = max(wanted)
+        for i in range(last + 1):
+            if i in wanted:
+                out[i] = r.string()
+            else:
+                r.skip_string()
+    return out
+
+
 def _parse(path: Path, buf: Any, size: int) -> _Header:
     if bytes(buf[:4]) != GGUF_MAGIC:
         raise _bad(path, f"does not start with the GGUF magic bytes (found {bytes(buf[:4])!r})")
@@ -161,7 +190,7 @@ def _parse(path: Path, buf: Any, size: int) -> _Header:
     if version < 2:
         raise ModelLoadError(f"{path}: GGUF version {version} is too old for llama.cpp; re-convert it.")
     hdr = _Header()
-    hdr.version, hdr.file_size = version, size
+    hdr.version, hdr.file_size, hdr.endian = version, size, endian
     r = _Reader(buf, size, endian)
     r.pos = 8
     try:
@@ -172,6 +201,7 @@ def _parse(path: Path, buf: Any, size: int) -> _Header:
         for _ in range(n_kv):
             key = r.string()
             vtype = r.take("I", 4)
+            hdr.types[key] = (vtype,)
             hdr.kv[key] = r.value(vtype, key, hdr)
         for _ in range(n_tensors):
             name = r.string()

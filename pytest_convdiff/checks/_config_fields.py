@@ -19,11 +19,12 @@ here re-reads the models.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -448,9 +449,59 @@ def _gguf_headers(path: Path) -> tuple[Any, list[tuple[Path, Any]]]:
     return headers[0][1], headers
 
 
-def _transformers_gguf(path: Path) -> tuple[dict[str, Any] | None, str]:
+class _Field:
+    """One metadata key as transformers' GGUF loader reads a gguf-py ``ReaderField``: ``parts[i]`` for ``i`` in
+    ``data``, parsed by ``types`` (scalars as one-element lists, strings as their UTF-8 bytes)."""
+
+    __slots__ = ("data", "parts", "types")
+
+    def __init__(self, types: tuple[int, ...], value: Any) -> None:
+        self.types = list(types)
+        items = value if types[0] == _GGUF_ARRAY else [value]
+        self.parts = [x.encode("utf-8") if isinstance(x, str) else [x] for x in items]
+        self.data = list(range(len(self.parts)))
+
+
+class _TensorName:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _HeaderReader:
+    """Our header, shaped as the part of gguf-py's ``GGUFReader`` that ``load_gguf_checkpoint(...,
+    return_tensors=False)`` reads: every metadata key except the arrays the header reader steps over (the
+    tokenizer's tables, which go to transformers' tokenizer, not its config), and the tensor names.
+
+    gguf-py's reader builds a numpy view per token and merge: 2-5 s for a 49k vocabulary, the largest cost of
+    a cold run's config check. transformers' own mapping still turns the keys into the config."""
+
+    def __init__(self, hdr: Any) -> None:
+        self.fields = {k: _Field(hdr.types[k], v) for k, v in hdr.kv.items() if v is not None and k in hdr.types}
+        self.tensors = [_TensorName(t[0]) for t in hdr.tensors]
+
+
+_GGUF_ARRAY = 9
+
+
+@contextlib.contextmanager
+def _reading_header(hdr: Any) -> Iterator[None]:
+    """transformers' GGUF loader reads ``gguf.GGUFReader`` at call time: give it our header while it runs."""
+    import gguf
+
+    real = gguf.GGUFReader
+    gguf.GGUFReader = lambda *_a, **_k: _HeaderReader(hdr)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
+def _transformers_gguf(path: Path, hdr: Any | None = None) -> tuple[dict[str, Any] | None, str]:
     """transformers' config dict, tokenizer tables and tokenizer config for a GGUF (metadata only),
-    or None and why not."""
+    or None and why not. With ``hdr`` (this file's ``gguf_header.read_header``) transformers' loader reads
+    the header instead of gguf-py's reader: the same config, no tokenizer tables."""
     try:
         import transformers
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -459,10 +510,18 @@ def _transformers_gguf(path: Path) -> tuple[dict[str, Any] | None, str]:
     except Exception as exc:  # noqa: BLE001 - transformers/torch/gguf missing or broken: read the header
         return None, f"transformers' GGUF loader is not available ({type(exc).__name__}: {exc})"
     try:
-        with quiet_transformers(transformers):
-            return load_gguf_checkpoint(str(path), return_tensors=False), ""
+        with quiet_transformers(transformers), (_reading_header(hdr) if hdr is not None
+                                                else contextlib.nullcontext()):
+            out = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as exc:  # noqa: BLE001 - e.g. an architecture transformers does not map
         return None, f"transformers' GGUF loader could not read it ({type(exc).__name__}: {exc})"
+    config = out.get("config")
+    if hdr is not None and isinstance(config, dict) and "vocab_size" not in config:
+        # transformers' own fallback (the tokens' count), which needs the table the header reader skips
+        n = hdr.array_len.get("tokenizer.ggml.tokens")
+        if n:
+            config["vocab_size"] = int(n)
+    return out, ""
 
 
 def _transformers_labels(arch: str) -> dict[str, str]:
@@ -480,19 +539,14 @@ def _transformers_labels(arch: str) -> dict[str, str]:
 
 
 def _gguf_token_texts(path: Path, tf: dict[str, Any] | None, ids: list[int]) -> dict[int, str]:
-    """Texts of a few token ids (the header reader keeps no token strings): transformers' tables if read,
-    else gguf-py's reader."""
+    """Texts of a few token ids: transformers' tables if it read them, else the header's token array."""
     tokens = (tf or {}).get("tokenizer", {}).get("tokens") if tf else None
-    if isinstance(tokens, list):
+    if isinstance(tokens, list) and tokens:
         return {i: str(tokens[i]) for i in ids if 0 <= i < len(tokens)}
-    try:
-        from gguf import GGUFReader
+    from ..backends import gguf_header
 
-        field = GGUFReader(str(path)).fields.get("tokenizer.ggml.tokens")
-        if field is None:
-            return {}
-        return {i: bytes(field.parts[field.data[i]]).decode("utf-8", errors="replace")
-                for i in ids if 0 <= i < len(field.data)}
+    try:
+        return gguf_header.token_texts(path, ids)
     except Exception:  # noqa: BLE001 - only for rendering templates; without it they get empty strings
         return {}
 
@@ -580,7 +634,7 @@ def read_gguf(path: Path) -> dict[str, Any]:
     if "head_dim" not in data and kv.get(f"{arch}.rope.dimension_count") is not None:
         data["head_dim"] = kv[f"{arch}.rope.dimension_count"]
         labels["head_dim"] = f"GGUF {arch}.rope.dimension_count"
-    tf, why = _transformers_gguf(path)
+    tf, why = _transformers_gguf(path, hdr)
     if tf is not None:
         tmap = _transformers_labels(arch)
         for key, value in (tf.get("config") or {}).items():

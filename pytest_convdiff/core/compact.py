@@ -102,12 +102,23 @@ def row_keys(seed: int, prompt_id: str, positions: np.ndarray) -> np.ndarray:
 
 
 def _sign_bits(keys: np.ndarray, width: int) -> np.ndarray:
-    """[T, width] booleans: a random sign per (row, column), 64 columns per hash."""
+    """[T, width] 0/1 (uint8): a random sign per (row, column), 64 columns per hash."""
     words = -(-width // 64)
     with np.errstate(over="ignore"):
         h = _mix(keys[:, None] ^ (np.arange(1, words + 1, dtype=np.uint64) * _C2)[None, :])
     bits = np.unpackbits(np.ascontiguousarray(h).view(np.uint8), axis=1, bitorder="little")
-    return bits[:, :width].astype(bool)
+    return bits[:, :width]
+
+
+def _sign_mask(bits: np.ndarray) -> np.ndarray:
+    """0/1 sign bits as the float32 sign-bit mask: XOR-ing it flips a value's sign exactly (NaN included), one
+    pass instead of ``np.where(bits, -x, x)``'s three (8x faster on a 49k vocabulary)."""
+    return bits.astype(np.uint32) << np.uint32(31)
+
+
+def _flip(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``x`` (float32) with the sign flipped where ``mask`` has the sign bit."""
+    return (np.ascontiguousarray(x, dtype=np.float32).view(np.uint32) ^ mask).view(np.float32)
 
 
 def sketch(x: np.ndarray, keys: np.ndarray, m: int) -> np.ndarray:
@@ -118,11 +129,11 @@ def sketch(x: np.ndarray, keys: np.ndarray, m: int) -> np.ndarray:
     """
     x = np.asarray(x, dtype=np.float32)
     t, d = x.shape
-    signed = np.where(_sign_bits(keys, d), -x, x).astype(np.float64)
+    signed = _flip(x, _sign_mask(_sign_bits(keys, d)))
     pad = -d % m
     if pad:
-        signed = np.concatenate([signed, np.zeros((t, pad))], axis=1)
-    return signed.reshape(t, -1, m).sum(axis=1).astype(np.float32)
+        signed = np.concatenate([signed, np.zeros((t, pad), dtype=np.float32)], axis=1)
+    return signed.reshape(t, -1, m).sum(axis=1, dtype=np.float64).astype(np.float32)
 
 
 def state_keys(keys: np.ndarray) -> np.ndarray:
@@ -143,8 +154,8 @@ class FlatLayout:
     random offset, with a random sign per element. Rows never collide with themselves, so a position that
     dominates the error (an attention sink) is estimated as well as any other."""
 
-    index: np.ndarray  # [T, H] bucket of each element
-    negative: np.ndarray  # [T, H] sign of each element
+    index: np.ndarray  # [T * H] bucket of each element (row-major)
+    negative: np.ndarray  # [T, H] sign of each element, as the float32 sign-bit mask (``_sign_mask``)
     bounds: tuple[tuple[int, int], ...]  # bucket range of each segment (empty segments included)
     size: int
 
@@ -161,15 +172,14 @@ def flat_layout(seed: int, prompt_id: str, t: int, width: int, per_token: int) -
         index[lo:hi] = off + (start.astype(np.int64)[:, None] + np.arange(width)[None, :]) % m
         bounds.append((off, off + m))
         off += m
-    return FlatLayout(index, _sign_bits(_mix(keys ^ _STATE_SALT), width), tuple(bounds), off)
+    return FlatLayout(index.reshape(-1), _sign_mask(_sign_bits(_mix(keys ^ _STATE_SALT), width)), tuple(bounds), off)
 
 
 def flat_sketch(x: np.ndarray, layout: FlatLayout) -> np.ndarray:
     """The flat sketch of one prompt's [T, H] states, summed in float64 and rounded to float32 as stored (so
     equal states give exactly equal sketches on A's and B's side)."""
-    x = np.asarray(x, dtype=np.float32)
-    signed = np.where(layout.negative, -x, x).astype(np.float64)
-    return np.bincount(layout.index.reshape(-1), weights=signed.reshape(-1), minlength=layout.size).astype(np.float32)
+    signed = _flip(x, layout.negative)
+    return np.bincount(layout.index, weights=signed.reshape(-1), minlength=layout.size).astype(np.float32)
 
 
 def segment_sq(diff: np.ndarray, layout: FlatLayout) -> np.ndarray:
@@ -209,9 +219,12 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
         stats = np.zeros((stop - start, N_STATS))
         with np.errstate(invalid="ignore", over="ignore"):
             e, total, lse = exp_lse(a32)
-            stats[:, REST] = rest_mass(e, total, top)
-            rest_idx = _draw_rest(e, top, keys, cfg.rest_samples)
-        del e
+            rest = e.copy()  # A's probabilities (unnormalised) outside its top K
+            np.put_along_axis(rest, top, 0.0, axis=1)
+            del e
+            stats[:, REST] = np.sum(rest, axis=-1, dtype=np.float64) / total
+            rest_idx = _draw_rest(rest, keys, cfg.rest_samples)
+        del rest
         parts["rest_idx"].append(rest_idx.astype(np.int32))
         parts["rest_logit"].append(np.take_along_axis(a32, np.maximum(rest_idx, 0), axis=1))
         stats[:, LSE] = lse
@@ -232,20 +245,18 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
     return out
 
 
-def _draw_rest(e: np.ndarray, top: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
-    """``n`` token ids per row drawn from A's distribution outside its top K (systematic sampling from one
-    uniform per row, taken from the row's key); -1 where that mass is 0."""
-    rest = e.astype(np.float64)
-    np.put_along_axis(rest, top, 0.0, axis=1)
-    cdf = np.cumsum(rest, axis=1)
+def _draw_rest(rest: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """``n`` token ids per row drawn from ``rest`` (A's unnormalised probabilities with its top K zeroed; systematic
+    sampling from one uniform per row, taken from the row's key); -1 where that mass is 0."""
+    cdf = np.cumsum(rest, axis=1, dtype=np.float64)
     u0 = (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    out = np.full((e.shape[0], n), -1, dtype=np.int64)
-    for r in range(e.shape[0]):
+    out = np.full((rest.shape[0], n), -1, dtype=np.int64)
+    for r in range(rest.shape[0]):
         total = cdf[r, -1]
         if not total > 0 or not np.isfinite(total):
             continue
         u = (np.arange(n) + u0[r]) / n * total
-        out[r] = np.minimum(np.searchsorted(cdf[r], u, side="right"), e.shape[1] - 1)
+        out[r] = np.minimum(np.searchsorted(cdf[r], u, side="right"), rest.shape[1] - 1)
     return out
 
 
