@@ -158,11 +158,11 @@ def read_header(path: str | os.PathLike[str]) -> _Header:
             buf.close()
 
 
-def token_texts(path: str | os.PathLike[str], ids: list[int]) -> dict[int, str]:
+def token_texts(path: str | os.PathLike[str], ids: list[int], hdr: _Header | None = None) -> dict[int, str]:
     """The texts of a few token ids (``tokenizer.ggml.tokens``), which ``read_header`` steps over: one walk over
-    the array's length prefixes, no other parsing (0.1 s for 150k tokens)."""
+    the array's length prefixes, no other parsing (0.1 s for 150k tokens). ``hdr``: this file's header, if read."""
     path = Path(path)
-    hdr = read_header(path)
+    hdr = hdr if hdr is not None else read_header(path)
     count = hdr.array_len.get("tokenizer.ggml.tokens", 0)
     wanted = {i for i in ids if 0 <= i < count}
     if not hdr.token_strings_at or not wanted:

@@ -538,7 +538,7 @@ def _transformers_labels(arch: str) -> dict[str, str]:
     return out
 
 
-def _gguf_token_texts(path: Path, tf: dict[str, Any] | None, ids: list[int]) -> dict[int, str]:
+def _gguf_token_texts(path: Path, tf: dict[str, Any] | None, ids: list[int], hdr: Any = None) -> dict[int, str]:
     """Texts of a few token ids: transformers' tables if it read them, else the header's token array."""
     tokens = (tf or {}).get("tokenizer", {}).get("tokens") if tf else None
     if isinstance(tokens, list) and tokens:
@@ -546,7 +546,7 @@ def _gguf_token_texts(path: Path, tf: dict[str, Any] | None, ids: list[int]) -> 
     from ..backends import gguf_header
 
     try:
-        return gguf_header.token_texts(path, ids)
+        return gguf_header.token_texts(path, ids, hdr)
     except Exception:  # noqa: BLE001 - only for rendering templates; without it they get empty strings
         return {}
 
@@ -688,7 +688,7 @@ def read_gguf(path: Path) -> dict[str, Any]:
                                        else "GGUF: no tokenizer.chat_template")
     stops = sorted({int(v) for v in (fields["eos_id"]["value"], fields["eot_id"]["value"], eom) if v is not None})
     want = [i for i in (fields["bos_id"]["value"], fields["eos_id"]["value"]) if i is not None]
-    texts = _gguf_token_texts(path, tf, want)
+    texts = _gguf_token_texts(path, tf, want, hdr)
     return {
         "kind": "gguf", "path": str(path), "via": via, "fields": fields, "unknown": {},
         "stop_ids": {"value": stops, "source": "GGUF tokenizer.ggml.eos/eot/eom_token_id"},
