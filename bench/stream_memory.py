@@ -204,7 +204,7 @@ def pipeline_part(args: argparse.Namespace) -> dict[str, Any]:
 
     global CAPABILITIES
     CAPABILITIES = frozenset({base.HIDDEN_STATES, base.SUBBLOCKS})
-    backends.BACKENDS["synthetic"] = __name__ if __name__ != "__main__" else "__main__"
+    backends.BACKENDS["synthetic"] = __name__  # this module's functions below (run as a script: "__main__")
     per_prompt = args.tokens // args.pipeline_prompts
     work = Path(tempfile.mkdtemp(prefix="convdiff-stream-", dir=args.workdir))
     try:

@@ -19,7 +19,7 @@ from ..errors import ModelLoadError
 from .base import ModelInfo
 
 __all__ = ["FILE_TYPES", "GGML_TYPES", "GGUF_MAGIC", "ggml_type_name", "model_info", "read_header", "shard_files",
-           "token_texts"]
+           "token_texts", "ARRAY_TYPE"]
 
 GGUF_MAGIC = b"GGUF"
 
@@ -29,6 +29,7 @@ _SCALARS: dict[int, tuple[str, int]] = {
     6: ("f", 4), 7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8),
 }
 _STRING, _ARRAY = 8, 9
+ARRAY_TYPE = _ARRAY  # the GGUF value type of an array (``_Header.types``: (ARRAY_TYPE, element type))
 
 # ggml tensor types: id -> (name, block size, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends.gguf_header import ARRAY_TYPE
 from ..errors import ConvdiffError, ModelLoadError
 
 __all__ = ["CONVERSATIONS", "FIELDS", "Field", "compare_templates", "llama3_freq_factors", "measure",
@@ -457,7 +458,7 @@ class _Field:
 
     def __init__(self, types: tuple[int, ...], value: Any) -> None:
         self.types = list(types)
-        items = value if types[0] == _GGUF_ARRAY else [value]
+        items = value if types[0] == ARRAY_TYPE else [value]
         self.parts = [x.encode("utf-8") if isinstance(x, str) else [x] for x in items]
         self.data = list(range(len(self.parts)))
 
@@ -478,11 +479,9 @@ class _HeaderReader:
     a cold run's config check. transformers' own mapping still turns the keys into the config."""
 
     def __init__(self, hdr: Any) -> None:
-        self.fields = {k: _Field(hdr.types[k], v) for k, v in hdr.kv.items() if v is not None and k in hdr.types}
+        self.fields = {k: _Field(hdr.types[k], v) for k, v in hdr.kv.items() if v is not None}
         self.tensors = [_TensorName(t[0]) for t in hdr.tensors]
 
-
-_GGUF_ARRAY = 9
 
 
 @contextlib.contextmanager

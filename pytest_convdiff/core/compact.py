@@ -190,11 +190,16 @@ def segment_sq(diff: np.ndarray, layout: FlatLayout) -> np.ndarray:
 # --------------------------------------------------------------------------- A's side: summarising
 
 
+def outside_top(e: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """A copy of ``e`` with the columns ``top`` zeroed: the (unnormalised) probabilities outside the top K."""
+    rest = e.copy()
+    np.put_along_axis(rest, top, 0.0, axis=1)
+    return rest
+
+
 def rest_mass(e: np.ndarray, total: np.ndarray, top: np.ndarray) -> np.ndarray:
     """The probability outside the columns ``top`` (summed, not 1 - the top's sum: no cancellation)."""
-    e = e.copy()
-    np.put_along_axis(e, top, 0.0, axis=1)
-    return np.sum(e, axis=-1, dtype=np.float64) / total
+    return np.sum(outside_top(e, top), axis=-1, dtype=np.float64) / total
 
 
 def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: str, cfg: CompactConfig,
@@ -219,8 +224,7 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
         stats = np.zeros((stop - start, N_STATS))
         with np.errstate(invalid="ignore", over="ignore"):
             e, total, lse = exp_lse(a32)
-            rest = e.copy()  # A's probabilities (unnormalised) outside its top K
-            np.put_along_axis(rest, top, 0.0, axis=1)
+            rest = outside_top(e, top)
             del e
             stats[:, REST] = np.sum(rest, axis=-1, dtype=np.float64) / total
             rest_idx = _draw_rest(rest, keys, cfg.rest_samples)

@@ -463,7 +463,10 @@ class LogitAccumulator:
         self._merge_var(local, t * b32.shape[1], sum_a, float(stats[:, compact.SUMSQ].sum()))
         self.positions += t
 
-        keys = compact.row_keys(cfg.seed, prompt, np.arange(offset, offset + t))
+        if "keys" not in local:  # once per prompt: row keys and the sampled positions (chunks only slice them)
+            local["keys"] = compact.row_keys(cfg.seed, prompt, np.arange(ref.stats.shape[0]))
+            local["sampled"] = compact.sampled_rows(local["keys"], cfg.sample_every)
+        keys = local["keys"][offset:offset + t]
         d = compact.sketch(b32, keys, cfg.logit_sketch).astype(np.float64) - np.asarray(ref.sketch[sl], np.float64)
         sq = float(np.einsum("ij,ij->", d, d))
         self.sq_err += sq
@@ -472,11 +475,11 @@ class LogitAccumulator:
         top_b = np.take_along_axis(b32, top_idx, axis=1).astype(np.float64)
         absdiff = np.abs(top_b - top_a)
         rows = np.arange(t)
-        mask = compact.sampled_rows(compact.row_keys(cfg.seed, prompt, np.arange(offset + t)), cfg.sample_every)
-        sampled = np.nonzero(mask[offset:])[0]
+        mask = local["sampled"]
+        sampled = np.nonzero(mask[offset:offset + t])[0]
         full = np.zeros((0, 1))
         if sampled.size:  # every logit of the sampled positions: the mean |B - A| there, and their max
-            first = int(mask[:offset].sum())
+            first = int(np.count_nonzero(mask[:offset]))
             a_rows = np.asarray(ref.sample[first:first + sampled.size], dtype=np.float32)
             full = np.abs(np.subtract(b32[sampled], a_rows, dtype=np.float64))
             self.abs_err += float(full.sum())
