@@ -211,18 +211,24 @@ def _notes(a: ModelRun, b: ModelRun) -> list[str]:
     return notes
 
 
-def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: ModelSpec) -> str:
-    """A family's measurement is reused only for the same two models' contents and the same family code."""
+def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: ModelSpec,
+                           ctx: EvalContext | None = None) -> str:
+    """A family's measurement is reused only for the same two models' contents and the same family code (and,
+    for a family that runs the models, the same corpus and run settings)."""
     code = inspect.getsourcefile(family.measure) if family.measure else None
     digest = hashlib.sha256(Path(code).read_bytes()).hexdigest()[:16] if code else ""
-    return make_key({"family": family.name, "version": family.version, "code": digest,
-                     "a": [spec_a.fingerprint(), spec_a.resolved_backend(), spec_a.options],
-                     "b": [spec_b.fingerprint(), spec_b.resolved_backend(), spec_b.options]})
+    parts: dict[str, Any] = {"family": family.name, "version": family.version, "code": digest,
+                             "a": [spec_a.fingerprint(), spec_a.resolved_backend(), spec_a.options],
+                             "b": [spec_b.fingerprint(), spec_b.resolved_backend(), spec_b.options]}
+    if family.needs_outputs and ctx is not None:
+        parts["corpus"] = ctx.corpus.digest
+        parts["settings"] = dict(ctx.settings.__dict__)
+    return make_key(parts)
 
 
 def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None) -> Any:
     """The family's bound-independent measurement: from the cache when stored, else computed and stored."""
-    key = family_measurement_key(family, ctx.spec_a, ctx.spec_b) if cache is not None else ""
+    key = family_measurement_key(family, ctx.spec_a, ctx.spec_b, ctx) if cache is not None else ""
     doc = cache.get_json(key, folder=MEASUREMENTS) if cache is not None else None
     if doc is not None and "value" in doc:
         return doc["value"]
@@ -255,9 +261,25 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
                       (lambda: pm) if pm is not None else (lambda: pair_metrics(a, b, corpus, cache)),
                       baseline=baseline, plan=plan, plan_families=plan_families, spec_a=a.spec, spec_b=b.spec,
                       measured=measured if measured is not None else {},
-                      measure_fn=lambda f, c: measure(f, c, cache))
+                      measure_fn=lambda f, c: measure(f, c, cache), quality_reported=quality_reported(b.spec),
+                      cache=cache)
     res.checks = checks.evaluate_all(ctx, plan)
     return res
+
+
+# Backends whose models have twins (core.twin: llama.cpp's quantiser, or the storage type's rounding, on A's
+# tensors; A's architecture run with B's weights): there correctness is judged against the twins, and the
+# quality budgets (KL, NMSE, top-K, PPL, rfn against A) are reported unless the user sets them. An EXL2 model
+# has no quantiser on the CPU to make its twin: its budgets still judge it (docs/twins.md).
+TWIN_BACKENDS = ("llama.cpp", "transformers")
+
+
+def quality_reported(spec_b: ModelSpec) -> bool:
+    """Whether B's quality budgets are reported rather than judged by default."""
+    try:
+        return spec_b.resolved_backend() in TWIN_BACKENDS
+    except Exception:  # noqa: BLE001 - an unrecognisable B errors elsewhere
+        return False
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -400,7 +422,8 @@ class Comparison:
         return EvalContext(run_a, run_b, self.corpus, bounds, self.settings, res, self.metrics,
                            baseline=self.baseline, plan=self.plan(), plan_families=self.plan_by_family(),
                            spec_a=self.a, spec_b=self.b, measured=self._measured,
-                           measure_fn=lambda f, c: measure(f, c, self.cache))
+                           measure_fn=lambda f, c: measure(f, c, self.cache), quality_reported=quality_reported(self.b),
+                           cache=self.cache)
 
     def _static(self, merged: dict[str, float]) -> PairResult:
         """The families that need no model outputs, with the bounds of the classes the files declare."""

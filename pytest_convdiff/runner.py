@@ -66,6 +66,17 @@ def store_name(name: str) -> str:
     return key
 
 
+RUNTIME_TWIN = ("quick", "full", "off")
+
+
+def runtime_twin_name(name: str) -> str:
+    """``quick``, ``full`` or ``off``; ValueError naming the valid values otherwise."""
+    key = str(name).strip().lower()
+    if key not in RUNTIME_TWIN:
+        raise ValueError(f"{name!r} is not one of {', '.join(RUNTIME_TWIN)}")
+    return key
+
+
 def _quiet(_msg: str) -> None:
     pass
 
@@ -103,7 +114,12 @@ class ModelSpec:
             return content_fingerprint([p], p.parent)
         mod = backend_module(self.resolved_backend())
         files = mod.fingerprint_files(p)
-        return content_fingerprint(files, p if p.is_dir() else p.parent)
+        own = content_fingerprint(files, p if p.is_dir() else p.parent)
+        other = (self.options or {}).get("weights_from")
+        if other:  # a runtime twin: its outputs depend on the other model's weights as much as on this one
+            o = Path(other)
+            return own + "+" + content_fingerprint([o], o.parent)
+        return own
 
 
 @dataclass
@@ -120,15 +136,19 @@ class RunSettings:
     keep_b: bool = False  # B only: store B's arrays (custom checks read them) instead of streaming them into the metrics
     # A only: "compact" keeps what the metrics need (core.compact, a few kB per token), "full" every array
     store: str = "compact"
+    # the runtime twin (checks/runtime.py): "quick" (a subset of the corpus), "full" (all of it) or "off"
+    runtime_twin: str = "quick"
 
     def __post_init__(self) -> None:
         self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
         self.store = store_name(self.store)
+        self.runtime_twin = runtime_twin_name(self.runtime_twin)
         if self.layer_swap and self.hidden_states and self.store != "full":
             raise ValueError(LAYER_SWAP_NEEDS_FULL)
 
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
+        out.pop("runtime_twin")  # which extra runs a pair makes, not what a run produces
         if not fed:  # A's entry is the same whatever is done with B
             out.pop("layer_swap")
             out.pop("keep_b")

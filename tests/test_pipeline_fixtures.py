@@ -27,9 +27,7 @@ gguf = pytest.importorskip("gguf")
 
 
 def _need_tools() -> None:
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'pytest-convdiff[llama-cpp]'")
-    pytest.importorskip("transformers")
-    pytest.importorskip("sentencepiece", reason="llama.cpp's converter needs sentencepiece")
+    pipeline.skip_without_tools()
 
 
 @pytest.fixture(scope="session")

@@ -34,13 +34,18 @@ def test_bf16_conversion_passes_with_every_check_kind(pytester, tiny_models, sha
     assert {"id", "model_a", "model_b", "backend_a", "backend_b", "verdict", "error", "first_divergent_layer",
             "layers", "checks"} <= set(pair)
     nmse = next(c for c in pair["checks"] if c["name"] == "nmse")
-    assert nmse["outcome"] == "passed" and nmse["threshold"] == 1e-2 and 0 < nmse["value"] < 1e-2
+    # quality against A is reported for a transformers B (its weights twin judges it), with the default
+    # row's value kept in the details; the summary leads with it
+    assert nmse["outcome"] == "passed" and nmse["threshold"] is None and 0 < nmse["value"] < 1e-2
+    assert nmse["details"]["reported"] is True and nmse["details"]["default_bound"] == 1e-2
     assert "convdiff summary" in out and "PASS  tiny-llama-vs-tiny-llama-bf16" in out
+    assert "quality: PPL ratio " in out and "same top-1 " in out
 
 
 def test_perturbed_layer_fails_from_that_layer_on(pytester, tiny_models, shared_cache):
+    """With an rfn bound the user sets, quality against A is judged again, layer by layer."""
     res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-broken-layer3",
-               "--convdiff-json", "r.json", "--convdiff-cache-dir", shared_cache, "-rA")
+               "--convdiff-json", "r.json", "--convdiff-cache-dir", shared_cache, "-rA", "--convdiff-bound", "rfn=0.02")
     assert res.ret == 1
     rep = _report(pytester)
     (pair,) = rep["pairs"]

@@ -56,7 +56,9 @@ def test_summary_layout():
     lines = terminal.summary_lines([_failing_pair()])
     text = "\n".join(lines)
     assert lines[0] == "FAIL  p  [transformers -> llama.cpp, bounds: float, A from cache]  failed: budget"
-    assert lines[1] == "      check         items  failed  worst value           bound     "
+    # the quantisation's quality comes where the user looks first: right under the verdict
+    assert lines[1] == "      quality: PPL ratio 1.25, KL mean 0.25, costliest layer 1 (adds 0.499 rfn)"
+    assert lines[2] == "      check         items  failed  worst value           bound     "
     assert "tokens            2       0  0 " in text  # equal values: no misleading "worst" prompt
     assert _row(lines, "rfn").split() == ["rfn", "2", "1", "0.5", "(layer-1)", "≤", "0.02"]
     assert "      rfn by layer  0:0.001 1:0.5" in lines and "      rfn, layer swap 0:0.001 1:0.01" in lines

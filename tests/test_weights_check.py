@@ -324,7 +324,11 @@ def test_correct_conversions_pass(tiny_models: Path, b: str) -> None:
     assert failing(items) == [], {k: items[k].message for k in failing(items)}
     msg = items["weights[layer-3]"].message
     assert msg.startswith("9 tensors of decoder layer 3 ")
-    assert ("identical to A's" in msg) if b.endswith("f32.gguf") else ("within the errors their storage types give" in msg)
+    if b.endswith("f32.gguf"):
+        assert "identical to A's" in msg
+    else:  # every tensor reproduced exactly by its twin: the storage type's rounding of A's values
+        assert "what a correct conversion of A's gives (9 reproduced" in msg and "identical to its twin" in msg
+        assert items["weights[layer-3]"].value == 0.0
 
 
 def test_no_permute_fails_layer_2_naming_the_rope_permutation(tiny_models: Path) -> None:
@@ -364,16 +368,20 @@ def test_metadata_defects_leave_the_weights_passing(tiny_models: Path) -> None:
 def test_transformers_copy_with_a_broken_layer_fails_layer_3(tiny_models: Path) -> None:
     items = run_family(tiny_models / "tiny-llama", tiny_models / "tiny-llama-broken-layer3")
     assert failing(items) == ["weights[layer-3]"]
-    assert "model.layers.3.mlp.down_proj.weight (F32): relative error 1.5" in items["weights[layer-3]"].message
+    msg = items["weights[layer-3]"].message
+    assert "- model.layers.3.mlp.down_proj.weight (F32):" in msg and "differ from what llama.cpp's quantiser" in msg
+    # where in the tensor: every row differs, so the message spans the first and last row
+    rows = items["weights[layer-3]"].details["failing"][0]["twin"]["row_range"]
+    assert rows[0] == 0 and rows[1] > 0
 
 
 def test_bounds_apply_at_evaluation(tiny_models: Path) -> None:
-    """The measurement is bound-independent: a margin above the error lets the scaled tensor through, and the
-    scale bound then catches it; raising that too passes it."""
+    """The measurement is bound-independent: a share above 100 % lets the scaled tensor through the blocks test,
+    and the tie ratio then catches it; raising that too passes it."""
     a, b = tiny_models / "tiny-llama", tiny_models / "gguf" / "tiny-scaled-tensor.gguf"
-    items = run_family(a, b, {"weights_margin": 1e6})
-    assert failing(items) == ["weights[layer-3]"] and "weights_scale" in items["weights[layer-3]"].message
-    assert failing(run_family(a, b, {"weights_margin": 1e6, "weights_scale": 0.6, "weights_outlier": 1e9})) == []
+    items = run_family(a, b, {"weights_twin_blocks": 1.5})
+    assert failing(items) == ["weights[layer-3]"] and "weights_twin_ratio" in items["weights[layer-3]"].message
+    assert failing(run_family(a, b, {"weights_twin_blocks": 1.5, "weights_twin_ratio": 1e12})) == []
 
 
 def test_unreadable_sides_skip_with_the_reason(tiny_models: Path, tmp_path: Path) -> None:
@@ -408,7 +416,8 @@ def test_a_damaged_gguf_errors_the_items(tiny_models: Path, tmp_path: Path) -> N
 
 def test_declared_bounds_and_plan() -> None:
     specs = checks.bound_table().specs
-    for name, value in (("weights_margin", 2.0), ("weights_outlier", 2.0), ("weights_scale", 0.1)):
+    for name, value in (("weights_twin_blocks", 0.1), ("weights_twin_ratio", 1.5), ("weights_imatrix", 1.5),
+                        ("weights_margin", 2.0), ("weights_scale", 0.1)):
         assert set(Bounds(specs[name].defaults).values()) == {value}
     assert weights.FAMILY.needs_outputs is False and weights.FAMILY.measure is not None
     assert weights.plan(PlanContext(None, None, RunSettings())) == []  # type: ignore[arg-type]

@@ -120,7 +120,7 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
     shutil.copytree(bad, pytester.path / "conv" / "tiny-llama-fp16")
     res = pytester.runpytest_subprocess("--model-a", str(a), "--model-b", str(pytester.path / "conv" / "tiny-llama-fp16"),
                                         *common, "--convdiff-bound", "nmse=1,top1=0,top5=0,kl_mean=1,kl_p99=9,rfn=2,"
-                                        "ppl_ratio=9,subblock_jump=1000,weights_margin=1e9,weights_scale=1e9,weights_outlier=1e9",
+                                        "ppl_ratio=9,subblock_jump=1000,weights_twin_blocks=2,weights_twin_ratio=1e12,weights_margin=1e9,weights_scale=1e9",
                                         "--convdiff-json", "r.json")
     assert res.ret == 1
     (pair,) = json.loads((pytester.path / "r.json").read_text())["pairs"]
@@ -133,7 +133,7 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
     # accepting the new state
     res = pytester.runpytest_subprocess("--model-a", str(a), "--model-b", str(pytester.path / "conv" / "tiny-llama-fp16"),
                                         *common, "--convdiff-bound", "nmse=1,top1=0,top5=0,kl_mean=1,kl_p99=9,rfn=2,"
-                                        "ppl_ratio=9,subblock_jump=1000,weights_margin=1e9,weights_scale=1e9,weights_outlier=1e9",
+                                        "ppl_ratio=9,subblock_jump=1000,weights_twin_blocks=2,weights_twin_ratio=1e12,weights_margin=1e9,weights_scale=1e9",
                                         "--convdiff-baseline-update")
     assert res.ret == 0
     assert json.loads(base.read_text())["pairs"]["tiny-llama-vs-tiny-llama-fp16"]["nmse"] > 0.1

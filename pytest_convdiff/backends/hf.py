@@ -43,7 +43,39 @@ OPTIONS: tuple[BackendOption, ...] = (
     BackendOption("device", "str", "cpu", "torch device: cpu, cuda or cuda:N", pattern=r"cpu|cuda(:\d+)?"),
     BackendOption("gguf_file", "str", None, "a .gguf file in the directory, dequantised by transformers"),
     BackendOption("trust_remote_code", "bool", False, "allow the checkpoint's own modelling code"),
+    BackendOption("weights_from", "str", None,
+                  "run this checkpoint's architecture with another model's weights (a GGUF, dequantised into this "
+                  "checkpoint's naming and convention): the runtime twin of that model"),
+    BackendOption("emulate", "str", "none",
+                  "with weights_from a GGUF: round what llama.cpp's CPU kernels round (each matmul's input to its "
+                  "weight type's activation type, Q8_0 / Q8_K / F16 / BF16; the KV cache to F16), to measure the size "
+                  "of that runtime's own noise", choices=("none", "llama.cpp")),
 )
+
+# llama.cpp's activation type for a weight type's matrix products (ggml-cpu's vec_dot_type): the input row
+# is quantised to it before the dot products. Block size of the activation type; 0: rounded to a float type.
+_VEC_DOT = {**{t: ("Q8", 32) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4")},
+            **{t: ("Q8", 256) for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+                                         "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS", "TQ1_0", "TQ2_0")},
+            "F16": ("F16", 0), "BF16": ("BF16", 0)}
+
+
+def _round_activation(torch: Any, x: Any, kind: str, block: int) -> Any:
+    """x rounded as llama.cpp rounds a matmul's input: 8-bit blocks with one scale each (max |x| / 127, the
+    scale stored in f16), or a float type."""
+    if kind == "F16":
+        return x.to(torch.float16).to(x.dtype)
+    if kind == "BF16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    shape = x.shape
+    n = shape[-1]
+    if n % block:
+        return x
+    xb = x.reshape(-1, n // block, block).to(torch.float32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.sign(xb * inv) * torch.floor((xb * inv).abs() + 0.5)  # roundf: halves away from zero
+    return (q * d.to(torch.float16).to(torch.float32)).reshape(shape).to(x.dtype)
 CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
 
 
@@ -150,6 +182,14 @@ class TransformersBackend:
                 if hfdir.is_oom(torch, exc):
                     raise
                 raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
+            self._emulation: list[Any] = []
+            if opts["weights_from"]:
+                types = self._load_weights_from(Path(opts["weights_from"]))
+                if opts["emulate"] == "llama.cpp":
+                    self._emulate_llamacpp(types)
+            elif opts["emulate"] != "none":
+                raise ModelLoadError(f"{path}: emulate={opts['emulate']} needs weights_from (a GGUF whose runtime to "
+                                     "emulate)")
             self.model.to(self.device).eval()
         cfg = self.model.config
         text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -164,6 +204,70 @@ class TransformersBackend:
             hidden_size=int(text_cfg.hidden_size), dtype=str(self.model.dtype).replace("torch.", ""),
             library_version=transformers.__version__,
         )
+
+    def _emulate_llamacpp(self, types: dict[str, str]) -> None:
+        """Hooks that round what llama.cpp's CPU kernels round: each linear layer's input to its weight type's
+        activation type, and the keys and values to the F16 of llama.cpp's KV cache."""
+        torch = self._torch
+        for name, mod in self.model.named_modules():
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            vd = _VEC_DOT.get(types.get(f"{name}.weight", ""))
+            if vd is not None:
+                def pre(_m, args, vd=vd):
+                    return (_round_activation(torch, args[0], *vd),) + tuple(args[1:])
+
+                self._emulation.append(mod.register_forward_pre_hook(pre))
+            if name.endswith(".o_proj"):  # the attention's output: flash attention accumulates it in F16
+                def pre16(_m, args):
+                    return (args[0].to(torch.float16).to(args[0].dtype),) + tuple(args[1:])
+
+                self._emulation.append(mod.register_forward_pre_hook(pre16, prepend=True))
+            if name.endswith((".q_proj", ".k_proj", ".v_proj")):  # F16 K/V cache; Q converted to F16 for K·Q
+                def post(_m, _args, output):
+                    return output.to(torch.float16).to(output.dtype)
+
+                self._emulation.append(mod.register_forward_hook(post))
+
+    def _load_weights_from(self, other: Path) -> dict[str, str]:
+        """Replace every parameter with the other model's tensor of the same name (``core.dequant`` brings a
+        GGUF's tensors into this checkpoint's naming and convention): A's code, B's weights. An output layer
+        that A ties to its embedding is untied when B's differs."""
+        torch = self._torch
+        from ..core import dequant
+
+        try:
+            a = dequant.SafetensorsWeights(self.path)
+            b = dequant.GGUFWeights(other) if other.suffix == ".gguf" else dequant.SafetensorsWeights(other)
+        except (dequant.WeightsUnreadable, OSError, ValueError) as exc:
+            raise ModelLoadError(f"{self.path}: the weights of {other} cannot be read into it: {exc}") from exc
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        loaded = 0
+        types: dict[str, str] = {}
+        with torch.no_grad():
+            try:
+                for name, _shape, values, stored in dequant.tensors_in_a_convention(a, b):
+                    p = params.get(name)
+                    if p is None:
+                        continue
+                    types[name] = stored
+                    src = torch.from_numpy(np.ascontiguousarray(values)).to(p.dtype)
+                    if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+                        emb = self.model.get_input_embeddings().weight
+                        if p is emb and not torch.equal(emb, src):
+                            self.model.lm_head.weight = torch.nn.Parameter(src.clone(), requires_grad=False)
+                            loaded += 1
+                            continue
+                    p.copy_(src.reshape(p.shape))
+                    loaded += 1
+            except dequant.WeightsUnreadable as exc:
+                raise ModelLoadError(f"{self.path}: the weights of {other} cannot be read into it: {exc}") from exc
+            finally:
+                a.close()
+                b.close()
+        if not loaded:
+            raise ModelLoadError(f"{self.path}: no tensor of {other} matches a parameter of this checkpoint")
+        return types
 
     def _check_open(self) -> None:
         if self.model is None:

@@ -87,6 +87,10 @@ class EvalContext:
     spec_b: Any = None
     measured: dict[str, Any] = field(default_factory=dict)
     measure_fn: Callable[[CheckFamily, EvalContext], Any] | None = None  # cached measurement (Comparison)
+    # True where B's correctness is judged against twins (a GGUF or transformers B): quality budgets that
+    # the user did not set are reported, not judged. False for a backend without twins (EXL2).
+    quality_reported: bool = False
+    cache: Any = None  # store.cache.Cache: where a family that runs models itself (runtime) keeps their outputs
     _metrics: PairMetrics | None = None
 
     def measurement(self, family: CheckFamily) -> Any:
@@ -170,8 +174,16 @@ def judge(ctx: EvalContext, cid: CheckId, bound: str, value: float, what: str, e
     """
     spec = ctx.specs[bound]
     limit = ctx.bounds[bound]
-    ok = spec.ok(value, limit)
     rel = "<=" if spec.direction == UPPER else ">="
+    # a NaN or Inf is never quality: it is judged (and fails) whoever set the bound
+    if kind == BUDGET and ctx.quality_reported and not ctx.bounds.is_user_set(bound) and math.isfinite(value):
+        msg = (f"{what}: {fmt(value)} (quality, reported: correctness is judged against the twins; a "
+               f"bound set with --convdiff-bound {bound}=VALUE judges it; the default row's {fmt(limit)} is "
+               f"not applied)" + (f"\n{extra}" if extra else ""))
+        return CheckResult(cid.name, cid.param, value, None, PASSED, msg, {**(details or {}), "reported": True,
+                                                                          "default_bound": limit},
+                           spec.direction, kind)
+    ok = spec.ok(value, limit)
     if ok:
         msg = f"{what}: {fmt(value)} {rel} {fmt(limit)}"
     else:

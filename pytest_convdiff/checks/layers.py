@@ -75,11 +75,12 @@ def _weights_divergence(res: PairResult) -> tuple[int, str] | None:
     return layer, ("attn" if "attn" in subs or not subs else "mlp")
 
 
-def _localise(lm: metrics.LayerMetrics, rfn_bound: float, jump: float, res: PairResult
+def _localise(lm: metrics.LayerMetrics, rfn_bound: float, jump: float, res: PairResult, by_rfn: bool = True
               ) -> tuple[int | None, str | None, dict[int, list[tuple[str, float]]]]:
     """First divergent layer, its sub-block, and the sub-block anomalies by layer (those of layers whose
-    weights are vouched for are left out). A layer whose weights fail wins over any later one."""
-    fdl = metrics.first_divergent_layer(lm.rfn, rfn_bound)
+    weights are vouched for are left out). A layer whose weights fail wins over any later one. Without
+    ``by_rfn`` (rfn against A is quality, reported), an rfn above the default row locates nothing."""
+    fdl = metrics.first_divergent_layer(lm.rfn, rfn_bound) if by_rfn else None
     anomalies = [a for a in metrics.subblock_anomalies(lm.sublayers, jump, rfn_bound / 10.0,
                                                        inherited=[0.0] + list(lm.rfn[:-1]))
                  if not weights_vouch(res, a[0])]
@@ -111,7 +112,8 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
         return [skipped(cid, why, threshold=ctx.bounds.rfn, kind=BUDGET) for cid in planned]
     bound, jump = ctx.bounds.rfn, ctx.bounds.subblock_jump
     res = ctx.result
-    fdl, sub, by_layer = _localise(lm, bound, jump, res)
+    by_rfn = not ctx.quality_reported or ctx.bounds.is_user_set("rfn")
+    fdl, sub, by_layer = _localise(lm, bound, jump, res, by_rfn)
     res.first_divergent_layer, res.divergent_sublayer = fdl, sub
     swap = pm.swap_rfn
     res.layers = [

@@ -35,14 +35,20 @@ from .base import OVERRIDE_HINT, CheckFamily, EvalContext, PlanContext, fmt, per
 NAME = "weights"
 OTHER = "other"
 BOUNDS = (
+    BoundSpec("weights_twin_blocks", UPPER, per_class(*[0.1] * 6),
+              "share of a tensor's blocks that differ from its twin (llama.cpp's quantiser on A's tensor); a "
+              "correct conversion differs only where the quantiser met a near-tie"),
+    BoundSpec("weights_twin_ratio", UPPER, per_class(*[1.5] * 6),
+              "where a tensor differs from its twin: B's error against A over the twin's (about 1 at a near-tie)"),
+    BoundSpec("weights_imatrix", UPPER, per_class(*[1.5] * 6),
+              "a tensor quantised with an importance matrix not given here: its error against A over its twin's "
+              "made without one"),
     BoundSpec("weights_margin", UPPER, per_class(*[2.0] * 6),
-              "a tensor's relative error over the error its storage type gives (measured per type)"),
-    BoundSpec("weights_outlier", UPPER, per_class(*[2.0] * 6),
-              "a tensor's relative error over the median of its peers (same role and types, other layers)"),
+              "only where no twin can be made: a tensor's relative error over the error its storage type gives "
+              "(a fallback table)"),
     BoundSpec("weights_scale", UPPER, per_class(*[0.1] * 6),
-              "|c - 1| for the least-squares scale c of B's tensor against A's (B = c * A)"),
+              "only where no twin can be made: |c - 1| for the least-squares scale c of B's tensor against A's"),
 )
-MIN_PEERS = 3  # a median of fewer peers says little
 SHOWN = 6  # failing tensors written out per item (all are in the details)
 
 
@@ -142,19 +148,65 @@ def _ratio(e: dict[str, Any]) -> float | None:
     return e["error"] / e["expected"]
 
 
-def _peer_level(e: dict[str, Any]) -> float | None:
-    """The level a tensor is compared with for the outlier test: its peers' median, floored at a tenth of
-    what its types give (errors below that are as exact as the type gets)."""
-    med = e.get("peer_median")
-    if med is None or (e.get("peers") or 0) < MIN_PEERS or not e["expected"]:
+def twin_score(e: dict[str, Any], bounds: Any) -> float | None:
+    """How close a tensor is to failing against its twin, 1.0 being at the bound: the larger of its
+    differing share and its tie ratio, each over its bound (with an importance matrix not given: its error
+    ratio over ``weights_imatrix``). None when the tensor has no twin."""
+    t = e.get("twin")
+    if not t:
         return None
-    return max(med, e["expected"] / 10.0)
+    if e.get("imatrix"):
+        r = t.get("error_ratio")
+        return math.inf if r is None else r / bounds.weights_imatrix
+    ratio = t.get("tie_ratio")
+    ratio = math.inf if ratio is None else ratio
+    return max(t["share"] / bounds.weights_twin_blocks if bounds.weights_twin_blocks else math.inf,
+               ratio / bounds.weights_twin_ratio if bounds.weights_twin_ratio else math.inf)
+
+
+def _where_text(t: dict[str, Any], block: str) -> str:
+    rows = t.get("row_range")
+    if not rows:
+        return ""
+    places = ", ".join(f"row {r} {block} {c}" for r, c in (t.get("where") or [])[:3])
+    span = f"row {rows[0]}" if rows[0] == rows[1] else f"rows {rows[0]}–{rows[1]}"
+    return f" in {t['rows_hit']} row(s), {span} (first: {places})"
+
+
+def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
+    t = e["twin"]
+    tb = e["type_b"]
+    block = "element" if tb in ("F32", "F16", "BF16", "F64") else "block"
+    made = f"what llama.cpp's quantiser makes of A's tensor as {tb} (its twin, from an {t['intermediate']} intermediate)"
+    if e.get("imatrix"):
+        r = t.get("error_ratio")
+        if r is None or not r <= bounds.weights_imatrix:
+            return [("weights_imatrix", f"relative error {fmt(e['error'])} is {fmt(r)}× that of {made} without the "
+                                        f"importance matrix B was made with, above the allowed "
+                                        f"{fmt(bounds.weights_imatrix)}× (give the matrix with --convdiff-imatrix "
+                                        "for an exact comparison)")]
+        return []
+    why = []
+    share = t["share"]
+    if not share <= bounds.weights_twin_blocks:
+        why.append(("weights_twin_blocks",
+                    f"{t['differing']} of {t['blocks']} {block}s ({100 * share:.3g} %) differ from {made}, above the "
+                    f"allowed {100 * bounds.weights_twin_blocks:.3g} % (a correct conversion differs only at the "
+                    f"quantiser's near-ties){_where_text(t, block)}; B is {fmt(t.get('excess'))}× the type's own "
+                    f"error away from its twin"))
+    ratio = t.get("tie_ratio")
+    if ratio is None or not ratio <= bounds.weights_twin_ratio:
+        why.append(("weights_twin_ratio",
+                    f"where it differs from {made} ({t['differing']} {block}s{_where_text(t, block)}), B's error "
+                    f"against A is {fmt(ratio) if ratio is not None else 'infinitely'}× the twin's, above the allowed "
+                    f"{fmt(bounds.weights_twin_ratio)}× (a near-tie gives about 1): B holds other values than A's"))
+    return why
 
 
 def judge_tensor(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
     """Why this tensor fails, as (bound name or "", reason); empty when it passes. A NaN/Inf is always
-    named; of the three bounds, only the first that fails (margin, scale, outlier), so the message leads
-    with the strongest evidence."""
+    named. A tensor with a twin is judged against it alone; one without (no quantiser for its type here)
+    against its storage type's tabled error and its scale, and the message says so."""
     if e.get("problem"):
         return [("", e["problem"])]
     if e.get("unreadable"):
@@ -168,22 +220,20 @@ def judge_tensor(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
     err = e["error"]
     if err is None:
         return why + [("", "its relative error is infinite (A's tensor is all zeros, B's is not)")]
+    if e.get("twin"):
+        return why + _twin_why(e, bounds)
     if why:
         why.append(("", f"over the finite entries the relative error is {fmt(err)}, {fmt(_ratio(e))}× "
                         f"{_expected_text(e)}"))
     ratio = _ratio(e)
     c = e["scale"]
-    level = _peer_level(e)
+    fallback = f" (no twin: {e['twin_unavailable']})" if e.get("twin_unavailable") else ""
     if ratio is not None and not ratio <= bounds.weights_margin:
         why.append(("weights_margin", f"relative error {fmt(err)}, {fmt(ratio)}× {_expected_text(e)}, above the "
-                                      f"allowed {fmt(bounds.weights_margin)}×"))
+                                      f"allowed {fmt(bounds.weights_margin)}×{fallback}"))
     elif c is not None and not abs(c - 1.0) <= bounds.weights_scale and not e.get("b_zero"):
         why.append(("weights_scale", f"B ≈ {c:.4g} × A (least-squares scale), more than {fmt(bounds.weights_scale)} "
-                                     f"from 1 (relative error {fmt(err)}, {fmt(ratio)}× {_expected_text(e)})"))
-    elif level and not err / level <= bounds.weights_outlier:
-        why.append(("weights_outlier", f"relative error {fmt(err)} is {fmt(err / level)}× the median "
-                                       f"{fmt(e['peer_median'])} of its {e['peers']} peers ({e['role']} in "
-                                       f"{_type_label(e)}), above the allowed {fmt(bounds.weights_outlier)}×"))
+                                     f"from 1 (relative error {fmt(err)}, {fmt(ratio)}× {_expected_text(e)}){fallback}"))
     return why
 
 
@@ -231,21 +281,46 @@ def _swap_summary(layer: int | None, failing: list[tuple[dict[str, Any], list[st
             f"layers {layer} and {j} swapped (or layer {j} written in its place).\n")
 
 
-def _worst(checked: list[dict[str, Any]]) -> dict[str, Any] | None:
-    rated = [e for e in checked if _ratio(e) is not None]
-    return max(rated, key=lambda e: _ratio(e) or 0.0) if rated else None
+def score(e: dict[str, Any], bounds: Any) -> float | None:
+    """A tensor's distance to failing, 1.0 at the bound: against its twin (``twin_score``), or, with no
+    twin, its error over its type's tabled error over ``weights_margin``."""
+    s = twin_score(e, bounds)
+    if s is not None:
+        return s
+    r = _ratio(e)
+    return None if r is None else r / bounds.weights_margin
+
+
+def _worst(checked: list[dict[str, Any]], bounds: Any) -> dict[str, Any] | None:
+    rated = [e for e in checked if score(e, bounds) is not None]
+    return max(rated, key=lambda e: score(e, bounds) or 0.0) if rated else None
+
+
+def _state_text(e: dict[str, Any], bounds: Any) -> str:
+    """How a passing tensor stands: against its twin, or its type's error."""
+    t = e.get("twin")
+    if t and e.get("imatrix"):
+        return (f"error {fmt(t.get('error_ratio'))}× its twin's made without the importance matrix "
+                f"(allowed {fmt(bounds.weights_imatrix)}×)")
+    if t:
+        if not t["differing"]:
+            return f"identical to its twin ({e['type_b']} from an {t['intermediate']} intermediate)"
+        return (f"{t['differing']} of {t['blocks']} blocks ({100 * t['share']:.3g} %) differ from its twin at "
+                f"near-ties (tie ratio {fmt(t.get('tie_ratio'))}; allowed "
+                f"{100 * bounds.weights_twin_blocks:.3g} % and {fmt(bounds.weights_twin_ratio)}×)")
+    return (f"relative error {fmt(e['error'])} = {fmt(_ratio(e))}× {_expected_text(e)} (allowed "
+            f"{fmt(bounds.weights_margin)}×; no twin: {e.get('twin_unavailable') or 'n/a'})")
 
 
 def _item(cid: CheckId, where: str, layer: int | None, tensors: list[dict[str, Any]], bounds: Any,
           extra_notes: list[str]) -> CheckResult:
-    margin = bounds.weights_margin
     if not tensors:
-        return CheckResult(cid.name, cid.param, None, margin, SKIPPED,
+        return CheckResult(cid.name, cid.param, None, 1.0, SKIPPED,
                            f"A has no tensor {where}: nothing to compare.", {}, UPPER, CORRECTNESS)
     checked = [e for e in tensors if not e.get("unreadable")]
     failing = [(e, why) for e in checked if (why := judge_tensor(e, bounds))]
-    worst = _worst(checked)
-    value: float | None = _ratio(worst) if worst else None
+    worst = _worst(checked, bounds)
+    value: float | None = score(worst, bounds) if worst else None
     if any(e["nonfinite_a"] or e["nonfinite_b"] for e, _ in failing):
         value = math.nan  # NaN never satisfies a bound
     elif any(e.get("problem") or e["error"] is None for e, _ in failing):
@@ -254,44 +329,45 @@ def _item(cid: CheckId, where: str, layer: int | None, tensors: list[dict[str, A
     details: dict[str, Any] = {
         "tensors": len(tensors),
         "failing": [{"name": e["name"], "b_name": e["b_name"], "type_a": e["type_a"], "type_b": e["type_b"],
-                     "error": e["error"], "expected": e["expected"], "scale": e["scale"],
+                     "error": e["error"], "expected": e["expected"], "scale": e["scale"], "twin": e.get("twin"),
+                     "score": score(e, bounds),
                      "why": [{"bound": b or None, "reason": w} for b, w in why],
                      "matches": e.get("matches", [])[:3], "first_nonfinite": e.get("first_nonfinite")}
                     for e, why in failing],
+        "twinned": sum(1 for e in checked if e.get("twin")),
     }
     if worst is not None:
         details["worst"] = {"name": worst["name"], "type": _type_label(worst), "error": worst["error"],
-                            "expected": worst["expected"]}
+                            "expected": worst["expected"], "twin": worst.get("twin"), "score": value}
     if failing:
         shown = failing[:SHOWN]
-        msg = (f"Weights {where}: {len(failing)} of {len(tensors)} tensors are not A's as their storage "
-               "types would give them.\n" + _swap_summary(layer, failing)
+        msg = (f"Weights {where}: {len(failing)} of {len(tensors)} tensors are not what a correct conversion of A's "
+               "gives.\n" + _swap_summary(layer, failing)
                + "\n".join(_tensor_text(e, why) for e, why in shown)
                + (f"\n... and {len(failing) - SHOWN} more (all in the JSON report's details)." if len(failing) > SHOWN
                   else ""))
         others = len(checked) - len(failing)
         if others and worst is not None:
-            fine = _worst([e for e in checked if all(e is not f for f, _ in failing)])
-            if fine is not None and fine["error"] == 0.0:
-                msg += f"\nThe other {others} are identical to A's."
-            elif fine is not None:
-                msg += (f"\nThe other {others} are within their types' errors (worst {fine['name']}, "
-                        f"{fmt(_ratio(fine))}× {_expected_text(fine)}).")
+            fine = _worst([e for e in checked if all(e is not f for f, _ in failing)], bounds)
+            if fine is not None:
+                msg += f"\nThe other {others} pass (closest to its bound: {fine['name']}, {_state_text(fine, bounds)})."
         if notes:
             msg += "\n" + "\n".join(notes)
         used = [b for _, why in failing for b, _ in why if b]
         if used:
             msg += "\n" + OVERRIDE_HINT.format(name=used[0])
-        return CheckResult(cid.name, cid.param, value, margin, FAILED, msg, details, UPPER, CORRECTNESS)
-    if worst is None or worst["error"] == 0.0:
+        return CheckResult(cid.name, cid.param, value, 1.0, FAILED, msg, details, UPPER, CORRECTNESS)
+    if worst is None or all(e["error"] == 0.0 for e in checked):
         msg = f"{len(checked)} tensors {where} identical to A's."
     else:
-        msg = (f"{len(checked)} tensors {where} within the errors their storage types give: worst {worst['name']} "
-               f"({_type_label(worst)}), relative error {fmt(worst['error'])} = {fmt(_ratio(worst))}× "
-               f"{_expected_text(worst)} (allowed {fmt(margin)}×); none scaled, none far above its peers, no NaN/Inf.")
+        twinned = details["twinned"]
+        msg = (f"{len(checked)} tensors {where} are what a correct conversion of A's gives"
+               + (f" ({twinned} reproduced by llama.cpp's quantiser or the storage type's rounding)" if twinned else "")
+               + f"; closest to its bound: {worst['name']} ({_type_label(worst)}), {_state_text(worst, bounds)}; "
+               "no NaN/Inf.")
     if notes:
         msg += "\n" + "\n".join(notes)
-    return CheckResult(cid.name, cid.param, value, margin, PASSED, msg, details, UPPER, CORRECTNESS)
+    return CheckResult(cid.name, cid.param, value, 1.0, PASSED, msg, details, UPPER, CORRECTNESS)
 
 
 def _notes(m: dict[str, Any], layer: int | None, layers: set[int]) -> list[str]:
@@ -332,7 +408,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
         planned = [item_id(f"layer-{i}") for i in range(max(layers) + 1 if layers else 0)] + [item_id(OTHER)]
     if m.get("status") != "ok":
         why = f"weights not compared: {m.get('reason')}"
-        return [CheckResult(c.name, c.param, None, ctx.bounds.weights_margin, SKIPPED, why, {}, UPPER, CORRECTNESS)
+        return [CheckResult(c.name, c.param, None, 1.0, SKIPPED, why, {}, UPPER, CORRECTNESS)
                 for c in planned]
     layer_items = {int(c.param.split("-", 1)[1]) for c in planned if c.param.startswith("layer-")}
     out = []

@@ -44,8 +44,9 @@ class BoundSpec:
 class Bounds(Mapping[str, float]):
     """The bound values in force for one pair: ``bounds["rfn"]`` or ``bounds.rfn``."""
 
-    def __init__(self, values: Mapping[str, float]) -> None:
+    def __init__(self, values: Mapping[str, float], user: Iterable[str] = ()) -> None:
         self._values = dict(values)
+        self.__dict__["user"] = frozenset(user)  # the names a user set (CLI, ini, marker, manifest, compare())
 
     def __getitem__(self, name: str) -> float:
         return self._values[name]
@@ -57,6 +58,8 @@ class Bounds(Mapping[str, float]):
         return len(self._values)
 
     def __getattr__(self, name: str) -> float:
+        if name == "user":
+            return frozenset()
         try:
             return self.__dict__["_values"][name]
         except KeyError:
@@ -69,7 +72,10 @@ class Bounds(Mapping[str, float]):
         unknown = set(overrides) - set(self._values)
         if unknown:
             raise KeyError(f"unknown bound(s): {', '.join(sorted(unknown))}")
-        return Bounds({**self._values, **overrides})
+        return Bounds({**self._values, **overrides}, self.user | set(overrides))
+
+    def is_user_set(self, name: str) -> bool:
+        return name in self.user
 
     def to_dict(self) -> dict[str, float]:
         return dict(self._values)

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import gguf_header
+from ..backends import ggml, gguf_header
+from . import twin
+from .twin import TwinStats
 from .weight_errors import (
     Sketch,
     TensorStats,
@@ -119,6 +121,12 @@ class _Maps:
         self._maps.clear()
 
 
+def _ggml_ready() -> bool:
+    from ..backends import ggml
+
+    return ggml.available() is None
+
+
 class GGUFWeights:
     """A GGUF file (or the shards of a split one): tensor table from the header, data through a memory map,
     rows dequantised by gguf-py."""
@@ -156,14 +164,30 @@ class GGUFWeights:
         n_kv = self.meta("attention.head_count_kv", layer) or n_head
         return (int(n_head) if n_head else None), (int(n_kv) if n_kv else None)
 
+    def raw(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
+        """Rows r0..r1 of the tensor's 2-D view as stored: (rows, bytes per row)."""
+        return np.asarray(self._maps.get(t.file)[t.offset:t.offset + t.nbytes].reshape(t.rows, -1)[r0:r1])
+
     def read(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
-        """Rows r0..r1 of the tensor's 2-D view, dequantised to float32."""
+        """Rows r0..r1 of the tensor's 2-D view, dequantised to float32 (by llama.cpp's own ``to_float``
+        where its library is installed, so that B and its re-quantisation twin are read the same way)."""
+        raw = self.raw(t, r0, r1)
+        if t.type == "F64":
+            return raw.view("<f8").astype(np.float32)
+        if t.type == "F32":
+            return raw.view("<f4").reshape(r1 - r0, t.cols).copy()
+        if t.type == "F16":
+            return raw.view("<f2").reshape(r1 - r0, t.cols).astype(np.float32)
+        if _ggml_ready():
+            from ..backends import ggml
+
+            try:
+                return ggml.dequantize(t.type, raw, t.cols)
+            except ggml.GGMLUnavailable:
+                pass
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].reshape(t.rows, -1)[r0:r1]
-        if t.type == "F64":
-            return np.asarray(raw).view("<f8").astype(np.float32)
         try:
             qtype = GGMLQuantizationType[t.type]
         except KeyError:
@@ -461,10 +485,84 @@ def _check_groups(rows: int, n: int) -> bool:
     return n > 0 and rows % n == 0 and (rows // n) % 2 == 0
 
 
+_HALF_ULP = {"F32": 2.0 ** -24, "F64": 2.0 ** -53, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
+
+
+class _Twin:
+    """B's re-quantisation twin over one tensor (``core.twin``): A's rows brought into B's stored convention
+    (the converter's forward transforms), written through an intermediate, stored as B's type, and read
+    back into the common convention, chunk by chunk beside B's own rows."""
+
+    def __init__(self, pair: Pair, n_groups: int, intermediate: str, imatrix: np.ndarray | None = None) -> None:
+        assert pair.b is not None
+        self.pair, self.type, self.imatrix = pair, pair.b.type, imatrix
+        self.groups = n_groups if pair.unpermute[1] else 0
+        self.offset = pair.norm_offset[1]
+        self.stats = TwinStats(intermediate, half_ulp=_HALF_ULP.get(self.type, 0.0))
+        self.block = gguf_header.GGML_TYPES[ggml.type_id(self.type)][1] if self.type not in twin.FLOAT_TYPES else 1
+
+    def update(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
+        k = (r1 - r0) // (self.pair.b.rows // self.groups) if self.groups else 0
+        fwd = rope_permute(a, k) if k else a
+        if self.offset:
+            fwd = fwd + np.float32(self.offset)
+        raw_t, vt = twin.twin_rows(fwd.reshape(r1 - r0, -1), self.type, self.stats.intermediate, self.imatrix)
+        raw_b = src_b.raw(self.pair.b, r0, r1) if raw_t is not None and isinstance(src_b, GGUFWeights) else None
+        if raw_t is not None and raw_b is None:  # B's bytes unknown: compare values
+            raw_t = None
+        if raw_t is not None and raw_b is not None and k:  # byte rows in B's stored (rope) order: into A's
+            raw_t, raw_b = rope_unpermute(raw_t, k), rope_unpermute(raw_b, k)
+        index = np.arange(r0, r1)
+        vt = vt.reshape(a.shape)
+        if k:
+            vt = rope_unpermute(vt, k)
+        if self.offset:
+            vt = vt - np.float32(self.offset)
+        self.stats.update(raw_b, raw_t, b, vt, a, self.block, index)
+
+
+def twin_unavailable(pair: Pair, src_b: Source, cols: int) -> str | None:
+    """Why B's twin cannot be made for this tensor, or None."""
+    assert pair.b is not None
+    t = pair.b.type
+    if t in twin.FLOAT_TYPES:
+        return None
+    why = ggml.available()
+    if why:
+        return why
+    try:
+        block = gguf_header.GGML_TYPES[ggml.type_id(t)][1]
+        if ggml.requires_imatrix(t):
+            return f"llama.cpp makes {t} only with an importance matrix"
+    except ggml.GGMLUnavailable as exc:
+        return str(exc)
+    if cols % block:
+        return f"its rows of {cols} values do not split into {t}'s blocks of {block}"
+    if not isinstance(src_b, GGUFWeights):
+        return f"B's {t} tensor is not stored as llama.cpp stores it"
+    return None
+
+
+def _type_group(type_name: str) -> str:
+    return "float" if type_name in twin.FLOAT_TYPES else "quantised"
+
+
+FORCE_INTERMEDIATE: str | None = None  # bench/twin_margins.py: a twin from one intermediate only
+
+
+def _first_intermediate(type_name: str, preferred: dict[str, str]) -> str:
+    """The intermediate to try first: the one this file's other tensors were made from; else F32 for a
+    float type (the converter writes it directly) and F16 for a quantised one (llama-quantize's usual input)."""
+    group = _type_group(type_name)
+    if FORCE_INTERMEDIATE and group != "float":
+        return FORCE_INTERMEDIATE
+    return preferred.get(group) or ("F32" if group == "float" else "F16")
+
+
 def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
-            alternatives: bool = False) -> tuple[TensorStats, Sketch, Sketch]:
+            alternatives: bool = False, twins: list[_Twin] | None = None) -> tuple[TensorStats, Sketch, Sketch]:
     """One pass over a tensor pair: its stats and both sketches (and, with ``alternatives``, how B compares
-    with A under the other q/k row orders)."""
+    with A under the other q/k row orders; with ``twins``, B against each of them)."""
     n = _perm_groups(pair)
     ra = _Reader(srcs[0], pair.a, n if pair.unpermute[0] else 0, pair.norm_offset[0])
     rb = _Reader(srcs[1], pair.b, n if pair.unpermute[1] else 0, pair.norm_offset[1])
@@ -479,6 +577,8 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
         stats.update(a, b, r0)
         sa.update(a, r0)
         sb.update(b, r0)
+        for tw in twins or ():
+            tw.update(srcs[1], a, b, r0, r1)
         if alternatives and n:
             k = (r1 - r0) // align
             stats.add_alt("unpermuted", a, rope_permute(b, k))
@@ -545,6 +645,9 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
     """
     t0 = time.perf_counter()
     plan = plan_pairs(a, b)
+    preferred: dict[str, str] = {}  # the intermediate B's file was made from, once a tensor shows it
+    imatrix = None
+    imatrix_used = isinstance(b, GGUFWeights) and any(k.startswith("quantize.imatrix") for k in b.kv)
     entries: list[dict[str, Any]] = []
     sketches_a: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     sketches_b: dict[int, Sketch] = {}
@@ -569,12 +672,30 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
             continue
         if pair.qk and not _check_groups(rows, n):
             pair.qk = None
+        why_no_twin = twin_unavailable(pair, b, cols)
+        first = _Twin(pair, n, _first_intermediate(pair.b.type, preferred), imatrix) if why_no_twin is None else None
         try:
-            stats, sa, sb = _stream((a, b), pair, rows, cols)
+            stats, sa, sb = _stream((a, b), pair, rows, cols, twins=[first] if first else None)
+            best = first
+            if first is not None and first.stats.differing and not FORCE_INTERMEDIATE:  # another intermediate may be the one B was made from
+                others = [_Twin(pair, n, i, imatrix) for i in twin.INTERMEDIATES if i != first.stats.intermediate]
+                _stream((a, b), pair, rows, cols, twins=others)
+                for tw in others:
+                    if tw.stats.better_than(best.stats if best else None):
+                        best = tw
         except WeightsUnreadable as exc:
             e["problem"] = None
             e["unreadable"] = str(exc)
             continue
+        except ggml.GGMLUnavailable as exc:
+            best, why_no_twin = None, str(exc)
+            stats, sa, sb = _stream((a, b), pair, rows, cols)
+        if best is not None:
+            e["twin"] = best.stats.to_dict()
+            if not best.stats.differing and pair.b.type not in twin.FLOAT_TYPES:
+                preferred[_type_group(pair.b.type)] = best.stats.intermediate
+        else:
+            e["twin_unavailable"] = why_no_twin
         exp = pair_expected_error(pair.a.type, pair.b.type)
         c, c_res = stats.scale()
         k, k_res = stats.offset()
@@ -588,7 +709,6 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
         idx = len(entries) - 1
         sketches_a.setdefault((rows, cols), []).append((idx, sa.values))
         sketches_b[idx] = sb
-    _peer_medians(entries)
     for idx, sb in sketches_b.items():
         e = entries[idx]
         if _suspect(e):
@@ -596,31 +716,22 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
     a.close()
     b.close()
     return {"status": "ok", "mode": plan.mode, "arch": plan.arch, "tensors": entries,
+            "imatrix": ({k: v for k, v in b.kv.items() if k.startswith("quantize.imatrix")} if imatrix_used
+                        and isinstance(b, GGUFWeights) else None),
             "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
             "n_layers": n_layers, "seconds": time.perf_counter() - t0}
 
 
-def _peer_medians(entries: list[dict[str, Any]]) -> None:
-    """Each tensor's peers: the other tensors of the same role and the same storage types in the file."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, e in enumerate(entries):
-        if e["error"] is not None and e["layer"] is not None:
-            groups.setdefault((e["role"], e["type_a"], e["type_b"]), []).append(i)
-    for idx in groups.values():
-        for i in idx:
-            peers = [entries[j]["error"] for j in idx if j != i]
-            entries[i]["peers"] = len(peers)
-            entries[i]["peer_median"] = float(np.median(peers)) if peers else None
-
-
 def _suspect(e: dict[str, Any]) -> bool:
-    """Worth asking what B matches better: above the type's error, off in scale, or far above its peers."""
+    """Worth asking what B matches instead: off its twin by more than near-ties explain (or, with no twin,
+    above its type's tabled error or off in scale). Cheap: the candidates are compared on sketches."""
+    t = e.get("twin")
+    if t is not None:
+        return t["differing"] > 0 and (t["share"] > 0.05 or (t.get("tie_ratio") or math.inf) > 1.2)
     err, exp = e["error"], e["expected"]
     if err is None or exp is None:
         return False
-    med = e.get("peer_median")
-    return (err > exp or (e["scale"] is not None and abs(e["scale"] - 1.0) > 0.05)
-            or (med is not None and err > 1.5 * max(med, exp / 10)))
+    return err > exp or (e["scale"] is not None and abs(e["scale"] - 1.0) > 0.05)
 
 
 def _matches(srcs: tuple[Source, Source], plan: Plan, idx: int, e: dict[str, Any], sb: Sketch,
@@ -696,3 +807,24 @@ def _tensor_meaning(pair: Pair, other: Pair) -> str:
     if layer is None and o_layer is None:
         return "B's tensor is another of A's tensors (an output layer tied or untied, or a mix-up)"
     return "B's tensor is another of A's tensors of the same shape (a mix-up)"
+
+
+# --------------------------------------------------------------------------- the runtime twin's weights
+
+
+def tensors_in_a_convention(a: Source, b: Source) -> Iterator[tuple[str, tuple[int, ...], np.ndarray, str]]:
+    """B's tensors, whole, under A's names and in A's convention (q/k rows back in transformers' order,
+    Gemma's norm offset removed, B's output layer for A's tied one): what A's architecture loads to run
+    with B's weights (the runtime twin). (name, A's shape, float32 values, B's storage type); tensors B lacks
+    are skipped."""
+    plan = plan_pairs(a, b)
+    for pair in plan.pairs:
+        if pair.a is None or pair.b is None or _shape_problem(pair):
+            continue
+        n = _perm_groups(pair)
+        if pair.qk and not _check_groups(pair.a.rows, n):
+            n = 0
+        rb = _Reader(b, pair.b, n if pair.unpermute[1] else 0, pair.norm_offset[1])
+        values = np.concatenate([rb.rows(r0, r1).reshape(r1 - r0, pair.a.cols)
+                                 for r0, r1 in _chunks(pair.a.rows, pair.a.cols, pair.a.rows // n if n else 1)])
+        yield pair.name, pair.a.shape, values.reshape(pair.a.shape), pair.b.type

@@ -52,6 +52,9 @@ OPTIONS: tuple[Option, ...] = (
            "reference: compact (default: its top-256 logits, log-normaliser and a seeded sketch of the logits and "
            "states, a few kB per token; see docs/storage.md) or full (every logit and state; needed by "
            "--convdiff-layer-swap and by A's arrays in the convdiff_pair fixture)", metavar="FORM"),
+    Option(("--convdiff-runtime-twin",), "convdiff_runtime_twin", "the runtime twin of a GGUF B (A's architecture "
+           "run with B's weights, docs/twins.md): quick (default: the corpus's first three prompts and its longest), "
+           "full (every prompt) or off", metavar="MODE"),
     Option(("--convdiff-cache-max-size",), "convdiff_cache_max_size", "the most the cache may hold, e.g. 20GB, "
            "500MiB, 25%% (of the disk space it can use), 0 for no limit (default 20GB); least recently used entries "
            "not in use are evicted to make room", metavar="SIZE"),

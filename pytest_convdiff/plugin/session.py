@@ -22,7 +22,14 @@ from ..comparison import Comparison, default_cache_dir
 from ..core.corpus import Corpus, load_corpus
 from ..core.results import PairResult
 from ..errors import ConvdiffError
-from ..runner import LAYER_SWAP_NEEDS_FULL, ModelSpec, RunSettings, cache_dtype_name, store_name
+from ..runner import (
+    LAYER_SWAP_NEEDS_FULL,
+    ModelSpec,
+    RunSettings,
+    cache_dtype_name,
+    runtime_twin_name,
+    store_name,
+)
 from ..store import baseline as baseline_store
 from ..store.budget import DEFAULT_BUDGET, CacheBudget, cleared_lines, parse_size
 from ..store.cache import Cache
@@ -229,6 +236,10 @@ def build_session(config: pytest.Config) -> Session:
         store = store_name(opts.value(config, "convdiff_store") or RunSettings.store)
     except ValueError as exc:
         raise pytest.UsageError(f"--convdiff-store: {exc}.") from None
+    try:
+        runtime_twin = runtime_twin_name(opts.value(config, "convdiff_runtime_twin") or RunSettings.runtime_twin)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--convdiff-runtime-twin: {exc}.") from None
     layer_swap = int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0) or 0
     hidden_states = not opts.value(config, "convdiff_no_layers")
     if layer_swap and hidden_states and store != "full":
@@ -244,6 +255,7 @@ def build_session(config: pytest.Config) -> Session:
         cache_dtype=cache_dtype,
         keep_b=bool(opts.value(config, "convdiff_keep_b")),
         store=store,
+        runtime_twin=runtime_twin,
     )
     cache_dir = opts.value(config, "convdiff_cache_dir")
     if cache_dir:

@@ -330,6 +330,45 @@ def metrics_line(p: PairResult) -> str | None:
             f"KL mean {fmt(m.get('kl_mean'))}, PPL A {fmt(m.get('ppl_a'))} B {fmt(m.get('ppl_b'))}")
 
 
+def costliest_module(p: PairResult) -> str | None:
+    """The layer that adds most to the hidden state's error against A, and its larger sub-block: where a
+    correct but lossy quantisation costs most (``layer 28 mlp``)."""
+    layers = p.layers or []
+    if not layers:
+        return None
+    best, gain = None, -1.0
+    prev = 0.0
+    for row in layers:
+        r = row.get("rfn")
+        if not finite(r):
+            return None
+        if r - prev > gain:
+            best, gain = row, r - prev
+        prev = r
+    if best is None:
+        return None
+    subs = {k[len("rfn_"):]: v for k, v in best.items() if k.startswith("rfn_") and k != "rfn_swap" and finite(v)}
+    sub = max(subs, key=lambda k: subs[k]) if subs else None
+    return f"layer {best['index']}" + (f" {sub}" if sub else "") + f" (adds {fmt(gain)} rfn)"
+
+
+def quality_line(p: PairResult) -> str | None:
+    """B's quality against A in llama-perplexity's terms, and the module that costs most:
+    ``quality: PPL ratio 1.83, KL mean 0.31, same top-1 71.2 %, costliest layer 28 mlp (adds 0.12 rfn)``."""
+    m = p.metrics or {}
+    if m.get("ppl_a") is None or m.get("ppl_b") is None:
+        return None
+    parts = [f"PPL ratio {fmt(m['ppl_b'] / m['ppl_a']) if m['ppl_a'] else 'n/a'}", f"KL mean {fmt(m.get('kl_mean'))}"]
+    top = m.get("topk_ordered") or {}
+    t1 = top.get("1", top.get(1)) if isinstance(top, dict) else None
+    if finite(t1):
+        parts.append(f"same top-1 {100 * t1:.1f} %")
+    cost = costliest_module(p)
+    if cost:
+        parts.append(f"costliest {cost}")
+    return "quality: " + ", ".join(parts)
+
+
 def metric_rows(p: PairResult) -> list[tuple[str, str]]:
     """``(name, value)`` for every logit metric present, top-K agreements as ``K=1: ..., K=2: ...``."""
     m = p.metrics or {}

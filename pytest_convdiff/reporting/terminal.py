@@ -30,6 +30,9 @@ def pair_lines(p: PairResult) -> list[str]:
     if h.error:
         lines.append(f"{INDENT}error: {h.error_line or ''}")
         return lines
+    quality = rows.quality_line(p)
+    if quality:  # where the user looks first: a correct file of poor quality passes, and says so here
+        lines.append(f"{INDENT}{quality}")
     lines.append(f"{INDENT}{'check':<12}{'items':>7}{'failed':>8}  {'worst value':<22}{'bound':<10}")
     for g in rows.group_rows(p):
         lines.append(f"{INDENT}{g.name:<12}{g.items:>7}{g.failed:>8}  {g.worst:<22}{g.bound:<10}")

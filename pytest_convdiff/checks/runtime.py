@@ -1,0 +1,210 @@
+"""``runtime[logits]``, ``runtime[layers]``: B's runtime against its runtime twin, A's code run with B's weights.
+
+A GGUF B and its twin T (A's transformers architecture loaded with B's own dequantised tensors) share
+every weight, so only the runtime separates them: how llama.cpp reads the metadata (rope base and scaling,
+norm epsilon, sliding windows, soft-caps, attention scale) and its kernels. The kernels' own precision is
+measured on the files under test too: T8 is T with what llama.cpp's CPU kernels round rounded the same
+way (each matmul's input to its weight type's activation type, 8-bit blocks for quantised weights, F16
+for F16 ones; the KV cache to F16). B may be at most ``runtime_ratio`` times as far from T as T8 is:
+
+- ``runtime[layers]``: per decoder layer, rfn(B, T) over rfn(T8, T); the first layer above the bound is
+  where B's runtime leaves its twin;
+- ``runtime[logits]``: sqrt of KL(T || B) over KL(T || T8), mean and 99th percentile (sqrt: KL grows
+  with the square of a perturbation, so the ratio reads on rfn's scale).
+
+A correct runtime gives ratios of about 1 at every type, F16 to Q2_K (docs/twins.md), a wrong rope base
+30×, so one bound serves every type. The three runs (T, T8, B) cover the corpus's first three prompts and
+its longest, each cut to ``TWIN_TOKENS`` positions: beyond about a thousand positions llama.cpp's rope
+and attention arithmetic drifts from transformers' by itself (an F16 file's KL at positions 1k-4k is 30×
+its early level with identical weights), which the ``position`` check bounds. One model in memory at a
+time, as for A and B; the runs are cached like theirs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any
+
+from ..core.bounds import BoundSpec
+from ..core.corpus import Corpus
+from ..core.results import CORRECTNESS, FAILED, PASSED, UPPER, CheckId, CheckResult
+from .base import OVERRIDE_HINT, CheckFamily, EvalContext, PlanContext, fmt, per_class, skipped
+
+NAME = "runtime"
+LOGITS, LAYERS = CheckId(NAME, "logits"), CheckId(NAME, "layers")
+BOUNDS = (BoundSpec("runtime_ratio", UPPER, per_class(*[3.0] * 6),
+                    "B's distance from its runtime twin (A's code, B's weights) over the distance llama.cpp's "
+                    "own roundings give (the same twin with them emulated)"),)
+TWIN_TOKENS = 1024  # positions per prompt in the twin runs
+FLOOR_RFN = 1e-6  # below float32's resolution of a ratio: an exact twin
+FLOOR_KL = 1e-12
+
+
+def _applies(spec_a: Any, spec_b: Any) -> str | None:
+    """Why there is no runtime twin for this pair, or None."""
+    if spec_a is None or spec_b is None:
+        return "no models named"
+    try:
+        ba, bb = spec_a.resolved_backend(), spec_b.resolved_backend()
+    except Exception as exc:  # noqa: BLE001 - an unrecognised model errors the pair elsewhere
+        return str(exc)
+    if bb != "llama.cpp":
+        return (f"B runs on {bb}: its runtime is A's own" if bb == "transformers"
+                else f"B runs on {bb}, whose weights this check cannot load into A's architecture")
+    if ba != "transformers":
+        return f"A runs on {ba}: the twin needs A's transformers architecture"
+    return None
+
+
+def plan(ctx: PlanContext) -> list[CheckId]:
+    if ctx.settings.runtime_twin == "off" or _applies(ctx.spec_a, ctx.spec_b) is not None:
+        return []
+    return [LOGITS, LAYERS] if ctx.settings.hidden_states and ctx.num_layers else [LOGITS]
+
+
+def subset(corpus: Corpus) -> Corpus:
+    """The corpus's first three prompts and its longest: short and long positions, a fraction of the cost."""
+    prompts = list(corpus)
+    if len(prompts) <= 4:
+        return corpus
+    longest = max(prompts, key=lambda p: len(p.text))
+    keep = prompts[:3] + ([longest] if longest not in prompts[:3] else [])
+    return Corpus(tuple(keep), f"{corpus.source}:twin-subset")
+
+
+def measure(ctx: EvalContext) -> dict[str, Any]:
+    """Run T, T8 (fed T's tokens) and B (fed T's tokens) on the subset; B's and T8's metrics against T."""
+    why = _applies(ctx.spec_a, ctx.spec_b)
+    if why:
+        return {"status": "skipped", "reason": why}
+    from ..comparison import PairMetrics
+    from ..runner import ModelSpec
+
+    # T is stored as A is (compact by default: a few kB per token); T8 and B are reduced against it as they run
+    settings = replace(ctx.settings, greedy_tokens=0, tokenizer_cases=False, causality=False,
+                       layer_swap=0, keep_b=False, cache_dtype="float32",
+                       max_tokens=min(ctx.settings.max_tokens or TWIN_TOKENS, TWIN_TOKENS))
+    corpus = ctx.corpus if ctx.settings.runtime_twin == "full" else subset(ctx.corpus)
+    a, b = ctx.spec_a, ctx.spec_b
+    base = {k: v for k, v in (a.options or {}).items() if k not in ("weights_from", "emulate")}
+    twin = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path)})
+    twin8 = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path), "emulate": "llama.cpp"})
+    if ctx.cache is not None:
+        run_t, run_8, run_b = _runs(ctx.cache, twin, twin8, b, corpus, settings)
+    else:  # a library call without a cache: the three runs meet in a scratch cache, removed afterwards
+        import tempfile
+        from pathlib import Path
+
+        from ..store.cache import Cache
+
+        with tempfile.TemporaryDirectory(prefix="convdiff-twin-") as tmp:
+            run_t, run_8, run_b = _runs(Cache(Path(tmp)), twin, twin8, b, corpus, settings)
+    pm_b = PairMetrics.from_dict(run_b.meta["pair_metrics"])
+    pm_8 = PairMetrics.from_dict(run_8.meta["pair_metrics"])
+    out: dict[str, Any] = {"status": "ok", "prompts": [p.id for p in corpus], "max_tokens": settings.max_tokens,
+                           "positions": pm_b.logits.positions if pm_b.logits else 0}
+    if pm_b.logits is not None and pm_8.logits is not None:
+        out["logits"] = {side: {"kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "kl_max": m.kl_max,
+                                "kl_max_where": str(m.kl_max_where), "top1": m.topk_ordered[1], "nmse": m.nmse}
+                         for side, m in (("b", pm_b.logits), ("t8", pm_8.logits))}
+    if pm_b.layers is not None and pm_8.layers is not None:
+        out["layers"] = {"b": list(pm_b.layers.rfn), "t8": list(pm_8.layers.rfn),
+                         "b_sub": {k: list(v) for k, v in pm_b.layers.sublayers.items()},
+                         "t8_sub": {k: list(v) for k, v in pm_8.layers.sublayers.items()}}
+    return out
+
+
+def _runs(cache: Any, twin: Any, twin8: Any, b: Any, corpus: Corpus, settings: Any) -> tuple[Any, Any, Any]:
+    """T first; T8 and B are fed T's tokens and reduced against T as they run, one model in memory at a time."""
+    from ..runner import run_model
+
+    run_t = run_model(twin, corpus, cache, settings=settings, label="twin ")
+    run_8 = run_model(twin8, corpus, cache, feed=run_t, settings=settings, label="twin8 ")
+    run_b = run_model(b, corpus, cache, feed=run_t, settings=settings, label="B ")
+    return run_t, run_8, run_b
+
+
+def _ratio(b: float, t8: float, floor: float) -> float:
+    if math.isnan(b) or math.isnan(t8):
+        return math.nan
+    return b / max(t8, floor)
+
+
+def _logits(m: dict[str, Any], bound: float) -> CheckResult:
+    lb, l8 = m["logits"]["b"], m["logits"]["t8"]
+    r_mean = math.sqrt(max(_ratio(lb["kl_mean"], l8["kl_mean"], FLOOR_KL), 0.0))
+    r_p99 = math.sqrt(max(_ratio(lb["kl_p99"], l8["kl_p99"], FLOOR_KL), 0.0))
+    value = max(r_mean, r_p99) if not (math.isnan(r_mean) or math.isnan(r_p99)) else math.nan
+    text = (f"B's logits against its runtime twin (A's code, B's weights; {m['positions']} positions of "
+            f"{len(m['prompts'])} prompts, up to {m['max_tokens']} tokens): KL(T || B) mean {fmt(lb['kl_mean'])}, p99 "
+            f"{fmt(lb['kl_p99'])}, same top-1 {100 * lb['top1']:.2f} %; llama.cpp's own roundings give KL mean "
+            f"{fmt(l8['kl_mean'])}, p99 {fmt(l8['kl_p99'])}. sqrt of the ratio: mean {fmt(r_mean)}, p99 {fmt(r_p99)}")
+    ok = value <= bound
+    if ok:
+        return CheckResult(NAME, "logits", value, bound, PASSED, f"{text}; within {fmt(bound)}.", m["logits"], UPPER,
+                           CORRECTNESS)
+    msg = (f"{text}, above the bound {fmt(bound)}: B's runtime computes something other than A's architecture "
+           f"does with the same weights (metadata read differently, or a kernel). Worst position: "
+           f"{lb['kl_max_where']} (KL {fmt(lb['kl_max'])}).\n" + OVERRIDE_HINT.format(name="runtime_ratio"))
+    return CheckResult(NAME, "logits", value, bound, FAILED, msg, m["logits"], UPPER, CORRECTNESS)
+
+
+def _layers(m: dict[str, Any], bound: float, ctx: EvalContext) -> CheckResult:
+    lb, l8 = m["layers"]["b"], m["layers"]["t8"]
+    ratios = [_ratio(x, y, FLOOR_RFN) for x, y in zip(lb, l8, strict=False)]
+    value = math.nan if any(math.isnan(r) for r in ratios) else max(ratios, default=0.0)
+    first = next((i for i, r in enumerate(ratios) if not r <= bound), None)
+    curve = ", ".join(f"{fmt(r)}" for r in ratios)
+    details = {"ratios": ratios, "rfn_b": lb, "rfn_t8": l8, "first_layer": first}
+    if first is None:
+        return CheckResult(NAME, "layers", value, bound, PASSED,
+                           f"Every decoder layer of B stays with its runtime twin: rfn(B, T) over llama.cpp's own "
+                           f"rounding at most {fmt(value)} (bound {fmt(bound)}); by layer: {curve}.", details, UPPER,
+                           CORRECTNESS)
+    sub = ""
+    bs, s8 = m["layers"].get("b_sub") or {}, m["layers"].get("t8_sub") or {}
+    subs = {k: _ratio(bs[k][first], s8[k][first], FLOOR_RFN) for k in bs if k in s8 and first < len(bs[k])}
+    if subs:
+        worst = max(subs, key=lambda k: subs[k])
+        sub = f" ({'attention' if worst == 'attn' else worst} output {fmt(subs[worst])}× the runtime's own rounding)"
+    res = ctx.result
+    if res.first_divergent_layer is None or first < res.first_divergent_layer:
+        res.first_divergent_layer = first
+        res.divergent_sublayer = ("attention" if subs and max(subs, key=lambda k: subs[k]) == "attn"
+                                  else ("mlp" if subs else None))
+    msg = (f"B's runtime leaves its twin at decoder layer {first}{sub}: rfn(B, T) {fmt(lb[first])} is "
+           f"{fmt(ratios[first])}× the {fmt(l8[first])} that llama.cpp's own roundings give, above the bound "
+           f"{fmt(bound)}. B and T share every weight, so the runtime differs: how it reads the metadata (rope, "
+           f"epsilon, windows, soft-caps, attention scale) or a kernel.\nBy layer: {curve}.\n"
+           + OVERRIDE_HINT.format(name="runtime_ratio"))
+    return CheckResult(NAME, "layers", value, bound, FAILED, msg, details, UPPER, CORRECTNESS)
+
+
+def evaluate(ctx: EvalContext) -> list[CheckResult]:
+    planned = ctx.planned(NAME) if ctx.plan is not None else None
+    if planned is not None and not planned:
+        return []
+    ids = planned or [LOGITS, LAYERS]
+    try:
+        m = ctx.measurement(FAMILY)
+    except Exception as exc:  # noqa: BLE001 - a twin that cannot run errors these items, never the pair's others
+        from ..comparison import describe_failure
+
+        return [CheckResult(c.name, c.param, None, None, "error",
+                            "the runtime twin could not run: " + describe_failure(exc, "running the runtime twin"))
+                for c in ids]
+    if m.get("status") != "ok":
+        return [skipped(c, f"no runtime twin: {m.get('reason')}") for c in ids]
+    bound = ctx.bounds.runtime_ratio
+    out = []
+    for cid in ids:
+        if cid == LOGITS:
+            out.append(_logits(m, bound) if "logits" in m else skipped(cid, "the logits were not compared"))
+        elif cid == LAYERS:
+            out.append(_layers(m, bound, ctx) if "layers" in m else skipped(cid, "no hidden states to compare"))
+    return out
+
+
+FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,
+                     doc="B's runtime against A's architecture run with B's weights", measure=measure)

@@ -1,0 +1,162 @@
+"""The re-quantisation twin: what a correct conversion of A's tensor to B's storage type gives.
+
+A correct llama.cpp conversion of a tensor is a function of A's values and B's storage type: the
+converter brings A's tensor into GGUF's convention (q/k rows permuted for llama.cpp's rope, Gemma's
+norms stored as 1 + w), writes it as F32, F16 or BF16, and llama.cpp's quantiser turns that into the
+type. Running the same quantiser on A's tensor gives B's **twin**, and a correct B reproduces it
+except where the quantiser meets a near-tie (an FMA or a rounding of the F16/BF16 intermediate tips
+a block's scale search the other way). So B is judged against its twin, not against a table of errors
+measured on other models: a tensor scaled by 1.02 before a Q2_K quantisation, far inside Q2_K's noise
+of about 0.35, still moves nearly every block off its twin.
+
+Two numbers per tensor, each with a principle behind its bound (docs/twins.md):
+
+- ``blocks``: the share of the type's blocks whose bytes (float types: whose values) differ from the
+  twin. A near-tie is rare; changed input changes most blocks.
+- ``excess``: ``||B - T||_F / ||T - A||_F``, how far B is from its twin as a fraction of the type's own
+  error on this tensor. A block that a near-tie flipped is another near-optimal quantisation of the same
+  values, so it is at most about twice that block's own error away from the twin; over a share ``s`` of
+  blocks that gives about ``2 sqrt(s)``.
+
+The intermediate (F32, F16 or BF16) that the converter wrote before the quantiser ran is not recorded
+in a GGUF; each is tried, and the one B reproduces best is the twin.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["INTERMEDIATES", "TwinStats", "round_to", "twin_rows"]
+
+INTERMEDIATES: tuple[str, ...] = ("F16", "F32", "BF16")  # the converter's --outtype, most common first
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+LOCATIONS = 8  # differing blocks whose place is kept
+
+
+def round_to(x: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 values rounded as a file of ``type_name`` stores them (round to nearest even), as float32."""
+    t = type_name.upper()
+    x = np.asarray(x, dtype=np.float32)
+    if t in ("F32", "F64"):
+        return x
+    if t == "F16":
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(np.float32)
+    if t == "BF16":
+        u = x.view(np.uint32).astype(np.uint64)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint32)
+        r = np.where(nan, ((u >> 16) | 64).astype(np.uint32), r)
+        return (r << 16).astype(np.uint32).view(np.float32)
+    raise ValueError(f"{type_name} is not a float type")
+
+
+def twin_rows(rows_gguf: np.ndarray, type_name: str, intermediate: str,
+              imatrix: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the twin's stored bytes, or None for a float type; its values as float32) for rows of A's tensor
+    already in GGUF's convention, written through ``intermediate`` and stored as ``type_name``."""
+    t = type_name.upper()
+    src = round_to(rows_gguf, intermediate)
+    if t in FLOAT_TYPES:
+        return None, round_to(src, t)
+    from ..backends import ggml
+
+    raw = ggml.quantize(t, src, imatrix)
+    return raw, ggml.dequantize(t, raw, src.shape[1])
+
+
+@dataclass
+class TwinStats:
+    """B against its twin over a tensor, chunk by chunk: blocks that differ, and the sums for ``excess``."""
+
+    intermediate: str
+    blocks: int = 0
+    differing: int = 0
+    d2: float = 0.0  # ||B - T||^2
+    e2: float = 0.0  # ||T - A||^2 (the type's own error on this tensor)
+    b2: float = 0.0  # ||B - A||^2
+    half_ulp: float = 0.0  # half a unit in the last place of the stored type, relative (float types)
+    diff_b2: float = 0.0  # ||B - A||^2 over the blocks that differ from the twin
+    diff_t2: float = 0.0  # ||T - A||^2 over them (floored at half an ulp of the stored type)
+    rows_hit: set[int] = field(default_factory=set)
+    where: list[tuple[int, int]] = field(default_factory=list)  # (row, block) of the first differing blocks
+
+    def update(self, raw_b: np.ndarray | None, raw_t: np.ndarray | None, values_b: np.ndarray, values_t: np.ndarray,
+               values_a: np.ndarray, block: int, row_index: np.ndarray) -> None:
+        """One chunk: B's and the twin's bytes (None for float types: values are compared), both sides'
+        values and A's in one convention, and the tensor row (in A's order) of each chunk row."""
+        vb = values_b.reshape(values_b.shape[0], -1)
+        vt = values_t.reshape(vb.shape)
+        va = values_a.reshape(vb.shape)
+        if raw_b is not None and raw_t is not None:
+            n_blocks = vb.shape[1] // block
+            per = raw_b.shape[1] // n_blocks
+            diff = (raw_b.reshape(vb.shape[0], n_blocks, per) != raw_t.reshape(vb.shape[0], n_blocks, per)).any(-1)
+        else:
+            diff = ~((vb == vt) | (np.isnan(vb) & np.isnan(vt)))
+        self.blocks += diff.size
+        hit = np.argwhere(diff)
+        self.differing += len(hit)
+        if len(hit):
+            rows = np.asarray(row_index)[hit[:, 0]]
+            self.rows_hit.update(int(r) for r in np.unique(rows))
+            room = LOCATIONS - len(self.where)
+            if room > 0:
+                self.where.extend((int(r), int(c)) for r, c in zip(rows[:room], hit[:room, 1], strict=True))
+        d = vb.astype(np.float64) - vt
+        e = vt.astype(np.float64) - va
+        f = vb.astype(np.float64) - va
+        ok = np.isfinite(d) & np.isfinite(e) & np.isfinite(f)
+        if not ok.all():
+            d, e, f = np.where(ok, d, 0.0), np.where(ok, e, 0.0), np.where(ok, f, 0.0)
+        self.d2 += float(np.sum(d * d))
+        self.e2 += float(np.sum(e * e))
+        self.b2 += float(np.sum(f * f))
+        if len(hit):  # B's and the twin's errors against A over the blocks that differ
+            nb = diff.shape[1]
+            eb = (f * f).reshape(vb.shape[0], nb, -1).sum(-1)[diff]
+            et = (e * e).reshape(vb.shape[0], nb, -1).sum(-1)[diff]
+            floor = (np.abs(va.astype(np.float64)) * self.half_ulp).reshape(vb.shape[0], nb, -1)
+            self.diff_b2 += float(eb.sum())
+            self.diff_t2 += float(np.maximum(et, (floor * floor).sum(-1)[diff]).sum())
+
+    @property
+    def share(self) -> float:
+        return self.differing / self.blocks if self.blocks else 0.0
+
+    def excess(self) -> float:
+        """||B - T|| / ||T - A||: 0 when B is its twin; infinite when the type is exact here and B is not."""
+        if self.d2 <= 0.0:
+            return 0.0
+        return math.sqrt(self.d2 / self.e2) if self.e2 > 0.0 else math.inf
+
+    def error_ratio(self) -> float:
+        """||B - A|| / ||T - A||: B's error against the error a correct conversion has (the fallback test
+        when the twin cannot be reproduced, e.g. an importance matrix was used and is not given)."""
+        if self.b2 <= 0.0:
+            return 0.0
+        return math.sqrt(self.b2 / self.e2) if self.e2 > 0.0 else math.inf
+
+    def tie_ratio(self) -> float:
+        """sqrt(||B - A||^2 / ||T - A||^2) over the blocks that differ from the twin: about 1 where a near-tie
+        chose another, equally good, quantisation of A's values; larger where B's values are not A's."""
+        if self.differing == 0 or self.diff_b2 <= 0.0:
+            return 0.0 if self.differing == 0 else 1.0
+        return math.sqrt(self.diff_b2 / self.diff_t2) if self.diff_t2 > 0.0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"intermediate": self.intermediate, "blocks": self.blocks, "differing": self.differing,
+                "share": self.share, "excess": self.excess() if math.isfinite(self.excess()) else None,
+                "excess_inf": not math.isfinite(self.excess()),
+                "error_ratio": self.error_ratio() if math.isfinite(self.error_ratio()) else None,
+                "tie_ratio": self.tie_ratio() if math.isfinite(self.tie_ratio()) else None,
+                "twin_error2": self.e2, "rows_hit": len(self.rows_hit),
+                "row_range": [min(self.rows_hit), max(self.rows_hit)] if self.rows_hit else None,
+                "where": [list(w) for w in self.where]}
+
+    def better_than(self, other: TwinStats | None) -> bool:
+        return other is None or (self.differing, self.d2) < (other.differing, other.d2)
