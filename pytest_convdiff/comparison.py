@@ -223,7 +223,31 @@ def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: Model
     if family.needs_outputs and ctx is not None:
         parts["corpus"] = ctx.corpus.digest
         parts["settings"] = dict(ctx.settings.__dict__)
+    if ctx is not None and ctx.settings.imatrix:  # the weights twin is made with it: its contents are an input
+        parts["imatrix"] = _file_digest(ctx.settings.imatrix)
     return make_key(parts)
+
+
+def weights_sketch(spec: ModelSpec) -> tuple[dict[str, Any], np.ndarray] | str:
+    """What a golden reference keeps of A's weights for the weights check to replay (``core.replay``), or
+    why it keeps nothing: only a transformers checkpoint's safetensors are sketched."""
+    from .core import dequant, replay
+
+    if spec.is_saved_reference():
+        return "A was itself a saved reference"
+    if spec.resolved_backend() != "transformers" or (spec.options or {}).get("gguf_file"):
+        return f"A was a {spec.resolved_backend()} model, not a transformers checkpoint"
+    try:
+        return replay.sketch_model(dequant.SafetensorsWeights(spec.path))
+    except dequant.WeightsUnreadable as exc:
+        return str(exc)
+
+
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:  # the check reports the unreadable file; the key only has to differ
+        return f"unreadable: {exc}"
 
 
 def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None) -> Any:
@@ -234,7 +258,7 @@ def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None) -> Any:
         return doc["value"]
     value = family.measure(ctx)
     if cache is not None:
-        cache.put_json(key, {"value": value, "family": family.name, "a": ctx.spec_a.path, "b": ctx.spec_b.path},
+        cache.put_json(key, {"value": value, "family": family.name, "a": str(ctx.spec_a.path), "b": str(ctx.spec_b.path)},
                        folder=MEASUREMENTS)
     return value
 
@@ -394,7 +418,7 @@ class Comparison:
                 from .store.reference import save_reference
 
                 self._stage = f"saving the reference to {self.save_reference}"
-                save_reference(run_a, self.save_reference, self.corpus, self.settings)
+                save_reference(run_a, self.save_reference, self.corpus, self.settings, weights_sketch(self.a))
                 self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
             self._stage = f"running model B ({self.b.path})"
             run_b = run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
@@ -492,14 +516,17 @@ def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathL
             corpus: Corpus | str | None = None, bounds: dict[str, float] | None = None,
             cache_dir: str | os.PathLike[str] | None = None, refresh: bool = False,
             settings: RunSettings | None = None, progress: Progress | None = None,
-            pair_id: str | None = None, store: str | None = None, static_only: bool = False) -> PairResult:
+            pair_id: str | None = None, store: str | None = None, static_only: bool = False,
+            imatrix: str | os.PathLike[str] | None = None) -> PairResult:
     """Run A and B (or read them from the cache) and evaluate every check.
 
     ``bounds``: overrides applied on top of the default row for the pair's precision class.
     ``store``: how A's outputs are cached, ``"compact"`` (the default) or ``"full"`` (as ``RunSettings.store``,
     which it overrides). A model that cannot be loaded gives a result with ``verdict == "error"`` and the reason
     in ``error``. ``static_only``: evaluate only the checks that read the model files (``config``,
-    ``weights``), loading no model: a structural or metadata defect reported in seconds.
+    ``weights``), loading no model: a structural or metadata defect reported in seconds. ``imatrix``: the
+    llama.cpp importance matrix B was quantised with (as ``RunSettings.imatrix``, which it overrides); an
+    unreadable file raises ``ImatrixError`` before anything runs.
     """
     spec_a = model_a if isinstance(model_a, ModelSpec) else ModelSpec(str(model_a))
     spec_b = model_b if isinstance(model_b, ModelSpec) else ModelSpec(str(model_b))
@@ -507,6 +534,12 @@ def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathL
     settings = settings or RunSettings()
     if store is not None:
         settings = replace(settings, store=store)
+    if imatrix is not None:
+        settings = replace(settings, imatrix=str(imatrix))
+    if settings.imatrix:
+        from .backends.imatrix import read as read_imatrix
+
+        read_imatrix(settings.imatrix)  # a bad file fails here, naming itself, before any model runs
     comparison = Comparison(
         spec_a, spec_b, corpus if isinstance(corpus, Corpus) else load_corpus(corpus),
         Cache(Path(cache_dir) if cache_dir else default_cache_dir(), read=not refresh),

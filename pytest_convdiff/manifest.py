@@ -32,7 +32,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-_KEYS = {"id", "model_a", "model_b", "backend_a", "backend_b", "options_a", "options_b", "bounds", "corpus", "marks"}
+_KEYS = {"id", "model_a", "model_b", "backend_a", "backend_b", "options_a", "options_b", "bounds", "corpus", "marks",
+         "imatrix"}
 _MARK = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -48,6 +49,7 @@ class ManifestEntry:
     bounds: dict[str, float] = field(default_factory=dict)
     corpus: str | None = None
     marks: list[str] = field(default_factory=list)
+    imatrix: str | None = None  # llama.cpp's importance matrix B was quantised with (relative to the manifest)
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -107,6 +109,7 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
         corpus = entry.get("corpus")
         if corpus and corpus not in ("default", "quick"):
             corpus = _resolve(base, corpus)
+        imatrix = _resolve(base, str(entry["imatrix"])) if entry.get("imatrix") else None
         model_a = _resolve(base, str(entry["model_a"]))
         for b in bs:
             model_b = _resolve(base, str(b))
@@ -119,5 +122,5 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
             seen.add(pid)
             out.append(ManifestEntry(pid, model_a, model_b, entry.get("backend_a"), entry.get("backend_b"),
                                      dict(entry.get("options_a") or {}), dict(entry.get("options_b") or {}),
-                                     bounds, corpus, list(marks)))
+                                     bounds, corpus, list(marks), imatrix))
     return out

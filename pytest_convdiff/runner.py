@@ -138,6 +138,8 @@ class RunSettings:
     store: str = "compact"
     # the runtime twin (checks/runtime.py): "quick" (a subset of the corpus), "full" (all of it) or "off"
     runtime_twin: str = "quick"
+    # llama.cpp's importance matrix B was quantised with (backends/imatrix.py): the weights twin needs it
+    imatrix: str | None = None
 
     def __post_init__(self) -> None:
         self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
@@ -149,6 +151,7 @@ class RunSettings:
     def key(self, fed: bool = True) -> dict[str, Any]:
         out = dict(self.__dict__)
         out.pop("runtime_twin")  # which extra runs a pair makes, not what a run produces
+        out.pop("imatrix")  # read by the weights check only, keyed there
         if not fed:  # A's entry is the same whatever is done with B
             out.pop("layer_swap")
             out.pop("keep_b")

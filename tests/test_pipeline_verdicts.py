@@ -108,7 +108,7 @@ def _static_enough(model: str, entry: dict[str, Any]) -> bool:
 # SmolLM2's runtime twin costs three more model runs a pair (~20 s on 2 cores); it runs on the files that
 # span the types and on the runtime defects, the rest of SmolLM2's files are judged with it off (their
 # weights twins still run). The tiny model's files all run it.
-RUNTIME_TWIN_FILES = (".f16.", ".bf16.", ".q8_0.", ".q4_0.", ".q2_k.", "rope-base", "norm-eps")
+RUNTIME_TWIN_FILES = (".f16.", ".q4_0.", ".q2_k.", "rope-base", "norm-eps")
 
 
 def _runtime_twin(model: str, entry: dict[str, Any]) -> bool:

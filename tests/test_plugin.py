@@ -156,6 +156,7 @@ def test_missing_model_errors_its_pair_and_others_still_run(pytester, tiny_model
     (["--model-a", "x", "--model-b", "y", "--convdiff-layer-swap", "-1"], "--convdiff-layer-swap: expected an integer >= 0"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-prompts", "missing.txt"], "--convdiff-prompts: missing.txt"),
     (["--model-a", "x", "--model-b", "y", "--convdiff-cache-dtype", "bfloat8"], "--convdiff-cache-dtype: 'bfloat8'"),
+    (["--model-a", "x", "--model-b", "y", "--convdiff-imatrix", "none.dat"], "--convdiff-imatrix: none.dat: no such file"),
 ])
 def test_bad_options_are_usage_errors_naming_the_option(pytester, args, message):
     res = pytester.runpytest_inprocess(*args)

@@ -5,18 +5,21 @@ swapped, a tensor scaled, a norm stored in another convention, a NaN, an untrain
 ties it to the embedding) shows in the weights, and is reported here in seconds with the tensor's name,
 where the forward checks can only say which layer's output drifts.
 
-B's tensors are dequantised and brought into A's naming and convention (``core.dequant``), and each
-tensor's relative error ``||B - A||_F / ||A||_F`` is judged against the error its storage type gives on
-real weights (``core.weight_errors.TYPE_ERROR``, measured: the type sets the bound, not the file's label).
-A tensor fails when its error is above ``weights_margin`` times its type's error, when B is a multiple
-of A farther than ``weights_scale`` from 1, when its error is more than ``weights_outlier`` times the
-median of its peers (same role, same types, other layers), or when it holds a NaN or Inf. A failing
-tensor is compared cheaply with what it may be instead (another layer's tensor, A's tensor without the
-rope permutation, a multiple of A, A + 1, A transposed) and the message says what it matches.
+Each tensor of B is judged against its **twin** (``core.twin``): what llama.cpp's quantiser, or a float
+type's rounding, makes of A's tensor brought into B's convention (``core.dequant``), with the importance
+matrix B was made with when one is given (``backends.imatrix``). A correct conversion reproduces it up to
+the quantiser's near-ties, so the bounds are the share of blocks that differ (``weights_twin_blocks``) and,
+where they differ, B's error against A over the twin's (``weights_twin_ratio``); a file made with a matrix
+not given is held to ``weights_imatrix``. Where no twin can be made, the storage type's tabled error
+(``weights_margin``) and scale (``weights_scale``) judge, and the message says so. Replayed from a golden
+reference (A's files absent), B's error against A is estimated from the reference's sketch of A and held
+to ``weights_replay`` times the twin error the reference recorded (``core.replay``). A failing tensor is
+compared cheaply with what it may be instead (another layer's tensor, A's tensor without the rope
+permutation, a multiple of A, A + 1, A transposed) and the message says what it matches.
 
 One item per decoder layer and one for the rest (embeddings, output layer, final norm). A side whose
-weights cannot be read here (an EXL2 model, a saved golden reference, an architecture whose GGUF
-transforms are not known) skips with the reason.
+weights cannot be read here (an EXL2 model, a reference saved without weight sketches, an architecture
+whose GGUF transforms are not known) skips with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..core import dequant, weight_errors
+from ..backends import imatrix
+from ..core import dequant, replay, twin, weight_errors
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
 from ..errors import ConvdiffError
@@ -43,6 +47,9 @@ BOUNDS = (
     BoundSpec("weights_imatrix", UPPER, per_class(*[1.5] * 6),
               "a tensor quantised with an importance matrix not given here: its error against A over its twin's "
               "made without one"),
+    BoundSpec("weights_replay", UPPER, per_class(*[1.5] * 6),
+              "replayed from a golden reference (A's files absent): B's error against A, estimated from the "
+              "reference's sketch of A, over the twin error the reference recorded for B's type"),
     BoundSpec("weights_margin", UPPER, per_class(*[2.0] * 6),
               "only where no twin can be made: a tensor's relative error over the error its storage type gives "
               "(a fallback table)"),
@@ -56,7 +63,7 @@ def _code_version() -> int:
     """The stored measurement is reused only by the code that made it: the cache key hashes this module
     (where ``measure`` is); the reading and numbers live in two helper modules, hashed here."""
     h = hashlib.sha256()
-    for mod in (dequant, weight_errors):
+    for mod in (dequant, weight_errors, twin, replay, imatrix):
         h.update(Path(mod.__file__).read_bytes())
     return int(h.hexdigest()[:8], 16)
 
@@ -74,10 +81,33 @@ def plan(ctx: PlanContext) -> list[CheckId]:
 # --------------------------------------------------------------------------- reading the files
 
 
+def _replay_source(spec: Any, role: str) -> replay.ReplayWeights:
+    """A golden reference's sketch of A's weights (``core.replay``), or WeightsUnreadable saying why not."""
+    from ..store.reference import ReferenceEntry
+
+    if role != "A":
+        raise dequant.WeightsUnreadable("B is a saved convdiff reference: it keeps outputs and a sketch of A's "
+                                        "weights, not weights to judge")
+    try:
+        entry = ReferenceEntry(spec.path)
+    except ConvdiffError as exc:
+        raise dequant.WeightsUnreadable(f"A is given as a saved convdiff reference but cannot be read as one "
+                                        f"({exc})") from None
+    table = entry.meta.get("weights_sketch")
+    if not table or not entry.has(replay.SKETCH_ARRAY):
+        why = entry.meta.get("weights_sketch_missing") or "it was saved by a version without weight sketches"
+        raise dequant.WeightsUnreadable(f"the reference {spec.path} keeps no sketch of A's weights ({why}); save it "
+                                        "again from A's transformers checkpoint to check weights without A")
+    if table.get("format") != replay.FORMAT or table.get("buckets") != replay.BUCKETS:
+        raise dequant.WeightsUnreadable(f"the reference {spec.path} keeps weight sketches of another format "
+                                        f"({table.get('format')}); save it again with this version")
+    return replay.ReplayWeights(spec.path, table, entry.array(replay.SKETCH_ARRAY))
+
+
 def _open(spec: Any, role: str) -> dequant.Source:
     """The side's weights, or WeightsUnreadable saying why they cannot be compared here."""
     if spec.is_saved_reference():
-        raise dequant.WeightsUnreadable(f"{role} is a saved convdiff reference: it keeps outputs, not weights")
+        return _replay_source(spec, role)
     backend = spec.resolved_backend()
     path = Path(spec.path)
     if backend == "llama.cpp":
@@ -111,7 +141,12 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
             return {"status": "skipped", "reason": f"the gguf package is needed to read GGUF tensors ({exc}): "
                                                    "pip install gguf"}
         n_layers = _num_layers(ctx)
-        return dequant.measure_weights(sources[0], sources[1], n_layers)
+        if isinstance(sources[0], replay.ReplayWeights):
+            return replay.measure_replay(sources[0], sources[1], n_layers)
+        matrix = imatrix.read(ctx.settings.imatrix) if ctx.settings.imatrix else None
+        return dequant.measure_weights(sources[0], sources[1], n_layers, matrix)
+    except imatrix.ImatrixError as exc:  # the user's file: an error to fix, not a reason to skip
+        return {"status": "error", "reason": str(exc)}
     except dequant.WeightsUnreadable as exc:
         return {"status": "skipped", "reason": str(exc)}
     finally:
@@ -177,7 +212,10 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
     t = e["twin"]
     tb = e["type_b"]
     block = "element" if tb in ("F32", "F16", "BF16", "F64") else "block"
-    made = f"what llama.cpp's quantiser makes of A's tensor as {tb} (its twin, from an {t['intermediate']} intermediate)"
+    given = e.get("imatrix_given")
+    matrix = f" and the importance matrix {given}" if given else ""
+    made = (f"what llama.cpp's quantiser makes of A's tensor as {tb} (its twin, from an {t['intermediate']} "
+            f"intermediate{matrix})")
     if e.get("imatrix"):
         r = t.get("error_ratio")
         if r is None or not r <= bounds.weights_imatrix:
@@ -200,7 +238,42 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
                     f"where it differs from {made} ({t['differing']} {block}s{_where_text(t, block)}), B's error "
                     f"against A is {fmt(ratio) if ratio is not None else 'infinitely'}× the twin's, above the allowed "
                     f"{fmt(bounds.weights_twin_ratio)}× (a near-tie gives about 1): B holds other values than A's"))
+    if why and given:
+        why.append(("", f"if B was quantised with another importance matrix than {given}, give that one"))
+    if why and e.get("imatrix_problem"):
+        why.append(("", e["imatrix_problem"]))
     return why
+
+
+def replay_score(e: dict[str, Any], bounds: Any) -> float | None:
+    """Replayed: how far B's error ratio is above 1 (a correct file's), over how far the bound is."""
+    r = (e.get("replay") or {}).get("ratio")
+    if r is None or not e.get("replay"):
+        return None
+    excess = bounds.weights_replay - 1.0
+    return max(r - 1.0, 0.0) / excess if excess > 0 else math.inf
+
+
+def _replay_text(e: dict[str, Any]) -> str:
+    rp = e["replay"]
+    sampled = f", on {rp['sampled_rows']} sampled rows" if rp.get("sampled_rows") else ""
+    if not rp["twin_error"]:
+        return (f"its error against A, estimated from the reference's sketch of A, is {fmt(e['error'])}, where "
+                f"{e['type_b']} holds A's values exactly")
+    return (f"its error against A, estimated from the reference's sketch of A, is {fmt(e['error'])}: "
+            f"{fmt(rp['ratio'])}× the {e['type_b']} twin error {fmt(rp['twin_error'])} the reference recorded"
+            f"{sampled}")
+
+
+def _replay_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
+    r = e["replay"].get("ratio")
+    if r is not None and r <= bounds.weights_replay:
+        return []
+    allowed = (f"above the allowed {fmt(bounds.weights_replay)}×" if e["replay"]["twin_error"]
+               else "above the float32 rounding the bound allows")
+    return [("weights_replay", f"{_replay_text(e)}, {allowed} (replayed "
+                               "without A's files: a defect smaller than about the type's own error needs the "
+                               "live run)")]
 
 
 def judge_tensor(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
@@ -222,6 +295,8 @@ def judge_tensor(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
         return why + [("", "its relative error is infinite (A's tensor is all zeros, B's is not)")]
     if e.get("twin"):
         return why + _twin_why(e, bounds)
+    if e.get("replay"):
+        return why + _replay_why(e, bounds)
     if why:
         why.append(("", f"over the finite entries the relative error is {fmt(err)}, {fmt(_ratio(e))}× "
                         f"{_expected_text(e)}"))
@@ -287,6 +362,9 @@ def score(e: dict[str, Any], bounds: Any) -> float | None:
     s = twin_score(e, bounds)
     if s is not None:
         return s
+    s = replay_score(e, bounds)
+    if s is not None:
+        return s
     r = _ratio(e)
     return None if r is None else r / bounds.weights_margin
 
@@ -308,6 +386,8 @@ def _state_text(e: dict[str, Any], bounds: Any) -> str:
         return (f"{t['differing']} of {t['blocks']} blocks ({100 * t['share']:.3g} %) differ from its twin at "
                 f"near-ties (tie ratio {fmt(t.get('tie_ratio'))}; allowed "
                 f"{100 * bounds.weights_twin_blocks:.3g} % and {fmt(bounds.weights_twin_ratio)}×)")
+    if e.get("replay"):
+        return f"{_replay_text(e)} (allowed {fmt(bounds.weights_replay)}×)"
     return (f"relative error {fmt(e['error'])} = {fmt(_ratio(e))}× {_expected_text(e)} (allowed "
             f"{fmt(bounds.weights_margin)}×; no twin: {e.get('twin_unavailable') or 'n/a'})")
 
@@ -406,6 +486,9 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     if planned is None:
         layers = sorted({e["layer"] for e in tensors if e["layer"] is not None})
         planned = [item_id(f"layer-{i}") for i in range(max(layers) + 1 if layers else 0)] + [item_id(OTHER)]
+    if m.get("status") == "error":
+        return [CheckResult(c.name, c.param, None, None, ERROR, f"weights not compared: {m.get('reason')}", {},
+                            UPPER, CORRECTNESS) for c in planned]
     if m.get("status") != "ok":
         why = f"weights not compared: {m.get('reason')}"
         return [CheckResult(c.name, c.param, None, 1.0, SKIPPED, why, {}, UPPER, CORRECTNESS)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..backends import ggml, gguf_header
+from ..backends.imatrix import ImportanceMatrix
 from . import twin
 from .twin import TwinStats
 from .weight_errors import (
@@ -521,7 +522,7 @@ class _Twin:
         self.stats.update(raw_b, raw_t, b, vt, a, self.block, index)
 
 
-def twin_unavailable(pair: Pair, src_b: Source, cols: int) -> str | None:
+def twin_unavailable(pair: Pair, src_b: Source, cols: int, has_imatrix: bool = False) -> str | None:
     """Why B's twin cannot be made for this tensor, or None."""
     assert pair.b is not None
     t = pair.b.type
@@ -532,8 +533,9 @@ def twin_unavailable(pair: Pair, src_b: Source, cols: int) -> str | None:
         return why
     try:
         block = gguf_header.GGML_TYPES[ggml.type_id(t)][1]
-        if ggml.requires_imatrix(t):
-            return f"llama.cpp makes {t} only with an importance matrix"
+        if ggml.requires_imatrix(t) and not has_imatrix:
+            return (f"llama.cpp makes {t} only with an importance matrix: give the one B was made with "
+                    "(--convdiff-imatrix FILE)")
     except ggml.GGMLUnavailable as exc:
         return str(exc)
     if cols % block:
@@ -635,35 +637,49 @@ def _shape_problem(pair: Pair) -> str | None:
     return f"B's shape {b.shape} differs from A's {a.shape}"
 
 
-def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[str, Any]:
+def start_entry(pair: Pair, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Append the pair's entry; it, when both sides exist in the same shape, else None (its problem set)."""
+    layer, role = layer_and_role(pair.name)
+    e = _entry(pair, layer, role)
+    entries.append(e)
+    if pair.b is None:
+        e["problem"] = f"B has no tensor for A's {pair.name}" + (f" ({pair.a.name})" if pair.a and
+                                                                 pair.a.name != pair.name else "")
+        return None
+    if pair.a is None:
+        return None
+    shape = _shape_problem(pair)
+    if shape:
+        e["problem"] = shape
+        return None
+    return e
+
+
+def measure_weights(a: Source, b: Source, n_layers: int | None = None,
+                    matrix: ImportanceMatrix | None = None) -> dict[str, Any]:
     """Compare every tensor of B with A's; a JSON-serialisable dict (see checks/weights.py for the reading).
 
     Tensors are read and compared one at a time in row chunks; afterwards, the tensors whose error is
     above what their types give (or whose scale is off) are compared cheaply, on their sketches, with every
     other tensor of A of the same shape, with A's transpose, and (q/k) with A under llama.cpp's other row
     orders, to say what B matches better.
+
+    ``matrix``: the importance matrix B was quantised with (``--convdiff-imatrix``). Without it, a file
+    whose header says it was made with one has its quantised tensors judged against a twin made without
+    (``weights_imatrix``).
     """
     t0 = time.perf_counter()
     plan = plan_pairs(a, b)
     preferred: dict[str, str] = {}  # the intermediate B's file was made from, once a tensor shows it
-    imatrix = None
     imatrix_used = isinstance(b, GGUFWeights) and any(k.startswith("quantize.imatrix") for k in b.kv)
     entries: list[dict[str, Any]] = []
     sketches_a: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
     sketches_b: dict[int, Sketch] = {}
     for pair in plan.pairs:
-        layer, role = layer_and_role(pair.name)
-        e = _entry(pair, layer, role)
-        entries.append(e)
-        if pair.b is None:
-            e["problem"] = f"B has no tensor for A's {pair.name}" + (f" ({pair.a.name})" if pair.a and
-                                                                     pair.a.name != pair.name else "")
+        e = start_entry(pair, entries)
+        if e is None:
             continue
-        assert pair.a is not None
-        shape = _shape_problem(pair)
-        if shape:
-            e["problem"] = shape
-            continue
+        assert pair.a is not None and pair.b is not None
         rows, cols = pair.a.rows, pair.a.cols
         n = _perm_groups(pair)
         if pair.qk and (pair.unpermute[0] or pair.unpermute[1]) and not _check_groups(rows, n):
@@ -672,7 +688,15 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
             continue
         if pair.qk and not _check_groups(rows, n):
             pair.qk = None
-        why_no_twin = twin_unavailable(pair, b, cols)
+        imatrix, imatrix_problem = matrix.get(pair.b.name, cols) if matrix is not None else (None, None)
+        if imatrix_problem:
+            e["imatrix_problem"] = imatrix_problem
+        if pair.b.type not in twin.FLOAT_TYPES:
+            if imatrix is not None:
+                e["imatrix_given"] = Path(matrix.path).name if matrix is not None else True
+            elif imatrix_used and matrix is None:
+                e["imatrix"] = True  # B was made with a matrix we do not have: judged by error ratio
+        why_no_twin = twin_unavailable(pair, b, cols, imatrix is not None)
         first = _Twin(pair, n, _first_intermediate(pair.b.type, preferred), imatrix) if why_no_twin is None else None
         try:
             stats, sa, sb = _stream((a, b), pair, rows, cols, twins=[first] if first else None)
@@ -718,6 +742,8 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None) -> dict[s
     return {"status": "ok", "mode": plan.mode, "arch": plan.arch, "tensors": entries,
             "imatrix": ({k: v for k, v in b.kv.items() if k.startswith("quantize.imatrix")} if imatrix_used
                         and isinstance(b, GGUFWeights) else None),
+            "imatrix_file": None if matrix is None else {"path": matrix.path, "layout": matrix.layout,
+                                                         "entries": len(matrix.weights), "datasets": matrix.datasets},
             "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
             "n_layers": n_layers, "seconds": time.perf_counter() - t0}
 

@@ -148,11 +148,19 @@ class ManifestFile(pytest.File):
             where = f"{self.path}, pair {entry.id!r}"
             try:
                 corpus = load_corpus(entry.corpus) if entry.corpus else None
+                if entry.imatrix:
+                    from ..backends.imatrix import read as read_imatrix
+
+                    try:
+                        read_imatrix(entry.imatrix)
+                    except ConvdiffError as exc:
+                        raise ConvdiffError(f"{where}: imatrix: {exc}") from None
                 (options_a,) = backend_options(f"{where}: options_a", entry.options_a, [entry.model_a], entry.backend_a)
                 (options_b,) = backend_options(f"{where}: options_b", entry.options_b, [entry.model_b], entry.backend_b)
                 pair = PairSpec(entry.id, ModelSpec(entry.model_a, entry.backend_a, options_a),
                                 ModelSpec(entry.model_b, entry.backend_b, options_b), tuple(entry.marks),
-                                {**session.bound_overrides, **entry.bounds}, corpus, str(self.path))
+                                {**session.bound_overrides, **entry.bounds}, corpus, str(self.path),
+                                entry.imatrix)
                 session.add_manifest_pair(pair)
             except (ConvdiffError, pytest.UsageError) as exc:
                 raise self.CollectError(f"{where}: {exc}" if isinstance(exc, pytest.UsageError) else str(exc)) \

@@ -55,6 +55,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--convdiff-runtime-twin",), "convdiff_runtime_twin", "the runtime twin of a GGUF B (A's architecture "
            "run with B's weights, docs/twins.md): quick (default: the corpus's first three prompts and its longest), "
            "full (every prompt) or off", metavar="MODE"),
+    Option(("--convdiff-imatrix",), "convdiff_imatrix", "llama.cpp's importance matrix (llama-imatrix's "
+           "imatrix.gguf or legacy .dat) that the GGUF B files were quantised with: their weights are then compared "
+           "with an exact re-quantisation twin; without it such files are judged by error ratio (docs/twins.md)",
+           metavar="FILE"),
     Option(("--convdiff-cache-max-size",), "convdiff_cache_max_size", "the most the cache may hold, e.g. 20GB, "
            "500MiB, 25%% (of the disk space it can use), 0 for no limit (default 20GB); least recently used entries "
            "not in use are evicted to make room", metavar="SIZE"),

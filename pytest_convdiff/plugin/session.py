@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 
 from .. import checks
 from ..backends import normalize_backend_name
+from ..backends.imatrix import read as read_imatrix
 from ..backends.options import parse_option_items, validate_options
 from ..checks.base import BaselineConfig
 from ..comparison import Comparison, default_cache_dir
@@ -45,6 +46,7 @@ class PairSpec:
     bound_overrides: dict[str, float] = field(default_factory=dict)
     corpus: Corpus | None = None  # a manifest entry's own corpus; None: the session's
     source: str = "the command line"  # where the pair was declared, for duplicate-id errors
+    imatrix: str | None = None  # a manifest entry's importance matrix; None: the session's
 
 
 @dataclass
@@ -91,8 +93,9 @@ class Session:
             if self.gpu is not None:
                 pair.a, pair.b = on_gpu(pair.a, self.gpu), on_gpu(pair.b, self.gpu)
             save = self.save_reference if self.save_reference is not None and not self._reference_claimed() else None
+            settings = replace(self.settings, imatrix=pair.imatrix) if pair.imatrix else self.settings
             self.comparisons[pair.id] = Comparison(
-                pair.a, pair.b, pair.corpus or self.corpus, self.cache, self.settings,
+                pair.a, pair.b, pair.corpus or self.corpus, self.cache, settings,
                 {**self.bound_overrides, **pair.bound_overrides}, pair.id, self.baseline, save, progress)
         return self.comparisons[pair.id]
 
@@ -240,6 +243,13 @@ def build_session(config: pytest.Config) -> Session:
         runtime_twin = runtime_twin_name(opts.value(config, "convdiff_runtime_twin") or RunSettings.runtime_twin)
     except ValueError as exc:
         raise pytest.UsageError(f"--convdiff-runtime-twin: {exc}.") from None
+    imatrix_path = opts.value(config, "convdiff_imatrix") or None
+    if imatrix_path:
+        imatrix_path = os.path.expanduser(str(imatrix_path))
+        try:
+            read_imatrix(imatrix_path)
+        except ConvdiffError as exc:
+            raise usage("--convdiff-imatrix", exc) from None
     layer_swap = int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0) or 0
     hidden_states = not opts.value(config, "convdiff_no_layers")
     if layer_swap and hidden_states and store != "full":
@@ -256,6 +266,7 @@ def build_session(config: pytest.Config) -> Session:
         keep_b=bool(opts.value(config, "convdiff_keep_b")),
         store=store,
         runtime_twin=runtime_twin,
+        imatrix=imatrix_path,
     )
     cache_dir = opts.value(config, "convdiff_cache_dir")
     if cache_dir:

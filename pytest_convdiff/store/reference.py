@@ -302,11 +302,14 @@ def _data_sha256(header: Header) -> str:
 
 
 def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
-                   settings: ReferenceSettings | None = None) -> Path:
+                   settings: ReferenceSettings | None = None,
+                   weights: tuple[dict[str, Any], np.ndarray] | str | None = None) -> Path:
     """Write A's run (every array of its entry, and its meta) to one safetensors file; returns the path.
 
     ``settings``: the RunSettings the run was made with, recorded so that a later run with other
     settings (e.g. another --convdiff-max-tokens) is told instead of silently comparing other things.
+    ``weights``: ``core.replay.sketch_model``'s (table, sketches) of A's weights, kept so the weights check
+    runs without A's files; or why there are none (a string, reported when a replay asks).
     """
     path = Path(path)
     meta = dict(run.meta)
@@ -329,6 +332,15 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
     meta.pop("reference", None)
     if settings is not None:
         meta["settings"] = {k: getattr(settings, k, None) for k in (*_SETTING_OPTIONS, "max_tokens")}
+    arrays: dict[str, Callable[[], np.ndarray]] = {n: (lambda n=n: entry.array(n)) for n in names}
+    if isinstance(weights, tuple):
+        from ..core.replay import SKETCH_ARRAY
+
+        table, sketches = weights
+        meta["weights_sketch"] = table
+        arrays[SKETCH_ARRAY] = lambda: sketches
+    elif weights:
+        meta["weights_sketch_missing"] = weights
     header = {
         HEADER_KEY: FORMAT,
         "meta": json.dumps(meta, ensure_ascii=False, default=str),
@@ -346,7 +358,7 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
             "safetensors": _version("safetensors"),
         }),
     }
-    write_safetensors(path, {n: (lambda n=n: entry.array(n)) for n in names}, header)
+    write_safetensors(path, arrays, header)
     return path
 
 
