@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES: tuple[tuple[str, str, str], ...] = (
     ("pytest_convdiff.comparison", "Comparison._static", "checks before any model runs (config, weights)"),
     ("pytest_convdiff.checks._config_fields", "read_side", "  config: reading both sides' configuration"),
-    ("pytest_convdiff.core.dequant", "measure_weights", "  weights: every tensor of B against A's"),
+    ("pytest_convdiff.backends.dequant", "measure_weights", "  weights: every tensor of B against A's"),
     ("pytest_convdiff.backends.hf", "load", "load a transformers model (imports included)"),
     ("pytest_convdiff.backends.llamacpp", "load", "load a GGUF in llama.cpp"),
     ("pytest_convdiff.backends.hf", "TransformersBackend.forward", "transformers forwards (all of them)"),
@@ -39,7 +39,7 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("pytest_convdiff.runner", "_write_compact", "A: summarising its outputs to the compact entry"),
     ("pytest_convdiff.core.compact", "summarise_logits", "  of which logits"),
     ("pytest_convdiff.core.compact", "summarise_states", "  of which hidden states and sub-blocks"),
-    ("pytest_convdiff.comparison", "PairReducer.add", "B: reducing its outputs against A's entry"),
+    ("pytest_convdiff.pair", "PairReducer.add", "B: reducing its outputs against A's entry"),
     ("pytest_convdiff.runner", "_greedy", "greedy check (A decodes, B teacher-forced)"),
     ("pytest_convdiff.runner", "_causality_probe", "causality probe"),
     ("pytest_convdiff.store.cache", "EntryWriter.commit", "committing cache entries"),

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from pytest_convdiff import ModelSpec, RunSettings, load_corpus, run_model  # noqa: E402
 from pytest_convdiff.checks import default_bounds  # noqa: E402
-from pytest_convdiff.comparison import PairReducer, evaluate  # noqa: E402
+from pytest_convdiff.comparison import evaluate  # noqa: E402
+from pytest_convdiff.pair import PairReducer  # noqa: E402
 from pytest_convdiff.store.cache import Cache  # noqa: E402
 from pytest_convdiff.store.reference import save_reference  # noqa: E402
 

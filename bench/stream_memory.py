@@ -196,15 +196,14 @@ def current_rss_mib() -> float:
 
 def pipeline_part(args: argparse.Namespace) -> dict[str, Any]:
     """A then B through ``runner.run_model`` into a fresh cache directory."""
-    from pytest_convdiff import backends
-    from pytest_convdiff.backends import base
+    from pytest_convdiff.backends import base, registry
     from pytest_convdiff.core.corpus import Corpus, Prompt
     from pytest_convdiff.runner import ModelSpec, RunSettings, run_model
     from pytest_convdiff.store.cache import Cache
 
     global CAPABILITIES
     CAPABILITIES = frozenset({base.HIDDEN_STATES, base.SUBBLOCKS})
-    backends.BACKENDS["synthetic"] = __name__  # this module's functions below (run as a script: "__main__")
+    registry.register(registry.BackendSpec("synthetic", __name__))  # this module's functions below (run as "__main__")
     per_prompt = args.tokens // args.pipeline_prompts
     work = Path(tempfile.mkdtemp(prefix="convdiff-stream-", dir=args.workdir))
     try:
@@ -248,7 +247,7 @@ def pipeline_part(args: argparse.Namespace) -> dict[str, Any]:
         res["one_prompt_outputs_mib"] = per_prompt * 4 * (v + 3 * n_layers * h) / 2**20
         res["a_bytes_per_token"] = res["a_entry_bytes"] / res["tokens"]
         res["b_bytes_per_token"] = res["b_entry_bytes"] / res["tokens"]
-        from pytest_convdiff.comparison import pair_metrics
+        from pytest_convdiff.pair import pair_metrics
 
         m = pair_metrics(run_a, run_b, corpus)
         res["metrics"] = {"nmse": m.logits.nmse, "kl_mean": m.logits.kl_mean, "top1": m.logits.topk_ordered[1],

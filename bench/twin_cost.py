@@ -33,7 +33,7 @@ PIPE = ROOT / "fixtures" / "models" / "pipeline" / "smollm2"
 
 
 def run(a: str, b: str, corpus: str, twin: str, static_only: bool = False, weights_twin: bool = True) -> dict:
-    from pytest_convdiff.core import dequant
+    from pytest_convdiff.backends import dequant
 
     saved = dequant.twin_unavailable
     if not weights_twin:

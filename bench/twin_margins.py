@@ -3,7 +3,7 @@
     python bench/twin_margins.py [--models tiny,smollm2] [--json bench/results/twin-margins.json] [--md docs/...]
 
 For each file in fixtures/models/pipeline/MANIFEST.json, B's tensors are compared with their twins
-(``core.twin``: llama.cpp's quantiser on A's tensors) and judged with the default bounds. A correct file's
+(``backends.twin``: llama.cpp's quantiser on A's tensors) and judged with the default bounds. A correct file's
 worst score (1.0 = at the bound) should be at most 0.5; a defect's failing tensor at least 2.
 Also measured, as the stand-in for a B quantised by another build of llama.cpp: the same comparison with
 the twin forced to the wrong intermediate (F32 instead of F16), a far larger perturbation of the
@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixtures import pipeline  # noqa: E402
+from pytest_convdiff.backends import dequant  # noqa: E402
 from pytest_convdiff.checks import default_bounds  # noqa: E402
 from pytest_convdiff.checks.weights import judge_tensor, score  # noqa: E402
-from pytest_convdiff.core import dequant  # noqa: E402
 
 
 def measure(entry: dict, force: str | None = None) -> dict:

@@ -13,12 +13,10 @@ one Comparison; the pytest plugin keeps one per pair and maps its results onto i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import os
 import tempfile
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,10 +26,10 @@ import numpy as np
 
 from . import checks
 from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
-from .core import compact, metrics
 from .core.corpus import Corpus, load_corpus
 from .core.results import ERROR, FAILED, CheckId, CheckResult, PairResult
-from .errors import ConvdiffError
+from .errors import ConvdiffError, describe_failure
+from .pair import PairMetrics, pair_metrics
 from .runner import ModelRun, ModelSpec, RunSettings, run_model
 from .store.cache import Cache, make_key
 
@@ -44,155 +42,7 @@ def _quiet(_msg: str) -> None:
 
 # --------------------------------------------------------------------------- bound-independent metrics
 
-PAIR_METRICS_VERSION = 3  # bump when what pair_metrics derives from the arrays changes (3: compact A)
 MEASUREMENTS = "measurements"  # the cache folder of the families' stored measurements
-
-
-@dataclass
-class PairMetrics:
-    """What the arrays of a pair reduce to, before any bound is applied: the costly part of
-    evaluation, stored in the cache so a warm run (or another set of bounds) reuses it."""
-
-    logits: metrics.LogitMetrics | None = None  # None: the vocabularies differ
-    layers: metrics.LayerMetrics | None = None  # None: no hidden states, or shapes that do not pair
-    swap_rfn: list[float] | None = None  # per-layer rfn of the layer-swap run, when there is one
-
-    def to_dict(self) -> dict[str, Any]:
-        layers = None
-        if self.layers is not None:  # LayerMetrics.to_dict leaves the position profile out; a stored copy needs it
-            layers = {**self.layers.to_dict(), "position_profile": self.layers.position_profile}
-        return {"logits": self.logits.to_dict() if self.logits else None, "layers": layers,
-                "swap_rfn": self.swap_rfn}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PairMetrics:
-        return cls(metrics.LogitMetrics.from_dict(d["logits"]) if d.get("logits") else None,
-                   metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"))
-
-
-_CODE_DIGEST: str | None = None
-
-
-def _metrics_code_digest() -> str:
-    """Stored pair metrics are reused only by the metric code that computed them."""
-    global _CODE_DIGEST
-    if _CODE_DIGEST is None:
-        h = hashlib.sha256()
-        for module in (metrics, compact):
-            h.update(Path(module.__file__).read_bytes())
-        _CODE_DIGEST = h.hexdigest()[:16]
-    return _CODE_DIGEST
-
-
-def reduced_against(a: ModelRun) -> dict[str, Any]:
-    """What a B streamed against ``a`` depends on besides its own model: A's stored outputs and the metric
-    code (part of the streamed B's cache key, and recorded in its entry)."""
-    return {"a": a.entry.identity, "version": PAIR_METRICS_VERSION, "code": _metrics_code_digest()}
-
-
-def pair_metrics_key(a: ModelRun, b: ModelRun, corpus: Corpus) -> str:
-    return make_key({"pair_metrics": PAIR_METRICS_VERSION, "code": _metrics_code_digest(), "corpus": corpus.digest,
-                     "a": a.entry.identity, "b": b.entry.identity})
-
-
-def _pairable_logits(a: ModelRun, vocab_b: int | None) -> bool:
-    """A's logits and B's compare position by position: the same vocabulary width."""
-    va = a.vocab_width()
-    return va is not None and va == vocab_b
-
-
-def _pairable_layers(a: ModelRun, dims_b: tuple[int, int] | None) -> bool:
-    """A's hidden states and B's pair layer by layer: the same (layers, hidden size)."""
-    da = a.hidden_dims()
-    return da is not None and da == dims_b
-
-
-class PairReducer:
-    """B's outputs reduced against A's stored run, one prompt at a time, into the pair's metrics.
-
-    One reduction for both ways B is served: the runner feeds it B's outputs as they are produced (B
-    streamed: none of them is written), ``pair_metrics`` feeds it B's stored arrays (B kept), so both
-    give the same metrics. Whether logits and layers pair is decided on the first prompt (the corpus's
-    first); the shapes are the same for every prompt.
-    """
-
-    def __init__(self, a: ModelRun) -> None:
-        self.a = a
-        self._logits: metrics.LogitAccumulator | None = None
-        self._layers: metrics.LayerAccumulator | None = None
-        self._swap: metrics.LayerAccumulator | None = None
-        self._started = False
-
-    def add(self, pid: str, logits: np.ndarray | None, hidden: np.ndarray | None = None,
-            sublayers: dict[str, np.ndarray] | None = None, hidden_swap: np.ndarray | None = None) -> None:
-        """One prompt of B, each array as stored: logits ``[T, V]``, hidden ``[L, T, H]``, sub-block outputs
-        (the cache dtype), and the layer-swap run's hidden states (float32); None for what B lacks."""
-        a = self.a
-        if not self._started:
-            self._started = True
-            if _pairable_logits(a, logits.shape[-1] if logits is not None else None):
-                self._logits = metrics.LogitAccumulator()
-            dims = (hidden.shape[0], hidden.shape[-1]) if hidden is not None else None
-            if _pairable_layers(a, dims):
-                self._layers = metrics.LayerAccumulator(dims[0])
-                if hidden_swap is not None:
-                    self._swap = metrics.LayerAccumulator(dims[0])
-        if a.compact:  # B against A's compact form (core.compact); A has no states to swap in
-            cfg = a.compact_config()
-            if self._logits is not None:
-                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid))
-            if self._layers is not None:
-                self._layers.update_compact(pid, a.state_summary(pid), hidden, cfg, a.sub_summaries(pid),
-                                            sublayers or {})
-            return
-        if self._logits is not None:
-            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid))
-        if self._layers is not None:
-            hidden_a = a.hidden(pid)
-            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {})
-            if self._swap is not None:
-                self._swap.update(pid, hidden_a, hidden_swap)
-
-    def result(self) -> PairMetrics:
-        return PairMetrics(self._logits.result() if self._logits is not None else None,
-                           self._layers.result() if self._layers is not None else None,
-                           self._swap.result().rfn if self._swap is not None else None)
-
-
-def _streamed_metrics(a: ModelRun, b: ModelRun) -> PairMetrics:
-    """The metrics a streamed B's entry holds, provided they were reduced against this A by this code."""
-    streamed = b.meta["streamed"]
-    here = reduced_against(a)
-    if streamed.get("a") != here["a"]:
-        raise ConvdiffError(
-            f"model B ({b.spec.path}) was streamed against other outputs of model A than those of {a.spec.path} "
-            "given here: its entry holds that pair's metrics, not B's arrays. Run B again with this A as its feed "
-            "(run_model(..., feed=run_a)), or keep B's arrays with --convdiff-keep-b / RunSettings(keep_b=True).")
-    if (streamed.get("version"), streamed.get("code")) != (here["version"], here["code"]):
-        raise ConvdiffError(
-            f"model B ({b.spec.path}) was streamed by another version of the metric code; its metrics cannot be "
-            "reused and its arrays were not stored. Run B again (its cache key changes with the code, so a new "
-            "run recomputes it).")
-    return PairMetrics.from_dict(b.meta["pair_metrics"])
-
-
-def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None = None) -> PairMetrics:
-    """The pair's metrics: those a streamed B's entry holds (reduced while B ran, no read-back of A),
-    else both runs' arrays reduced prompt by prompt, or read from ``cache`` when reduced before."""
-    if b.meta.get("streamed") is not None:
-        return _streamed_metrics(a, b)
-    key = pair_metrics_key(a, b, corpus) if cache is not None else ""
-    doc = cache.get_json(key) if cache is not None else None
-    if doc is not None:
-        with contextlib.suppress(KeyError, TypeError, ValueError):  # unreadable: recompute
-            return PairMetrics.from_dict(doc["metrics"])
-    reducer = PairReducer(a)
-    for p in corpus:  # memory maps: only what pairs with A is read
-        reducer.add(p.id, b.logits(p.id), b.hidden(p.id), b.sublayers(p.id), b.hidden_swap(p.id))
-    out = reducer.result()
-    if cache is not None:
-        cache.put_json(key, {"metrics": out.to_dict(), "a": a.spec.path, "b": b.spec.path})
-    return out
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -229,9 +79,9 @@ def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: Model
 
 
 def weights_sketch(spec: ModelSpec) -> tuple[dict[str, Any], np.ndarray] | str:
-    """What a golden reference keeps of A's weights for the weights check to replay (``core.replay``), or
+    """What a golden reference keeps of A's weights for the weights check to replay (``backends.replay``), or
     why it keeps nothing: only a transformers checkpoint's safetensors are sketched."""
-    from .core import dequant, replay
+    from .backends import dequant, replay
 
     if spec.is_saved_reference():
         return "A was itself a saved reference"
@@ -291,7 +141,7 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
     return res
 
 
-# Backends whose models have twins (core.twin: llama.cpp's quantiser, or the storage type's rounding, on A's
+# Backends whose models have twins (backends.twin: llama.cpp's quantiser, or the storage type's rounding, on A's
 # tensors; A's architecture run with B's weights): there correctness is judged against the twins, and the
 # quality budgets (KL, NMSE, top-K, PPL, rfn against A) are reported unless the user sets them. An EXL2 model
 # has no quantiser on the CPU to make its twin: its budgets still judge it (docs/twins.md).
@@ -329,23 +179,6 @@ def _backend_or_none(spec: ModelSpec) -> str | None:
         return spec.resolved_backend()
     except (ConvdiffError, ValueError):
         return None
-
-
-def describe_failure(exc: BaseException, stage: str) -> str:
-    """One readable paragraph for an exception that stopped a pair.
-
-    A ``ConvdiffError`` already says what is wrong and what to do. A backend's runtime failure
-    (RuntimeError, OSError, MemoryError: CUDA out of memory, llama_decode failing) is the backend's
-    word, not a bug here. Anything else is a bug, reported with where it happened.
-    """
-    if isinstance(exc, ConvdiffError):
-        return str(exc)
-    if isinstance(exc, (RuntimeError, OSError, MemoryError)):
-        return f"{stage} failed: {type(exc).__name__}: {exc}"
-    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
-    return (f"unexpected {type(exc).__name__} while {stage}: {exc}{at}. This is a bug in a backend or in "
-            "pytest-convdiff; please report it with this message.")
 
 
 @dataclass

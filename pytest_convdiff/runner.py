@@ -7,7 +7,7 @@ reference (``store.reference``) is served as model A without any model: it is
 recognised by its content before a backend is detected.
 
 Model B is streamed unless ``RunSettings.keep_b``: each prompt's outputs are reduced against A's
-stored ones as they come out of the backend (``comparison.PairReducer``) and dropped, so B's
+stored ones as they come out of the backend (``pair.PairReducer``) and dropped, so B's
 entry holds its tokens, its records and the pair's metrics, a few hundred kilobytes instead of
 gigabytes. Such an entry is only valid for that A and that metric code, so both are in its key.
 """
@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name
+from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
 from .backends.base import LAYER_SWAP, ModelInfo
 from .core import compact, metrics
 from .core.corpus import Corpus
 from .core.tokenizer_cases import TOKENIZER_CASES
 from .errors import ConvdiffError, ModelLoadError
+from .pair import PairReducer, reduced_against
 from .store.budget import expected_entry_bytes
 from .store.cache import Cache, content_fingerprint, make_key
 from .store.reference import is_reference, open_reference_run, reference_info
@@ -182,7 +183,7 @@ def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[s
         "model": str(Path(spec.path).resolve()),
         "fingerprint": spec.fingerprint(),
         "backend": backend,
-        "library": backend_module(backend).library_version(),
+        "library": registry.get(backend).library_version(),
         "options": spec.options,
         "corpus": corpus.digest,
         "inputs": _digest_tokens(feed),
@@ -194,7 +195,6 @@ def _key(parts: dict[str, Any], feed: ModelRun | None, settings: RunSettings) ->
     if feed is None and settings.store == "compact":  # what A's compact entry holds depends on this code
         extra["compact"] = [compact.CompactConfig().to_dict(), compact.code_digest()]
     if _streams(feed, settings):
-        from .comparison import reduced_against  # comparison imports this module: looked up at run time
 
         extra["reduced_against"] = reduced_against(feed)  # a streamed B holds metrics of this A and this code
     elif feed is not None and settings.layer_swap and settings.hidden_states:
@@ -281,7 +281,6 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     cfg = compact.CompactConfig() if feed is None and settings.store == "compact" else None
     reducer = None
     if _streams(feed, settings):
-        from .comparison import PairReducer
 
         reducer = PairReducer(feed)
     prompts: list[str] = []
@@ -355,7 +354,6 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     if feed is None:
         meta["store"] = {"form": "compact", **cfg.to_dict()} if cfg is not None else {"form": "full"}
     if reducer is not None:
-        from .comparison import reduced_against
 
         meta["streamed"] = {**reduced_against(feed), "a_path": feed.spec.path}
         meta["pair_metrics"] = reducer.result().to_dict()

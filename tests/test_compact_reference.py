@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from pytest_convdiff import ModelSpec, RunSettings, load_corpus, run_model
-from pytest_convdiff.comparison import pair_metrics
 from pytest_convdiff.core import compact, metrics
 from pytest_convdiff.errors import ConvdiffError
+from pytest_convdiff.pair import pair_metrics
 from pytest_convdiff.store.budget import expected_entry_bytes
 from pytest_convdiff.store.cache import Cache
 from pytest_convdiff.store.reference import is_reference

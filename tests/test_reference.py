@@ -22,7 +22,6 @@ from pytest_convdiff.errors import ModelLoadError
 from pytest_convdiff.store.cache import Cache
 from pytest_convdiff.store.entry import Entry
 from pytest_convdiff.store.reference import (
-    compare_llamacpp_bins,
     is_reference,
     open_reference_run,
     read_header,
@@ -273,19 +272,3 @@ def test_run_model_serves_a_reference_as_model_a(saved):
     assert run.from_cache and run.meta["prompts"] == saved["run_a"].meta["prompts"]
     with pytest.raises(ModelLoadError, match="model A"):
         run_model(ModelSpec(str(saved["ref"])), saved["corpus"], Cache(saved["tmp"] / "unused"), feed=run)
-
-
-def test_llamacpp_script_files_compare_on_the_last_position(saved, tiny_models, tmp_path):
-    run_a = saved["run_a"]
-    data = tmp_path / "data"
-    data.mkdir()
-    pid = "prose-en"
-    np.asarray(run_a.logits(pid)[-1], dtype=np.float32).tofile(data / "pytorch-tiny.bin")
-    np.asarray(run_a.inputs(pid), dtype=np.int32).tofile(data / "pytorch-tiny-tokens.bin")
-    same = compare_llamacpp_bins(data, tiny_models / "tiny-llama")
-    assert same.tokens == len(run_a.inputs(pid)) and same.nmse < 1e-10 and same.top1_match
-    broken = compare_llamacpp_bins(data / "pytorch-tiny.bin", tiny_models / "tiny-llama-broken-layer3")
-    assert broken.nmse > same.nmse and 0 <= broken.top5_overlap <= 1 and broken.kl >= 0
-    (data / "pytorch-tiny-tokens.bin").unlink()
-    with pytest.raises(ModelLoadError, match="token ids file not found"):
-        compare_llamacpp_bins(data, tiny_models / "tiny-llama")

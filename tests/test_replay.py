@@ -1,4 +1,4 @@
-"""The weights check replayed from a golden reference, without A's files (core/replay.py).
+"""The weights check replayed from a golden reference, without A's files (backends/replay.py).
 
 Unit tests of the count sketch (linear, chunk-independent, an unbiased norm), then the tiny model's real
 pipeline files against a reference saved from its transformers checkpoint: every correct file passes
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pytest_convdiff.core import replay
+from pytest_convdiff.backends import replay
 
 
 def _sketch(x: np.ndarray, chunks: list[tuple[int, int]]) -> np.ndarray:

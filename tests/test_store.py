@@ -292,8 +292,9 @@ def _imports(name: str, source: Path, modules: dict[str, Path], *, lazy: bool = 
     return {m for m in out if m in modules and m != name}
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """Module-level import edges between the package's modules.
+def _import_graph(*, lazy: bool = True) -> dict[str, set[str]]:
+    """Import edges between the package's modules: every import in a file (inside functions and under
+    ``TYPE_CHECKING`` too, which is how a cycle hides), or with ``lazy=False`` what runs at import only.
 
     Importing ``a.b.c`` from outside package ``a.b`` runs ``a/b/__init__`` first, so that edge is added
     too (not for the root package, whose ``__init__`` every import runs first anyway).
@@ -303,7 +304,7 @@ def _import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, source in modules.items():
         edges = set()
-        for target in _imports(name, source, modules):
+        for target in _imports(name, source, modules, lazy=lazy):
             edges.add(target)
             parts = target.split(".")
             for i in range(2, len(parts)):
@@ -375,8 +376,48 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_package_has_no_import_cycle():
+    """Strict: function-level and TYPE_CHECKING imports count, so a cycle cannot hide behind a lazy import."""
     cycles = _cycles(_import_graph())
-    assert not cycles, "import cycles (module-level imports):\n" + "\n".join(" -> ".join(c) for c in cycles)
+    assert not cycles, "import cycles (any import, lazy ones too):\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_strict_graph_sees_lazy_and_type_checking_imports(tmp_path):
+    """The cycle test must fail on the cycles the module-level graph missed (they were on main before)."""
+    src = tmp_path / "mod.py"
+    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import b\n"
+                   "def f():\n    from pkg import c\n")
+    modules = {"pkg.mod": src, "pkg.b": src, "pkg.c": src}
+    assert _imports("pkg.mod", src, modules) == set()
+    assert _imports("pkg.mod", src, modules, lazy=True) == {"pkg.b", "pkg.c"}
+
+
+# The layers, lowest first: a module imports its own layer or lower ones only (docs/architecture.md).
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "core"),
+    ("store",),
+    ("backends",),
+    ("pair",),
+    ("runner",),
+    ("checks",),
+    ("comparison",),
+    ("manifest", "reporting", "plugin", "__main__"),
+)
+
+
+def _layer(module: str) -> int:
+    top = module.removeprefix(f"{ROOT}.").split(".")[0]
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module} is in no layer: add its top-level name to LAYERS and docs/architecture.md")
+
+
+def test_imports_go_one_way_down_the_layers():
+    """core -> store -> backends -> pair -> runner -> checks -> comparison -> plugin and reporting."""
+    graph = _import_graph()
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() if m != ROOT
+                    for t in targets if t != ROOT and _layer(t) > _layer(m))
+    assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
 
 
 def test_store_and_runner_are_in_no_import_cycle():

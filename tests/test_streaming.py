@@ -18,8 +18,9 @@ import pytest
 
 from pytest_convdiff import ModelSpec, RunSettings, load_corpus, run_model
 from pytest_convdiff.checks import default_bounds
-from pytest_convdiff.comparison import evaluate, pair_metrics
+from pytest_convdiff.comparison import evaluate
 from pytest_convdiff.errors import ConvdiffError
+from pytest_convdiff.pair import pair_metrics
 from pytest_convdiff.store.budget import expected_entry_bytes
 from pytest_convdiff.store.cache import Cache
 

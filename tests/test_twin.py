@@ -1,4 +1,4 @@
-"""The re-quantisation twin (core.twin, backends.ggml): llama.cpp's quantiser from Python, and B against it.
+"""The re-quantisation twin (backends.twin, backends.ggml): llama.cpp's quantiser from Python, and B against it.
 
 Hand-checkable values where there are any (round-to-nearest-even, Q8_0's one scale per 32 values), and
 the property the weights check rests on: a defect far below a type's quantisation noise still moves most
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from pytest_convdiff.core import twin
+from pytest_convdiff.backends import twin
 
 ggml = pytest.importorskip("pytest_convdiff.backends.ggml")
 

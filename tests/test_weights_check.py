@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from pytest_convdiff import checks
+from pytest_convdiff.backends import dequant
 from pytest_convdiff.checks import weights
 from pytest_convdiff.checks.base import EvalContext, PlanContext
-from pytest_convdiff.core import dequant
 from pytest_convdiff.core.bounds import Bounds
 from pytest_convdiff.core.results import ERROR, PASSED, SKIPPED, CheckResult, PairResult
 from pytest_convdiff.core.weight_errors import (

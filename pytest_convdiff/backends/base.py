@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..core.model_info import ModelInfo
+
 # What a backend can do beyond logits, declared by each backend module as ``CAPABILITIES`` so that
 # callers ask instead of trying and catching NotImplementedError.
 HIDDEN_STATES = "hidden_states"  # per-layer hidden states in ``forward``
@@ -22,26 +24,6 @@ SUBBLOCKS = "subblocks"  # attention / MLP sub-block outputs in ``ForwardOutput.
 LAYER_SWAP = "layer_swap"  # ``forward(inject=...)`` replaces layer outputs
 INCREMENTAL_DECODE = "incremental_decode"  # ``greedy_decode`` on the KV cache
 ALL_CAPABILITIES = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
-
-
-@dataclass
-class ModelInfo:
-    """What can be known about a model without running it (cheap: config/header reads only)."""
-
-    path: str
-    backend: str
-    architecture: str | None = None
-    num_layers: int | None = None
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    dtype: str | None = None
-    library_version: str | None = None
-    quantization: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    context_length: int | None = None  # the longest sequence this backend will take, as configured
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 @dataclass

@@ -54,6 +54,7 @@ from .base import (
 )
 from .hfdir import tokenizer_adds_special
 from .options import BackendOption, resolve_options
+from .registry import BackendSpec
 
 NAME = "exllamav2"
 DEFAULT_MAX_INPUT_LEN = 4096
@@ -399,3 +400,21 @@ class ExLlamaV2Backend:
 
 def load(path: Path, options: dict[str, Any]) -> ExLlamaV2Backend:
     return ExLlamaV2Backend(Path(path), dict(options or {}))
+
+
+def _detect(path: Path) -> bool:
+    """A checkpoint directory whose quantization_config says exl2."""
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.is_file() and hfdir.quant_method(hfdir.read_json(cfg)) == "exl2"
+
+
+def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa: ARG001
+    from . import dequant
+
+    raise dequant.WeightsUnreadable(
+        f"{role} is an EXL2 model: its weights are packed for exllamav2's GPU kernels, which this check does "
+        "not unpack (its outputs are still compared)")
+
+
+BACKEND = BackendSpec(NAME, __name__, aliases=("exl2",), detect=_detect, priority=10,
+                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights)

@@ -33,6 +33,7 @@ from .base import (
     special_token_flags,
 )
 from .options import BackendOption, resolve_options
+from .registry import BackendSpec
 
 NAME = "transformers"
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -230,11 +231,11 @@ class TransformersBackend:
                 self._emulation.append(mod.register_forward_hook(post))
 
     def _load_weights_from(self, other: Path) -> dict[str, str]:
-        """Replace every parameter with the other model's tensor of the same name (``core.dequant`` brings a
+        """Replace every parameter with the other model's tensor of the same name (``backends.dequant`` brings a
         GGUF's tensors into this checkpoint's naming and convention): A's code, B's weights. An output layer
         that A ties to its embedding is untied when B's differs."""
         torch = self._torch
-        from ..core import dequant
+        from . import dequant
 
         try:
             a = dequant.SafetensorsWeights(self.path)
@@ -383,6 +384,20 @@ class TransformersBackend:
             _check_ids(self.path, seq, self._n_ids)
         oom = hfdir.readable_oom(torch, self.path, f"decoding {len(seqs)} prefixes of up to {width} tokens greedily",
                                  "Lower --convdiff-greedy-tokens or use dtype=bfloat16.")
+        # The KV cache is handed back under the name this transformers uses: ``cache`` since 5.x, where
+        # ``past_key_values`` (argument and output attribute) is deprecated; ``past_key_values`` before.
+        import inspect
+
+        try:
+            accepted = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            accepted = {}
+        cache_kw = "cache" if "cache" in accepted else "past_key_values"
+
+        def kv_cache(output: Any) -> Any:
+            names = output.keys() if hasattr(output, "keys") else ()
+            return output["cache"] if "cache" in names else output.past_key_values
+
         with oom, torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
             for step in range(steps):
@@ -394,7 +409,7 @@ class TransformersBackend:
                 positions = positions[:, -1:] + 1
                 nxt = torch.tensor(chosen, dtype=torch.long, device=self.device)[:, None]
                 out = self.model(input_ids=nxt, attention_mask=mask, position_ids=positions,
-                                 past_key_values=out.past_key_values, use_cache=True)
+                                 use_cache=True, **{cache_kw: kv_cache(out)})
 
     def _layers(self):
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model
@@ -413,3 +428,26 @@ class TransformersBackend:
 
 def load(path: Path, options: dict[str, Any] | None = None) -> TransformersBackend:
     return TransformersBackend(Path(path), dict(options or {}))
+
+
+def _detect(path: Path) -> bool:
+    """A checkpoint directory (config.json), unless packed for exllama's own kernels (EXL2/EXL3)."""
+    cfg = path / "config.json"
+    return path.is_dir() and cfg.is_file() and hfdir.quant_method(hfdir.read_json(cfg)) not in ("exl2", "exl3")
+
+
+def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:
+    """The checkpoint's tensors for the weights check: its safetensors, or the GGUF it is loaded from."""
+    from . import dequant
+
+    gguf_file = (options or {}).get("gguf_file")
+    if gguf_file:
+        return dequant.GGUFWeights(path / str(gguf_file))
+    method = hfdir.quant_method(hfdir.read_config(path, NAME))
+    if method not in (None, "gguf"):  # a GGUF-loaded checkpoint saved by transformers holds plain floats
+        raise dequant.WeightsUnreadable(f"{role}'s weights are packed by {method}, which this check does not unpack")
+    return dequant.SafetensorsWeights(path)
+
+
+BACKEND = BackendSpec(NAME, __name__, aliases=("hf", "huggingface", "torch"), detect=_detect, priority=0,
+                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights)

@@ -2,7 +2,7 @@
 
 A GGUF quantised "with an imatrix" was made by llama-quantize from per-column importance weights: the
 mean squared activation entering each column of each matrix, collected by llama-imatrix. The weights
-check's re-quantisation twin (core.twin) reproduces such a file only with the same weights, so
+check's re-quantisation twin (backends.twin) reproduces such a file only with the same weights, so
 ``--convdiff-imatrix FILE`` hands them over. Two layouts exist:
 
 - GGUF (llama-imatrix's default since mid-2025): ``general.type == "imatrix"``, a tensor

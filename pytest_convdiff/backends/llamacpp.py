@@ -43,6 +43,7 @@ from .gguf_header import (
     shard_files,
 )
 from .options import BackendOption, resolve_options
+from .registry import BackendSpec
 
 __all__ = ["CAPABILITIES", "FILE_TYPES", "GGML_TYPES", "GGUF_MAGIC", "NAME", "OPTIONS", "LlamaCppBackend",
            "UnreadableTensor", "fingerprint_files", "load", "probe", "read_header", "tensor_nbytes",
@@ -585,3 +586,21 @@ class LlamaCppBackend:
 
 def load(path: Path, options: dict[str, Any] | None = None) -> LlamaCppBackend:
     return LlamaCppBackend(Path(path), dict(options or {}))
+
+
+def _detect(path: Path) -> bool:
+    """A file that starts with the GGUF magic (whatever its name)."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as fh:
+        return fh.read(4) == GGUF_MAGIC
+
+
+def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa: ARG001 - same for every option
+    from . import dequant
+
+    return dequant.GGUFWeights(path)
+
+
+BACKEND = BackendSpec(NAME, __name__, aliases=("llamacpp", "llama-cpp", "llama_cpp", "gguf"), detect=_detect,
+                      priority=10, gpu_option="main_gpu", gpu_value=lambda i: i, open_weights=open_weights)

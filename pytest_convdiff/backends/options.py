@@ -13,12 +13,13 @@ torch, llama_cpp and exllamav2 imports inside ``load``.
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from . import registry
 
 __all__ = [
     "OPTION_TYPES",
@@ -206,24 +207,17 @@ def parse_value(opt: BackendOption, raw: Any) -> Any:
 
 
 def _canonical(backend: str) -> str:
-    from . import normalize_backend_name
-
-    return normalize_backend_name(backend)
+    return registry.get(backend).name
 
 
 def describe_options(backend: str) -> list[BackendOption]:
     """The options ``backend`` declares (its module's ``OPTIONS``), in declaration order."""
-    from . import BACKENDS
-
-    module = importlib.import_module(BACKENDS[_canonical(backend)])
-    return list(getattr(module, "OPTIONS", ()))
+    return list(registry.get(backend).options)
 
 
 def all_options() -> dict[str, list[BackendOption]]:
     """Every backend's declared options, by canonical backend name."""
-    from . import BACKENDS
-
-    return {name: describe_options(name) for name in BACKENDS}
+    return {name: describe_options(name) for name in registry.all_specs()}
 
 
 def _unknown_key(key: Any, backend: str, declared: Mapping[str, BackendOption]) -> ValueError:

@@ -29,8 +29,8 @@ from ..core.results import (
 )
 
 if TYPE_CHECKING:
-    from ..comparison import PairMetrics
     from ..core.corpus import Corpus
+    from ..pair import PairMetrics
     from ..runner import RunSettings
     from ..store.run import ModelRun
 

@@ -78,7 +78,7 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     why = _applies(ctx.spec_a, ctx.spec_b)
     if why:
         return {"status": "skipped", "reason": why}
-    from ..comparison import PairMetrics
+    from ..pair import PairMetrics
     from ..runner import ModelSpec
 
     # T is stored as A is (compact by default: a few kB per token); T8 and B are reduced against it as they run
@@ -189,7 +189,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     try:
         m = ctx.measurement(FAMILY)
     except Exception as exc:  # noqa: BLE001 - a twin that cannot run errors these items, never the pair's others
-        from ..comparison import describe_failure
+        from ..errors import describe_failure
 
         return [CheckResult(c.name, c.param, None, None, "error",
                             "the runtime twin could not run: " + describe_failure(exc, "running the runtime twin"))

@@ -5,15 +5,15 @@ swapped, a tensor scaled, a norm stored in another convention, a NaN, an untrain
 ties it to the embedding) shows in the weights, and is reported here in seconds with the tensor's name,
 where the forward checks can only say which layer's output drifts.
 
-Each tensor of B is judged against its **twin** (``core.twin``): what llama.cpp's quantiser, or a float
-type's rounding, makes of A's tensor brought into B's convention (``core.dequant``), with the importance
+Each tensor of B is judged against its **twin** (``backends.twin``): what llama.cpp's quantiser, or a float
+type's rounding, makes of A's tensor brought into B's convention (``backends.dequant``), with the importance
 matrix B was made with when one is given (``backends.imatrix``). A correct conversion reproduces it up to
 the quantiser's near-ties, so the bounds are the share of blocks that differ (``weights_twin_blocks``) and,
 where they differ, B's error against A over the twin's (``weights_twin_ratio``); a file made with a matrix
 not given is held to ``weights_imatrix``. Where no twin can be made, the storage type's tabled error
 (``weights_margin``) and scale (``weights_scale``) judge, and the message says so. Replayed from a golden
 reference (A's files absent), B's error against A is estimated from the reference's sketch of A and held
-to ``weights_replay`` times the twin error the reference recorded (``core.replay``). A failing tensor is
+to ``weights_replay`` times the twin error the reference recorded (``backends.replay``). A failing tensor is
 compared cheaply with what it may be instead (another layer's tensor, A's tensor without the rope
 permutation, a multiple of A, A + 1, A transposed) and the message says what it matches.
 
@@ -29,8 +29,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..backends import imatrix
-from ..core import dequant, replay, twin, weight_errors
+from ..backends import dequant, imatrix, registry, replay, twin
+from ..core import weight_errors
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
 from ..errors import ConvdiffError
@@ -82,7 +82,7 @@ def plan(ctx: PlanContext) -> list[CheckId]:
 
 
 def _replay_source(spec: Any, role: str) -> replay.ReplayWeights:
-    """A golden reference's sketch of A's weights (``core.replay``), or WeightsUnreadable saying why not."""
+    """A golden reference's sketch of A's weights (``backends.replay``), or WeightsUnreadable saying why not."""
     from ..store.reference import ReferenceEntry
 
     if role != "A":
@@ -108,26 +108,10 @@ def _open(spec: Any, role: str) -> dequant.Source:
     """The side's weights, or WeightsUnreadable saying why they cannot be compared here."""
     if spec.is_saved_reference():
         return _replay_source(spec, role)
-    backend = spec.resolved_backend()
-    path = Path(spec.path)
-    if backend == "llama.cpp":
-        return dequant.GGUFWeights(path)
-    if backend == "exllamav2":
-        raise dequant.WeightsUnreadable(
-            f"{role} is an EXL2 model: its weights are packed for exllamav2's GPU kernels, which this check does "
-            "not unpack (its outputs are still compared)")
-    if backend == "transformers":
-        gguf_file = (spec.options or {}).get("gguf_file")
-        if gguf_file:
-            return dequant.GGUFWeights(path / str(gguf_file))
-        from ..backends import hfdir
-
-        cfg = hfdir.read_config(path, backend)
-        method = hfdir.quant_method(cfg)
-        if method not in (None, "gguf"):  # a GGUF-loaded checkpoint saved by transformers holds plain floats
-            raise dequant.WeightsUnreadable(f"{role}'s weights are packed by {method}, which this check does not unpack")
-        return dequant.SafetensorsWeights(path)
-    raise dequant.WeightsUnreadable(f"{role}'s backend {backend} has no weights this check reads")
+    backend = registry.get(spec.resolved_backend())
+    if backend.open_weights is None:
+        raise dequant.WeightsUnreadable(f"{role}'s backend {backend.name} has no weights this check reads")
+    return backend.open_weights(Path(spec.path), dict(spec.options or {}), role)
 
 
 def measure(ctx: EvalContext) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .kernels import exp_lse, topk_indices
+
 FORMAT = 1
 SEED = 0x5EED_C0DE_2026  # fixed, and stored in each entry: A and every B must sketch with the same S
 TOPK = 256  # A's top logits kept per position (their ids as uint16 when the vocabulary allows)
@@ -207,9 +209,6 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
     """One prompt's logits [T, V] (as stored: rounded to the cache dtype) reduced to the compact arrays:
     ``top_idx`` [T, K] int32, ``top_logit`` [T, K] float32, ``stats`` [T, 6] float64, ``sketch`` [T, m]
     float32, ``sample`` [n, V] (the logits at the sampled positions, their dtype)."""
-    from .metrics import _exp_lse as exp_lse
-    from .metrics import topk_indices
-
     t, v = logits.shape
     k = min(cfg.topk, v)
     parts: dict[str, list[np.ndarray]] = {"top_idx": [], "top_logit": [], "stats": [], "sketch": [],

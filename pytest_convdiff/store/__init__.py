@@ -2,6 +2,6 @@
 
 Cache entries (``cache``) and golden references (``reference``) are read through one interface,
 ``entry.Entry``, as a ``run.ModelRun``; every file is written through ``atomic``. The package sits
-below the runner and the pipeline: it imports ``core``, ``errors`` and ``backends.base`` only, so
+below the runner and the pipeline: it imports ``core`` and ``errors`` only, so
 serving a reference needs neither (tests/test_store.py checks the import graph).
 """

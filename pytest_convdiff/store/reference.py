@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..backends.base import ModelInfo
+from ..core.model_info import ModelInfo
 from ..errors import ModelLoadError
 from .atomic import atomic_open
 from .run import ModelRun, RunSource
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from ..core.corpus import Corpus
 
 FORMAT = "1"
+# The array holding the count sketch of A's weights (backends/replay.py): one row per tensor
+SKETCH_ARRAY = "weights.sketch"
 HEADER_KEY = "convdiff_reference"
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _CHUNK = 1 << 24
@@ -308,7 +310,7 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
 
     ``settings``: the RunSettings the run was made with, recorded so that a later run with other
     settings (e.g. another --convdiff-max-tokens) is told instead of silently comparing other things.
-    ``weights``: ``core.replay.sketch_model``'s (table, sketches) of A's weights, kept so the weights check
+    ``weights``: ``backends.replay.sketch_model``'s (table, sketches) of A's weights, kept so the weights check
     runs without A's files; or why there are none (a string, reported when a replay asks).
     """
     path = Path(path)
@@ -334,7 +336,6 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
         meta["settings"] = {k: getattr(settings, k, None) for k in (*_SETTING_OPTIONS, "max_tokens")}
     arrays: dict[str, Callable[[], np.ndarray]] = {n: (lambda n=n: entry.array(n)) for n in names}
     if isinstance(weights, tuple):
-        from ..core.replay import SKETCH_ARRAY
 
         table, sketches = weights
         meta["weights_sketch"] = table
@@ -495,84 +496,3 @@ def open_reference_run(path: str | os.PathLike[str], corpus: Corpus, settings: R
 
 
 # --------------------------------------------------------------------------- llama.cpp's conversion-script files
-
-
-@dataclass
-class LastPositionResult:
-    """B against llama.cpp-script reference logits, on the last position only (what those files hold)."""
-
-    reference: str
-    model: str
-    tokens: int
-    nmse: float
-    nmse_db: float
-    nmse_label: str
-    max_abs: float
-    top1_match: bool
-    top5_overlap: float
-    kl: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def load_llamacpp_bins(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, Path]:
-    """Read ``pytorch-<name>.bin`` (float32 last-position logits) and ``pytorch-<name>-tokens.bin`` (int32 ids).
-
-    ``path``: the logits file, its tokens file, or a ``data`` directory holding exactly one pair.
-    Returns (logits [V] float32, token ids [T] int64, logits file).
-    """
-    p = Path(path)
-    if p.is_dir():
-        found = sorted(f for f in p.glob("pytorch-*.bin") if not f.name.endswith("-tokens.bin"))
-        if len(found) != 1:
-            names = ", ".join(f.name for f in found) or "none"
-            raise ModelLoadError(f"{p}: expected one pytorch-<name>.bin logits file, found {names}; pass the file.")
-        p = found[0]
-    if p.name.endswith("-tokens.bin"):
-        p = p.with_name(p.name[: -len("-tokens.bin")] + ".bin")
-    tokens_path = p.with_name(p.stem + "-tokens.bin")
-    for f, what in ((p, "logits"), (tokens_path, "token ids")):
-        if not f.is_file():
-            raise ModelLoadError(f"{f}: llama.cpp reference {what} file not found (written by the model-conversion "
-                                 f"scripts' run-org-model.py next to {p.name}).")
-    logits = np.fromfile(p, dtype="<f4")
-    ids = np.fromfile(tokens_path, dtype="<i4").astype(np.int64)
-    if logits.size == 0 or ids.size == 0 or p.stat().st_size % 4 or tokens_path.stat().st_size % 4:
-        raise ModelLoadError(f"{p}: empty or not whole float32/int32 arrays; is it a llama.cpp reference file?")
-    return logits, ids, p
-
-
-def compare_llamacpp_bins(reference: str | os.PathLike[str], model_b: str | os.PathLike[str], *,
-                          backend: str | None = None, options: dict[str, Any] | None = None) -> LastPositionResult:
-    """Run B on the stored token ids and compare its last-position logits with the stored ones.
-
-    Only one position of one prompt: the method of llama.cpp's scripts, kept for moving over;
-    save a full reference with --convdiff-save-reference for the real checks.
-    """
-    from ..backends import open_backend
-    from ..core import metrics
-
-    ref, ids, ref_path = load_llamacpp_bins(reference)
-    be = open_backend(model_b, backend, options)
-    try:
-        vocab = be.info.vocab_size
-        if vocab and int(ids.max()) >= vocab:
-            raise ModelLoadError(f"{ref_path}: token id {int(ids.max())} is outside {model_b}'s vocabulary ({vocab}).")
-        out = np.asarray(be.forward([int(t) for t in ids], hidden_states=False).logits, dtype=np.float32)[-1]
-    finally:
-        be.close()
-    if out.shape != ref.shape:
-        raise ModelLoadError(f"{ref_path}: {ref.size} reference logits but {model_b} gives {out.size}: the "
-                             f"vocabularies differ, the logits cannot be compared.")
-    value = metrics.nmse(ref, out)
-    top_a = metrics.topk_indices(ref[None, :], 5)[0]
-    top_b = metrics.topk_indices(out[None, :], 5)[0]
-    kl = float(metrics.kl_per_position(ref[None, :], out[None, :])[0])
-    return LastPositionResult(
-        reference=str(ref_path), model=str(model_b), tokens=int(ids.size), nmse=value,
-        nmse_db=metrics.nmse_db(value), nmse_label=metrics.nmse_label(value),
-        max_abs=float(np.max(np.abs(out.astype(np.float64) - ref))),
-        top1_match=bool(top_a[0] == top_b[0]),
-        top5_overlap=len(set(top_a.tolist()) & set(top_b.tolist())) / 5, kl=kl,
-    )

@@ -28,8 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import ggml, gguf_header
-from . import twin
+from ..core.weight_errors import layer_and_role, pair_expected_error
+from ..store.reference import (
+    SKETCH_ARRAY,  # the reference's array: one row of BUCKETS per tensor, in the table's order
+)
+from . import ggml, gguf_header, twin
 from .dequant import (
     CONVENTIONS,
     HF_ARCH,
@@ -43,12 +46,10 @@ from .dequant import (
     plan_pairs,
     start_entry,
 )
-from .weight_errors import layer_and_role, pair_expected_error
 
 __all__ = ["BUCKETS", "FORMAT", "SKETCH_ARRAY", "ReplayWeights", "TYPES", "measure_replay", "sketch_model"]
 
 FORMAT = 1
-SKETCH_ARRAY = "weights.sketch"  # the reference's array: one row of BUCKETS per tensor, in the table's order
 BUCKETS = 1024
 SAMPLE_VALUES = 1 << 16
 SEED = 0x9E3779B97F4A7C15
@@ -97,7 +98,7 @@ def _offset(name: str, norm_offset: float) -> float:
 def sketch_model(a: Any) -> tuple[dict[str, Any], np.ndarray]:
     """(the table a reference keeps, the sketches: one row of BUCKETS per tensor) of A's weights.
 
-    ``a``: a ``core.dequant.SafetensorsWeights``. Each tensor is read once in row chunks (and its sample
+    ``a``: a ``backends.dequant.SafetensorsWeights``. Each tensor is read once in row chunks (and its sample
     rows once more)."""
     arch = HF_ARCH.get(str(a.config.get("model_type") or ""))
     conv = CONVENTIONS.get(arch or "")

@@ -63,7 +63,7 @@ def twin_rows(rows_gguf: np.ndarray, type_name: str, intermediate: str,
     src = round_to(rows_gguf, intermediate)
     if t in FLOAT_TYPES:
         return None, round_to(src, t)
-    from ..backends import ggml
+    from . import ggml
 
     raw = ggml.quantize(t, src, imatrix)
     return raw, ggml.dequantize(t, raw, src.shape[1])

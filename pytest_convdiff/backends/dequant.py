@@ -25,11 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import ggml, gguf_header
-from ..backends.imatrix import ImportanceMatrix
-from . import twin
-from .twin import TwinStats
-from .weight_errors import (
+from ..core.weight_errors import (
     Sketch,
     TensorStats,
     expected_error,
@@ -39,6 +35,9 @@ from .weight_errors import (
     rope_unpermute,
     sample_error,
 )
+from . import ggml, gguf_header, twin
+from .imatrix import ImportanceMatrix
+from .twin import TwinStats
 
 __all__ = ["CONVENTIONS", "Convention", "GGUFWeights", "SafetensorsWeights", "StoredTensor", "WeightsUnreadable",
            "measure_weights"]
@@ -123,7 +122,7 @@ class _Maps:
 
 
 def _ggml_ready() -> bool:
-    from ..backends import ggml
+    from . import ggml
 
     return ggml.available() is None
 
@@ -180,7 +179,7 @@ class GGUFWeights:
         if t.type == "F16":
             return raw.view("<f2").reshape(r1 - r0, t.cols).astype(np.float32)
         if _ggml_ready():
-            from ..backends import ggml
+            from . import ggml
 
             try:
                 return ggml.dequantize(t.type, raw, t.cols)
@@ -490,7 +489,7 @@ _HALF_ULP = {"F32": 2.0 ** -24, "F64": 2.0 ** -53, "F16": 2.0 ** -11, "BF16": 2.
 
 
 class _Twin:
-    """B's re-quantisation twin over one tensor (``core.twin``): A's rows brought into B's stored convention
+    """B's re-quantisation twin over one tensor (``backends.twin``): A's rows brought into B's stored convention
     (the converter's forward transforms), written through an intermediate, stored as B's type, and read
     back into the common convention, chunk by chunk beside B's own rows."""
 
