@@ -14,10 +14,9 @@ one Comparison; the pytest plugin keeps one per pair and maps its results onto i
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,15 @@ import numpy as np
 
 from . import checks
 from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
+from .core.bounds import Bounds
+from .core.code_version import code_digest
 from .core.corpus import Corpus, load_corpus
+from .core.pair_id import pair_id
 from .core.results import ERROR, FAILED, CheckId, CheckResult, PairResult
 from .errors import ConvdiffError, describe_failure
 from .pair import PairMetrics, pair_metrics
-from .runner import ModelRun, ModelSpec, RunSettings, run_model
+from .runner import ModelRun, ModelSpec, Progress, RunSettings, quiet, run_model
 from .store.cache import Cache, make_key
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_msg: str) -> None:
-    pass
-
 
 # --------------------------------------------------------------------------- bound-independent metrics
 
@@ -65,9 +60,8 @@ def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: Model
                            ctx: EvalContext | None = None) -> str:
     """A family's measurement is reused only for the same two models' contents and the same family code (and,
     for a family that runs the models, the same corpus and run settings)."""
-    code = inspect.getsourcefile(family.measure) if family.measure else None
-    digest = hashlib.sha256(Path(code).read_bytes()).hexdigest()[:16] if code else ""
-    parts: dict[str, Any] = {"family": family.name, "version": family.version, "code": digest,
+    own = (family.measure.__module__,) if family.measure else ()
+    parts: dict[str, Any] = {"family": family.name, "code": code_digest(own + family.code, family.libraries),
                              "a": [spec_a.fingerprint(), spec_a.resolved_backend(), spec_a.options],
                              "b": [spec_b.fingerprint(), spec_b.resolved_backend(), spec_b.options]}
     if family.needs_outputs and ctx is not None:
@@ -117,12 +111,13 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
              precision: str | None = None, pm: PairMetrics | None = None, cache: Cache | None = None,
              settings: RunSettings | None = None, plan: list[CheckId] | None = None,
              plan_families: dict[str, list[CheckId]] | None = None, baseline: BaselineConfig | None = None,
-             measured: dict[str, Any] | None = None) -> PairResult:
+             measurements: dict[str, Any] | None = None, static: list[CheckResult] | None = None) -> PairResult:
     """Every check family's results for a pair whose two runs exist.
 
     ``bounds``: a ``Bounds`` (or a mapping of every bound name). ``pm``: the pair's metrics when already
-    computed; else computed here (read from / stored in ``cache`` when one is given). ``measured``: the
-    families' measurements already made (filled in as they are made).
+    computed; else computed here (read from / stored in ``cache`` when one is given). ``measurements``: the
+    families' measurements already made (filled in as they are made). ``static``: the results of the
+    families that read only the files, made before the models ran with these bounds; kept, not redone.
     """
     if isinstance(bounds, Mapping) and not hasattr(bounds, "with_overrides"):
         from .core.bounds import Bounds
@@ -134,10 +129,10 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
     ctx = EvalContext(a, b, corpus, bounds, settings or RunSettings(), res,
                       (lambda: pm) if pm is not None else (lambda: pair_metrics(a, b, corpus, cache)),
                       baseline=baseline, plan=plan, plan_families=plan_families, spec_a=a.spec, spec_b=b.spec,
-                      measured=measured if measured is not None else {},
-                      measure_fn=lambda f, c: measure(f, c, cache), quality_reported=quality_reported(b.spec),
+                      measurements=measurements if measurements is not None else {},
+                      measure_with=lambda f, c: measure(f, c, cache), quality_reported=quality_reported(b.spec),
                       cache=cache)
-    res.checks = checks.evaluate_all(ctx, plan)
+    res.checks = checks.evaluate_all(ctx, plan, done=static)
     return res
 
 
@@ -161,10 +156,6 @@ def quality_reported(spec_b: ModelSpec) -> bool:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CONVDIFF_CACHE_DIR") or Path(tempfile.gettempdir()) / "convdiff-cache")
-
-
-def default_pair_id(a: str, b: str) -> str:
-    return f"{Path(a).name}--{Path(b).name}"
 
 
 def error_result(pair_id: str, spec_a: ModelSpec, spec_b: ModelSpec, plan: list[CheckId], error: str) -> PairResult:
@@ -198,14 +189,14 @@ class Comparison:
     pair_id: str = ""
     baseline: BaselineConfig | None = None
     save_reference: Path | None = None
-    progress: Progress = _quiet
+    progress: Progress = quiet
 
     def __post_init__(self) -> None:
-        self.pair_id = self.pair_id or default_pair_id(self.a.path, self.b.path)
+        self.pair_id = self.pair_id or pair_id(self.a.path, self.b.path)
         self._plan: dict[str, list[CheckId]] | None = None
         self._runs: tuple[ModelRun, ModelRun] | None = None
         self._metrics: PairMetrics | None = None
-        self._measured: dict[str, Any] = {}
+        self._measurements: dict[str, Any] = {}
         self._results: dict[tuple[tuple[str, float], ...], PairResult] = {}
         self._error: str | None = None
         self._stage = "starting"
@@ -278,24 +269,24 @@ class Comparison:
     def _context(self, run_a: ModelRun | None, run_b: ModelRun | None, bounds: Any, res: PairResult) -> EvalContext:
         return EvalContext(run_a, run_b, self.corpus, bounds, self.settings, res, self.metrics,
                            baseline=self.baseline, plan=self.plan(), plan_families=self.plan_by_family(),
-                           spec_a=self.a, spec_b=self.b, measured=self._measured,
-                           measure_fn=lambda f, c: measure(f, c, self.cache), quality_reported=quality_reported(self.b),
+                           spec_a=self.a, spec_b=self.b, measurements=self._measurements,
+                           measure_with=lambda f, c: measure(f, c, self.cache), quality_reported=quality_reported(self.b),
                            cache=self.cache)
 
-    def _static(self, merged: dict[str, float]) -> PairResult:
-        """The families that need no model outputs, with the bounds of the classes the files declare."""
+    def _static(self, merged: dict[str, float]) -> tuple[PairResult, Bounds]:
+        """The families that need no model outputs, with the bounds of the classes the files declare (the
+        row every family of the pair is then judged with)."""
         info_a, info_b = self._probe(self.a), self._probe(self.b)
         cls, row = checks.default_bounds(info_a, info_b)
+        bounds = row.with_overrides(merged)
         res = PairResult(self.pair_id, self.a.path, self.b.path, info_a.get("backend"), info_b.get("backend"),
-                         precision_class=cls, bounds=row.with_overrides(merged).to_dict(), info_a=info_a,
-                         info_b=info_b)
-        res.checks = checks.evaluate_all(self._context(None, None, row.with_overrides(merged), res), self.plan(),
-                                         outputs=False)
+                         precision_class=cls, bounds=bounds.to_dict(), info_a=info_a, info_b=info_b)
+        res.checks = checks.evaluate_all(self._context(None, None, bounds, res), self.plan(), outputs=False)
         failing = [c.id for c in res.checks if c.outcome == FAILED]  # an unreadable file is the pair's error
         if failing:
             self.progress(f"{self._label}{len(failing)} check(s) fail before any model runs: "
                           + ", ".join(failing[:6]) + (" ..." if len(failing) > 6 else ""))
-        return res
+        return res, bounds
 
     # -- evaluation: every family, against the bounds in force
     def result(self, overrides: Mapping[str, float] | None = None) -> PairResult:
@@ -307,20 +298,20 @@ class Comparison:
         key = tuple(sorted(merged.items()))
         if key in self._results:
             return self._results[key]
-        static = self._static(merged)
+        static, bounds = self._static(merged)
         if self.static_only:
             self._results[key] = static
             return static
         if self._error is None:
             try:
                 run_a, run_b = self.runs()
-                cls, chosen = checks.default_bounds(run_a.info, run_b.info)
                 self.metrics()
                 self._stage = "evaluating the checks"
-                res = evaluate(run_a, run_b, self.corpus, chosen.with_overrides(merged), pair_id=self.pair_id,
-                               precision=cls, pm=self._metrics, cache=self.cache, settings=self.settings,
-                               plan=self.plan(), plan_families=self.plan_by_family(), baseline=self.baseline,
-                               measured=self._measured)
+                # one bounds row per pair: the one the file-only checks were judged with
+                res = evaluate(run_a, run_b, self.corpus, bounds, pair_id=self.pair_id,
+                               precision=static.precision_class, pm=self._metrics, cache=self.cache,
+                               settings=self.settings, plan=self.plan(), plan_families=self.plan_by_family(),
+                               baseline=self.baseline, measurements=self._measurements, static=static.checks)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - a crash must error the pair, never pass it
@@ -376,6 +367,6 @@ def compare(model_a: str | os.PathLike[str] | ModelSpec, model_b: str | os.PathL
     comparison = Comparison(
         spec_a, spec_b, corpus if isinstance(corpus, Corpus) else load_corpus(corpus),
         Cache(Path(cache_dir) if cache_dir else default_cache_dir(), read=not refresh),
-        settings, overrides, pair_id or "", progress=progress or _quiet)
+        settings, overrides, pair_id or "", progress=progress or quiet)
     comparison.static_only = static_only
     return comparison.result()

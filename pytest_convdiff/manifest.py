@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks import parse_bound_mapping
+from .core.pair_id import pair_id, safe_id
 from .errors import ConvdiffError
 
 if sys.version_info >= (3, 11):
@@ -57,6 +58,41 @@ def _resolve(base: Path, value: str) -> str:
     return str(p if p.is_absolute() else (base / p))
 
 
+CORPUS_VALUES = ('"default" (the built-in corpus), "quick" (its short version), or the path of a corpus file, '
+                 'relative to the manifest: .txt (one prompt per line), .jsonl or .parquet (a "text" column)')
+
+
+def _corpus(entry: dict[str, Any], raw: dict[str, Any], base: Path, where: str,
+            corpora: dict[str, str | None]) -> str | None:
+    """The entry's ``corpus``: "default", "quick", a corpus file's resolved path, or None (the session's).
+    A value that is none of these is a ConvdiffError naming the entry, the key and the accepted values."""
+    if "corpus" not in entry:
+        return None
+    value = entry["corpus"]
+    key = "corpus" if "corpus" in raw else "corpus (from [defaults])"
+    if not isinstance(value, str) or not value.strip():
+        raise ConvdiffError(f"{where}: {key} = {value!r} is not a corpus; accepted: {CORPUS_VALUES}.")
+    if value in ("default", "quick"):
+        return value
+    resolved = _resolve(base, value)
+    if resolved not in corpora:
+        problem = None
+        if not Path(resolved).is_file():
+            problem = f"no such file {resolved}" if not Path(resolved).exists() else f"{resolved} is not a file"
+        else:
+            from .core.corpus import load_corpus
+
+            try:
+                load_corpus(resolved)
+            except ConvdiffError as exc:
+                problem = str(exc).replace(" (--convdiff-prompts)", "").rstrip(".")
+        corpora[resolved] = problem
+    if corpora[resolved] is not None:
+        raise ConvdiffError(f"{where}: {key} = {value!r} cannot be used ({corpora[resolved]}); "
+                            f"accepted: {CORPUS_VALUES}.")
+    return resolved
+
+
 def load_manifest(path: Path) -> list[ManifestEntry]:
     """Entries of a manifest, validated; ConvdiffError naming the file, the entry and the problem."""
     path = Path(path)
@@ -74,8 +110,11 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
     base = path.parent
     out: list[ManifestEntry] = []
     seen: set[str] = set()
+    corpora: dict[str, str | None] = {}  # each corpus file read once: its path -> the problem with it, if any
     for n, raw in enumerate(pairs, start=1):
         where = f"{path}, pair {n}"
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str) and raw["id"]:
+            where += f" (id {raw['id']!r})"
         if not isinstance(raw, dict):
             raise ConvdiffError(f"{where}: expected a table")
         entry = {**defaults, **raw}
@@ -106,17 +145,14 @@ def load_manifest(path: Path) -> list[ManifestEntry]:
                     entry[key] = normalize_backend_name(str(entry[key]))
                 except ValueError as exc:
                     raise ConvdiffError(f"{where}: {key}: {exc}") from None
-        corpus = entry.get("corpus")
-        if corpus and corpus not in ("default", "quick"):
-            corpus = _resolve(base, corpus)
+        corpus = _corpus(entry, raw, base, where, corpora)
         imatrix = _resolve(base, str(entry["imatrix"])) if entry.get("imatrix") else None
         model_a = _resolve(base, str(entry["model_a"]))
         for b in bs:
             model_b = _resolve(base, str(b))
-            pid = str(entry.get("id") or f"{Path(model_a).name}-vs-{Path(model_b).name}")
+            pid = safe_id(str(entry["id"])) if entry.get("id") else pair_id(model_a, model_b)
             if len(bs) > 1 and entry.get("id"):
-                pid = f"{entry['id']}-{Path(model_b).name}"
-            pid = re.sub(r"[^A-Za-z0-9_.+-]+", "_", pid)
+                pid = safe_id(f"{entry['id']}-{Path(model_b).name}")
             if pid in seen:
                 raise ConvdiffError(f"{where}: pair id {pid!r} is used twice in this manifest; give each an id")
             seen.add(pid)

@@ -8,14 +8,13 @@ or from B's stored arrays (``pair_metrics``), so both give the same ``PairMetric
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .core import compact, metrics
+from .core import compact, kernels, metrics
+from .core.code_version import code_digest
 from .core.corpus import Corpus
 from .errors import ConvdiffError
 from .store.cache import Cache, make_key
@@ -49,18 +48,9 @@ class PairMetrics:
                    metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"))
 
 
-_CODE_DIGEST: str | None = None
-
-
 def _metrics_code_digest() -> str:
     """Stored pair metrics are reused only by the metric code that computed them."""
-    global _CODE_DIGEST
-    if _CODE_DIGEST is None:
-        h = hashlib.sha256()
-        for module in (metrics, compact):
-            h.update(Path(module.__file__).read_bytes())
-        _CODE_DIGEST = h.hexdigest()[:16]
-    return _CODE_DIGEST
+    return code_digest((metrics.__name__, compact.__name__, kernels.__name__))
 
 
 def reduced_against(a: ModelRun) -> dict[str, Any]:

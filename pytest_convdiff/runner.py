@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
-from .backends.base import LAYER_SWAP, ModelInfo
+from .backends.base import LAYER_SWAP, IncrementalDecoder, ModelInfo
 from .core import compact, metrics
 from .core.corpus import Corpus
 from .core.tokenizer_cases import TOKENIZER_CASES
@@ -78,8 +78,8 @@ def runtime_twin_name(name: str) -> str:
     return key
 
 
-def _quiet(_msg: str) -> None:
-    pass
+def quiet(_msg: str) -> None:
+    """A progress callback that says nothing."""
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _safe_piece(backend, token_id: int) -> str:
 
 
 def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun | None = None,
-              settings: RunSettings | None = None, progress: Progress = _quiet, label: str = "") -> ModelRun:
+              settings: RunSettings | None = None, progress: Progress = quiet, label: str = "") -> ModelRun:
     """The model's outputs for the corpus: from the cache when valid, else computed and cached.
 
     ``feed``: the run whose token ids this model must be evaluated on (A's), so a
@@ -442,9 +442,8 @@ def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], 
             steps[i].append(top)
             return top[0]
 
-        decode = getattr(backend, "greedy_decode", None)
-        if decode is not None:
-            decode(prefixes, n_new, pick)  # incremental, on the backend's KV cache
+        if isinstance(backend, IncrementalDecoder):
+            backend.greedy_decode(prefixes, n_new, pick)  # incremental, on the backend's KV cache
         else:
             for i, prefix in enumerate(prefixes):
                 ids = list(prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -220,3 +221,44 @@ def test_the_readme_bounds_table_is_the_declared_bounds():
     for name in rest:  # the bounds that are the same in every class are stated under the table
         (value,) = {table.row(c)[name] for c in rows}
         assert f"`{name} ≤ {value:g}`" in text, name
+
+
+def readme_bound_names(readme: str) -> list[str]:
+    """Bound names in the README's Bounds section: the per-class table's columns, then the rows of the
+    table of bounds that are the same in every class (cells like `` `causality ≤ 0.0001` ``)."""
+    section = readme.split("\n## Bounds\n", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for line in section.splitlines():
+        if line.startswith("| class |"):
+            names += [c.strip().rsplit(" ", 1)[0] for c in line.strip().strip("|").split("|")[1:]]
+        elif m := re.match(r"^\|\s*`([a-z][a-z0-9_]*) [≤≥] [^`]+`\s*\|", line):
+            names.append(m[1])
+    return names
+
+
+def test_every_declared_bound_is_in_the_readme_bounds_tables():
+    """The bound list a user reads is complete: every bound a check family declares (a BoundSpec) is in the
+    README's bounds tables, once, with its value and direction when it is the same in every class; and the
+    `--convdiff-bound` rows (README and docs/options.md) send the reader to those tables."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = checks.bound_table()
+    documented = readme_bound_names(readme)
+    declared = set(table.names())
+    assert declared, "no BoundSpec found through checks.bound_table()"
+    missing = sorted(declared - set(documented))
+    assert not missing, f"declared bounds missing from the README's bounds tables: {missing}"
+    assert set(documented) <= declared, f"README bounds not declared by any family: {sorted(set(documented) - declared)}"
+    assert len(documented) == len(set(documented)), f"a bound is listed twice: {documented}"
+    section = readme.split("\n## Bounds\n", 1)[1].split("\n## ", 1)[0]
+    for m in re.finditer(r"^\|\s*`([a-z][a-z0-9_]*) ([≤≥]) ([^`]+)`\s*\|", section, re.M):
+        spec = table.specs[m[1]]
+        assert spec.direction == (UPPER if m[2] == "≤" else LOWER), m[0]
+        assert set(spec.defaults.values()) == {float(m[3])}, f"{m[1]}: README {m[3]}, declared {dict(spec.defaults)}"
+    rows = {
+        "README.md": (readme, "](#bounds)"),
+        "docs/options.md": ((ROOT / "docs" / "options.md").read_text(encoding="utf-8"), "](../README.md#bounds)"),
+    }
+    for where, (text, link) in rows.items():
+        row = re.search(r"^\|\s*`--convdiff-bound NAME=VALUE`.*$", text, re.M)
+        assert row, f"{where} has no `--convdiff-bound NAME=VALUE` option row"
+        assert link in row[0], f"{where}'s --convdiff-bound row does not link the README's bounds tables ({link})"

@@ -422,7 +422,7 @@ def _eval_context(spec_a: ModelSpec, spec_b: ModelSpec, cache: Cache | None = No
     return EvalContext(None, None, corpus, Bounds(checks.bound_table().row("float").to_dict()), settings,
                        PairResult("p", spec_a.path, spec_b.path, None, None), lambda: None, plan=plan,
                        plan_families=by_family, spec_a=spec_a, spec_b=spec_b,
-                       measure_fn=(lambda f, c: cached_measure(f, c, cache)) if cache is not None else None)
+                       measure_with=(lambda f, c: cached_measure(f, c, cache)) if cache is not None else None)
 
 
 def test_evaluated_before_any_model_and_cached_as_json(tiny_ref, tiny_ggufs, tmp_path, monkeypatch):

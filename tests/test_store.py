@@ -22,7 +22,7 @@ import pytest_convdiff
 from pytest_convdiff.core.corpus import Corpus, Prompt
 from pytest_convdiff.core.results import CheckResult, PairResult
 from pytest_convdiff.errors import ConvdiffError
-from pytest_convdiff.store import atomic, baseline
+from pytest_convdiff.store import atomic, baseline_file
 from pytest_convdiff.store.cache import Cache
 from pytest_convdiff.store.entry import Entry
 from pytest_convdiff.store.reference import (
@@ -171,45 +171,45 @@ def _pair(pid: str, nmse: float, *, error: str | None = None, rfn: tuple[float, 
 
 
 def test_snapshot_takes_a_pair_result_and_is_json_safe():
-    snap = baseline.snapshot(_pair("p", 1e-3))
+    snap = baseline_file.snapshot(_pair("p", 1e-3))
     assert snap is not None
     assert (snap["nmse"], snap["top1"], snap["top5"], snap["rfn"]) == (1e-3, 0.97, 0.9, [0.01, 0.02])
     assert snap["kl_p99"] is None and type(snap["kl_mean"]) is float  # NaN -> null, numpy -> Python
     json.dumps(snap, allow_nan=False)
     empty = PairResult("q", "a", "b", None, None)
-    assert baseline.snapshot(empty) is None
-    assert baseline.snapshot(PairResult.from_dict(_pair("p", 1e-3).to_dict()))["top1"] == 0.97  # read back from JSON
+    assert baseline_file.snapshot(empty) is None
+    assert baseline_file.snapshot(PairResult.from_dict(_pair("p", 1e-3).to_dict()))["top1"] == 0.97  # read back from JSON
 
 
 def test_update_keeps_other_pairs_and_skips_errored_ones(tmp_path):
     path = tmp_path / "baseline.json"
-    assert baseline.load(path) == {}
-    assert baseline.update(path, [_pair("p1", 1e-3), _pair("bad", 1e-3, error="boom")]) == ["p1"]
-    assert baseline.update(path, [_pair("p2", 2e-3)]) == ["p2"]
-    stored = baseline.load(path)
+    assert baseline_file.load(path) == {}
+    assert baseline_file.update(path, [_pair("p1", 1e-3), _pair("bad", 1e-3, error="boom")]) == ["p1"]
+    assert baseline_file.update(path, [_pair("p2", 2e-3)]) == ["p2"]
+    stored = baseline_file.load(path)
     assert set(stored) == {"p1", "p2"} and stored["p1"]["nmse"] == 1e-3
-    assert json.loads(path.read_text())["version"] == baseline.VERSION and _listing(tmp_path) == ["baseline.json"]
+    assert json.loads(path.read_text())["version"] == baseline_file.VERSION and _listing(tmp_path) == ["baseline.json"]
 
 
 def test_regressions_compare_a_snapshot_with_the_stored_one(tmp_path):
     path = tmp_path / "baseline.json"
-    baseline.update(path, [_pair("p", 1e-3)])
-    tol = baseline.parse_tolerances("")
-    same = baseline.regressions(baseline.snapshot(_pair("p", 1.2e-3)), baseline.load(path)["p"], tol)
+    baseline_file.update(path, [_pair("p", 1e-3)])
+    tol = baseline_file.parse_tolerances("")
+    same = baseline_file.regressions(baseline_file.snapshot(_pair("p", 1.2e-3)), baseline_file.load(path)["p"], tol)
     assert not same["nmse"]["worse"] and not same["rfn"]["worse"]
-    worse = baseline.regressions(baseline.snapshot(_pair("p", 3e-3, rfn=(0.01, 0.5))), baseline.load(path)["p"], tol)
+    worse = baseline_file.regressions(baseline_file.snapshot(_pair("p", 3e-3, rfn=(0.01, 0.5))), baseline_file.load(path)["p"], tol)
     assert worse["nmse"]["worse"] and worse["nmse"]["old"] == 1e-3 and worse["rfn"]["worse"]
     assert "layer 1" in worse["rfn"]["detail"]
 
 
 def test_a_failing_baseline_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "baseline.json"
-    baseline.update(path, [_pair("p1", 1e-3)])
+    baseline_file.update(path, [_pair("p1", 1e-3)])
     before = path.read_bytes()
     unserialisable = _pair("p2", 1e-3)
     unserialisable.model_a = object()  # type: ignore[assignment]
     with pytest.raises(TypeError):
-        baseline.update(path, [unserialisable])
+        baseline_file.update(path, [unserialisable])
     assert path.read_bytes() == before and _listing(tmp_path) == ["baseline.json"]
 
     def refuse(src, dst):
@@ -217,7 +217,7 @@ def test_a_failing_baseline_write_leaves_the_old_file_and_no_temporary_file(tmp_
 
     monkeypatch.setattr(os, "replace", refuse)  # the new content was written, the rename fails
     with pytest.raises(OSError, match="no space"):
-        baseline.update(path, [_pair("p3", 1e-3)])
+        baseline_file.update(path, [_pair("p3", 1e-3)])
     monkeypatch.undo()
     assert path.read_bytes() == before and _listing(tmp_path) == ["baseline.json"]
 
@@ -226,10 +226,10 @@ def test_a_damaged_baseline_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "baseline.json"
     path.write_text("{torn")
     with pytest.raises(ConvdiffError, match="baseline.json: the baseline file is unreadable"):
-        baseline.load(path)
+        baseline_file.load(path)
     path.write_text(json.dumps({"version": 99, "pairs": {}}))
     with pytest.raises(ConvdiffError, match="not a convdiff baseline"):
-        baseline.update(path, [_pair("p", 1e-3)])
+        baseline_file.update(path, [_pair("p", 1e-3)])
 
 
 # --------------------------------------------------------------------------- the import graph

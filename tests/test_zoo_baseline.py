@@ -8,7 +8,7 @@ import pytest
 
 from pytest_convdiff.errors import ConvdiffError
 from pytest_convdiff.manifest import load_manifest
-from pytest_convdiff.store import baseline
+from pytest_convdiff.store import baseline_file
 
 pytestmark = pytest.mark.usefixtures("subprocess_env")
 
@@ -84,15 +84,15 @@ def test_bad_manifest_is_a_collection_error(pytester):
 
 
 def test_tolerance_parsing_and_regressions():
-    tol = baseline.parse_tolerances("nmse:10%,top1:abs:0.05")
+    tol = baseline_file.parse_tolerances("nmse:10%,top1:abs:0.05")
     assert tol["nmse"] == ("rel", 0.1) and tol["top1"] == ("abs", 0.05) and tol["rfn"] == ("rel", 0.25)
     with pytest.raises(ValueError, match="unknown metric 'bogus'"):
-        baseline.parse_tolerances("bogus:5%")
+        baseline_file.parse_tolerances("bogus:5%")
     with pytest.raises(ValueError, match="is not NAME:PCT% or NAME:abs:VALUE"):
-        baseline.parse_tolerances("nmse:5")
+        baseline_file.parse_tolerances("nmse:5")
     old = {"nmse": 1e-3, "top1": 0.95, "rfn": [0.01, 0.02], "kl_mean": 1e-3}
     new = {"nmse": 1.09e-3, "top1": 0.89, "rfn": [0.01, 0.03], "kl_mean": float("nan")}
-    r = baseline.regressions(new, old, tol)
+    r = baseline_file.regressions(new, old, tol)
     assert not r["nmse"]["worse"] and r["nmse"]["allowed"] == pytest.approx(1.1e-3)
     assert r["top1"]["worse"] and r["top1"]["allowed"] == pytest.approx(0.90)
     assert r["rfn"]["worse"] and "layer 1: 0.02 -> 0.03" in r["rfn"]["detail"]

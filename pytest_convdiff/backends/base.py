@@ -90,8 +90,10 @@ class Backend(Protocol):
     def decode_piece(self, token_id: int) -> str:
         """The text of one token, for readable diffs."""
 
-    def forward(self, tokens: Sequence[int], *, hidden_states: bool = True) -> ForwardOutput:
-        """Logits for every position (and per-layer hidden states) for one sequence."""
+    def forward(self, tokens: Sequence[int], *, hidden_states: bool = True,
+                inject: dict[int, np.ndarray] | None = None) -> ForwardOutput:
+        """Logits for every position (and per-layer hidden states) for one sequence. ``inject`` (backends
+        that declare ``LAYER_SWAP``): layer ``i``'s output replaced by ``inject[i]`` (float32 ``[T, H]``)."""
 
     def special_tokens(self) -> dict[str, Any]:
         """BOS/EOS ids and whether the tokenizer adds them, for the tokenizer checks."""

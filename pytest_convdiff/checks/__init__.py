@@ -68,15 +68,20 @@ def plan_all(ctx: PlanContext) -> list[CheckId]:
 
 
 def evaluate_all(ctx: EvalContext, plan: list[CheckId] | None = None, *,
-                 outputs: bool | None = None) -> list[CheckResult]:
+                 outputs: bool | None = None, done: list[CheckResult] | None = None) -> list[CheckResult]:
     """Every family's results (``outputs``: only the families that need (True) or do not need (False)
-    the models' outputs). With a ``plan``, a planned item of those families always gets a result: one a
-    family did not produce becomes an error that says so (a bug, never a silent pass)."""
+    the models' outputs). ``done``: results already made for the families that need no outputs (before
+    the models ran), kept as they are and in their family's place instead of evaluated again. With a
+    ``plan``, a planned item of those families always gets a result: one a family did not produce becomes
+    an error that says so (a bug, never a silent pass)."""
     ctx.specs = bound_table().specs
     out: list[CheckResult] = []
     ctx.result.checks = out  # filled as families run: a later family may read an earlier one's results
     chosen = [f for f in families() if outputs is None or f.needs_outputs == outputs]
     for f in chosen:
+        if done is not None and not f.needs_outputs:
+            out += [c for c in done if c.name == f.name]
+            continue
         try:
             if f.measure is not None:
                 ctx.measurement(f)  # made (or read from the cache) once per pair

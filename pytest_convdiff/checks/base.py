@@ -66,7 +66,7 @@ class PlanContext:
 class EvalContext:
     """What evaluation gets: both runs (None for a family that needs no outputs), the corpus, the
     bounds in force, the pair's metrics (computed once per pair, lazily), each family's measurement
-    (``measured[family.name]``), and the pair result that families annotate (layers, metrics, notes).
+    (``measurement(family)``, kept in ``measurements``), and the pair result that families annotate (layers, metrics, notes).
 
     ``spec_a``/``spec_b`` name the models (path, backend, options) for families that read the model
     files themselves (config, weights): they run before any model is loaded.
@@ -78,15 +78,15 @@ class EvalContext:
     bounds: Bounds
     settings: RunSettings
     result: PairResult
-    metrics_fn: Callable[[], PairMetrics]
+    pair_metrics_fn: Callable[[], PairMetrics]
     baseline: BaselineConfig | None = None
     plan: list[CheckId] | None = None  # what was collected; families answer every planned item of theirs
     plan_families: dict[str, list[CheckId]] | None = None  # the same, by family
     specs: dict[str, BoundSpec] = field(default_factory=dict)
     spec_a: Any = None  # runner.ModelSpec
     spec_b: Any = None
-    measured: dict[str, Any] = field(default_factory=dict)
-    measure_fn: Callable[[CheckFamily, EvalContext], Any] | None = None  # cached measurement (Comparison)
+    measurements: dict[str, Any] = field(default_factory=dict)
+    measure_with: Callable[[CheckFamily, EvalContext], Any] | None = None  # cached measurement (Comparison)
     # True where B's correctness is judged against twins (a GGUF or transformers B): quality budgets that
     # the user did not set are reported, not judged. False for a backend without twins (EXL2).
     quality_reported: bool = False
@@ -95,15 +95,15 @@ class EvalContext:
 
     def measurement(self, family: CheckFamily) -> Any:
         """The family's measurement (made once per pair; an exception it raised is raised again)."""
-        if family.name not in self.measured:
+        if family.name not in self.measurements:
             try:
-                fn = self.measure_fn or (lambda f, c: f.measure(c))
-                self.measured[family.name] = fn(family, self)
+                fn = self.measure_with or (lambda f, c: f.measure(c))
+                self.measurements[family.name] = fn(family, self)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - stored: the family's items report it
-                self.measured[family.name] = exc
-        value = self.measured[family.name]
+                self.measurements[family.name] = exc
+        value = self.measurements[family.name]
         if isinstance(value, Exception):
             raise value
         return value
@@ -112,9 +112,9 @@ class EvalContext:
         return [c for c in self.plan or [] if c.name == name]
 
     @property
-    def metrics(self) -> PairMetrics:
+    def pair_metrics(self) -> PairMetrics:
         if self._metrics is None:
-            self._metrics = self.metrics_fn()
+            self._metrics = self.pair_metrics_fn()
         return self._metrics
 
 
@@ -126,8 +126,9 @@ class CheckFamily:
     and is evaluated before any model loads (a structural bug is reported in seconds, and still when
     a model cannot be run). ``measure``: the family's costly, bound-independent part (e.g. per-tensor
     errors); its JSON-serialisable result is computed once per pair, stored in the cache keyed by both
-    models' contents, the family's code and ``version``, and handed to ``evaluate`` as
-    ``ctx.measured[name]``.
+    models' contents and the code that measured it, and handed to ``evaluate`` as ``ctx.measurement(family)``.
+    ``code`` names the modules ``measure`` depends on besides its own, ``libraries`` the distributions
+    (``core.code_version``): editing one, or upgrading one, recomputes the measurement.
     """
 
     name: str
@@ -138,7 +139,8 @@ class CheckFamily:
     doc: str = ""
     needs_outputs: bool = True
     measure: Callable[[EvalContext], Any] | None = None
-    version: int = 1
+    code: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
 
 
 def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:

@@ -5,14 +5,14 @@ converter changes, even where every pair is still inside its absolute bounds."""
 from __future__ import annotations
 
 from ..core.results import BUDGET, FAILED, PASSED, CheckId, CheckResult
-from ..store import baseline as store
+from ..store import baseline_file
 from .base import CheckFamily, EvalContext, PlanContext, skipped
 
 ORDER = 90  # after every family whose metrics it compares
 
 
 def plan(ctx: PlanContext) -> list[CheckId]:
-    return [CheckId("baseline", name) for name in store.METRICS] if ctx.baseline is not None else []
+    return [CheckId("baseline", name) for name in baseline_file.METRICS] if ctx.baseline is not None else []
 
 
 def _tolerance_text(kind: str, tol: float) -> str:
@@ -27,16 +27,16 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     if cfg.update:
         return [CheckResult("baseline", name, None, None, PASSED,
                             f"baseline for {res.id} will be updated in {cfg.path}", kind=BUDGET)
-                for name in store.METRICS]
-    stored = store.load(cfg.path).get(res.id)
+                for name in baseline_file.METRICS]
+    stored = baseline_file.load(cfg.path).get(res.id)
     if stored is None:
         return [skipped(CheckId("baseline", name), f"no baseline for pair {res.id} in {cfg.path}; record one with "
-                        "--convdiff-baseline-update", kind=BUDGET) for name in store.METRICS]
+                        "--convdiff-baseline-update", kind=BUDGET) for name in baseline_file.METRICS]
     res.baseline_rfn = stored.get("rfn")
-    current = store.snapshot(res) or {}
-    found = store.regressions(current, stored, cfg.tolerances)
+    current = baseline_file.snapshot(res) or {}
+    found = baseline_file.regressions(current, stored, cfg.tolerances)
     out = []
-    for name, worse_up in store.METRICS.items():
+    for name, worse_up in baseline_file.METRICS.items():
         r = found[name]
         kind, tol = cfg.tolerances[name]
         tol_text = _tolerance_text(kind, tol)

@@ -304,4 +304,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 
 FAMILY = CheckFamily(NAME, 5, plan, evaluate, doc="model configuration field by field, before any model loads",
-                     needs_outputs=False, measure=cf.measure, version=cf.MEASURE_VERSION)
+                     needs_outputs=False, measure=cf.measure,
+                     code=(cf.__name__, "pytest_convdiff.backends.gguf_header", "pytest_convdiff.backends.hfdir",
+                           "pytest_convdiff.store.reference"),
+                     libraries=("transformers", "gguf", "jinja2"))

@@ -101,7 +101,7 @@ def _localise(lm: metrics.LayerMetrics, rfn_bound: float, jump: float, res: Pair
 
 
 def evaluate(ctx: EvalContext) -> list[CheckResult]:
-    pm = ctx.metrics
+    pm = ctx.pair_metrics
     lm = pm.layers
     if lm is None:
         planned = ctx.planned("rfn") if ctx.plan is not None else []

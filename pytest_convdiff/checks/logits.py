@@ -53,7 +53,7 @@ def vocab_mismatch(ctx: EvalContext) -> str | None:
 
 
 def evaluate(ctx: EvalContext) -> list[CheckResult]:
-    m = ctx.metrics.logits
+    m = ctx.pair_metrics.logits
     if m is None:
         why = vocab_mismatch(ctx) or "logits were not compared"
         return [skipped(cid, why, kind=BUDGET) for cid in ALL]

@@ -77,7 +77,7 @@ def _judge(ctx: EvalContext, cid: CheckId, profile: list[dict[str, Any]], key: s
 def evaluate(ctx: EvalContext) -> list[CheckResult]:
     out: list[CheckResult] = []
     planned = {str(c) for c in ctx.planned("position")} if ctx.plan is not None else {str(KL), str(RFN)}
-    m = ctx.metrics.logits
+    m = ctx.pair_metrics.logits
     if str(KL) in planned:
         if m is None:
             out.append(skipped(KL, "logits were not compared"))
@@ -85,7 +85,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
             out.append(_judge(ctx, KL, m.position_profile.get("long", []), "kl_mean", ctx.bounds.kl_mean * FLOOR,
                               "mean KL"))
     if str(RFN) in planned:
-        lm = ctx.metrics.layers
+        lm = ctx.pair_metrics.layers
         if lm is None:
             out.append(skipped(RFN, "hidden states were not compared"))
         else:

@@ -207,4 +207,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 
 FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,
-                     doc="B's runtime against A's architecture run with B's weights", measure=measure)
+                     doc="B's runtime against A's architecture run with B's weights", measure=measure,
+                     code=("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant", "pytest_convdiff.pair"),
+                     libraries=("transformers", "torch", "llama-cpp-python"))

@@ -24,12 +24,11 @@ whose GGUF transforms are not known) skips with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
-from ..backends import dequant, imatrix, registry, replay, twin
+from ..backends import dequant, ggml, gguf_header, imatrix, registry, replay, twin
 from ..core import weight_errors
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
@@ -57,15 +56,6 @@ BOUNDS = (
               "only where no twin can be made: |c - 1| for the least-squares scale c of B's tensor against A's"),
 )
 SHOWN = 6  # failing tensors written out per item (all are in the details)
-
-
-def _code_version() -> int:
-    """The stored measurement is reused only by the code that made it: the cache key hashes this module
-    (where ``measure`` is); the reading and numbers live in two helper modules, hashed here."""
-    h = hashlib.sha256()
-    for mod in (dequant, weight_errors, twin, replay, imatrix):
-        h.update(Path(mod.__file__).read_bytes())
-    return int(h.hexdigest()[:8], 16)
 
 
 def item_id(param: str) -> CheckId:
@@ -493,4 +483,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 FAMILY = CheckFamily(NAME, 7, plan, evaluate, BOUNDS,
                      doc="every tensor of B against A's, against the error its storage type gives",
-                     needs_outputs=False, measure=measure, version=_code_version())
+                     needs_outputs=False, measure=measure,
+                     code=tuple(m.__name__ for m in (dequant, weight_errors, twin, replay, imatrix, ggml, gguf_header)),
+                     libraries=("llama-cpp-python", "gguf"))

@@ -111,7 +111,7 @@ def _parse_jsonl(lines: Iterable[str], source: str) -> Iterable[Prompt]:
         yield Prompt(pid, text, kind)
 
 
-def load_corpus(path: str | Path | None, *, max_prompts: int | None = None) -> Corpus:
+def load_corpus(path: str | Path | None) -> Corpus:
     """Read a corpus file: ``.jsonl``, ``.parquet`` (a ``text`` column), or plain text (one prompt per line).
 
     ``None`` or ``"default"`` gives the built-in corpus, ``"quick"`` a smaller one.
@@ -138,8 +138,6 @@ def load_corpus(path: str | Path | None, *, max_prompts: int | None = None) -> C
                 # Plain text: one prompt per line; blank lines are separators, not prompts.
                 prompts = [Prompt(f"line-{n}", line, "text") for n, line in enumerate(lines, start=1) if line.strip()]
             corpus = Corpus(tuple(prompts), str(p))
-    if max_prompts is not None:
-        corpus = Corpus(corpus.prompts[:max_prompts], corpus.source)
     return corpus
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from ..core.results import ERROR, FAILED, SKIPPED, CheckResult, PairResult
 from ..errors import ConvdiffError
-from .session import STASH, PairSpec, Session
+from .session import STASH, ConvdiffState, PairSpec
 
 
 class ConvdiffCheckFailure(AssertionError):
@@ -88,7 +88,7 @@ class ConvdiffItem(pytest.Item):
         # The first item of a pair runs it. A pair that cannot run errors each item at setup: the first
         # with the whole reason, the others with one line (the report hook swaps pytest's traceback for
         # repr_failure's text, so no item prints an internal traceback).
-        session: Session = self.config.stash[STASH]
+        session: ConvdiffState = self.config.stash[STASH]
         comparison = session.comparison(self.pair, progress_printer(self.config))
         try:
             overrides = self._marker_bounds()

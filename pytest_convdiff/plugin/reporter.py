@@ -6,23 +6,37 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import pytest
 
 from ..core.results import ERROR, CheckResult, PairResult
 from ..errors import ConvdiffError
 from .items import ConvdiffItem, ConvdiffPairError, PairCollector
-from .session import Session
+from .session import ConvdiffState, PairSpec
 
 ITEM_PROPERTY = "convdiff_item"  # {"pair", "order", "check"}
 HEADER_PROPERTY = "convdiff_pair_result"  # the pair's PairResult without its checks, once per pair and process
+# The pair's models, sent once per pair and process while no item has a result to take the header from (every
+# item errored first, e.g. on a bad convdiff_bounds marker): under xdist the controller never collects a
+# manifest, so it cannot look those pairs up itself.
+SPEC_PROPERTY = "convdiff_pair_spec"
+UNKNOWN_MODEL = "(unknown: no item of the pair reported it)"
+
+
+def _spec_header(pid: str, spec: PairSpec) -> dict[str, Any]:
+    """A pair's header before any result exists: its id and models, as the pair spec gives them."""
+    return {"id": pid, "model_a": spec.a.path, "model_b": spec.b.path,
+            "backend_a": spec.a.backend, "backend_b": spec.b.backend}
 
 
 class SessionPlugin:
-    def __init__(self, config: pytest.Config, state: Session) -> None:
+    def __init__(self, config: pytest.Config, state: ConvdiffState) -> None:
         self.config = config
         self.state = state
         self.remaining: dict[str, int] = {}
+        self.specs_sent: set[str] = set()  # pairs whose models this process has reported (SPEC_PROPERTY)
+        self.pair_specs: dict[str, dict[str, Any]] = {}  # gathered SPEC_PROPERTY payloads, by pair id
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -55,6 +69,9 @@ class SessionPlugin:
         if pr is not None and item.pair.id not in self.state.headers_sent:
             self.state.headers_sent.add(item.pair.id)
             props.append((HEADER_PROPERTY, json.dumps(pr.with_checks([]).to_dict())))
+        elif pr is None and item.pair.id not in self.state.headers_sent and item.pair.id not in self.specs_sent:
+            self.specs_sent.add(item.pair.id)
+            props.append((SPEC_PROPERTY, json.dumps(_spec_header(item.pair.id, item.pair))))
         rep.user_properties.extend(props)
         item.user_properties.extend(props)  # junitxml writes properties from the item's list
 
@@ -87,6 +104,8 @@ class SessionPlugin:
         self.state.check_payloads.setdefault(payload["pair"], {})[key] = (payload["order"], check)
         if HEADER_PROPERTY in props:
             self.state.pair_headers[payload["pair"]] = json.loads(props[HEADER_PROPERTY])
+        if SPEC_PROPERTY in props:
+            self.pair_specs.setdefault(payload["pair"], json.loads(props[SPEC_PROPERTY]))
 
     def assemble(self) -> list[PairResult]:
         """Each pair's result from what its items reported, in the order the pairs were given."""
@@ -97,14 +116,21 @@ class SessionPlugin:
             payloads = state.check_payloads.get(pid)
             if not payloads:
                 continue
-            header = state.pair_headers.get(pid)
-            if header is None:  # no item got as far as a result: name the models from the pair spec
-                spec = state.pair(pid)
-                header = {"id": pid, "model_a": spec.a.path, "model_b": spec.b.path,
-                          "backend_a": spec.a.backend, "backend_b": spec.b.backend}
+            header = state.pair_headers.get(pid) or self._header_without_result(pid)
             checks = [CheckResult.from_dict(c) for _, c in sorted(payloads.values(), key=lambda oc: oc[0])]
             out.append(PairResult.from_dict(header).with_checks(checks))
         return out
+
+    def _header_without_result(self, pid: str) -> dict[str, Any]:
+        """No item of the pair got as far as a result (each errored first): the pair is reported with its
+        items' errors, its models named from the pair's spec here, else from the one a worker sent (the
+        controller under xdist collects no manifest), else as unknown. Never a crash: the other pairs'
+        reports are at stake."""
+        spec = next((p for p in self.state.all_pairs() if p.id == pid), None)
+        if spec is not None:
+            return _spec_header(pid, spec)
+        return self.pair_specs.get(pid) or {"id": pid, "model_a": UNKNOWN_MODEL, "model_b": UNKNOWN_MODEL,
+                                            "backend_a": None, "backend_b": None}
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -121,10 +147,10 @@ class SessionPlugin:
                 pairs, json_path=state.json_path, html_path=state.html_path, plot_dir=state.plot_dir,
                 github_step_summary=os.environ.get("GITHUB_STEP_SUMMARY") or None)
         if state.baseline is not None and state.baseline.update:
-            from ..store import baseline
+            from ..store import baseline_file
 
             try:
-                written = baseline.update(state.baseline.path, pairs)
+                written = baseline_file.update(state.baseline.path, pairs)
                 state.report_lines.append(("info", f"baseline {state.baseline.path} updated for "
                                                    f"{len(written)} pair(s)"))
             except Exception as exc:  # noqa: BLE001 - reported; the run's own outcome stands

@@ -21,6 +21,7 @@ from ..backends.options import parse_option_items, validate_options
 from ..checks.base import BaselineConfig
 from ..comparison import Comparison, default_cache_dir
 from ..core.corpus import Corpus, load_corpus
+from ..core.pair_id import unique_pair_ids
 from ..core.results import PairResult
 from ..errors import ConvdiffError
 from ..runner import (
@@ -31,7 +32,7 @@ from ..runner import (
     runtime_twin_name,
     store_name,
 )
-from ..store import baseline as baseline_store
+from ..store import baseline_file
 from ..store.budget import DEFAULT_BUDGET, CacheBudget, cleared_lines, parse_size
 from ..store.cache import Cache
 from . import options as opts
@@ -50,7 +51,7 @@ class PairSpec:
 
 
 @dataclass
-class Session:
+class ConvdiffState:
     pairs: list[PairSpec]
     corpus: Corpus
     settings: RunSettings
@@ -103,7 +104,7 @@ class Session:
         return any(c.save_reference is not None for c in self.comparisons.values())
 
 
-STASH = pytest.StashKey[Session]()
+STASH = pytest.StashKey[ConvdiffState]()
 
 
 def gpu_for_worker(worker_id: str, n_gpus: int) -> int | None:
@@ -181,22 +182,6 @@ def backend_options(option: str, raw: dict[str, Any], paths: list[str], backend:
     return [typed.get(b, dict(raw)) if b else dict(raw) for b in resolved]
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
-
-
-def pair_ids(a: str, bs: list[str]) -> list[str]:
-    """Readable, unique ids: ``<A name>-vs-<B name>``."""
-    name_a = _UNSAFE.sub("_", Path(a).name) or "A"
-    ids: list[str] = []
-    for b in bs:
-        base = f"{name_a}-vs-{_UNSAFE.sub('_', Path(b).name) or 'B'}"
-        candidate, n = base, 2
-        while candidate in ids:
-            candidate, n = f"{base}-{n}", n + 1
-        ids.append(candidate)
-    return ids
-
-
 def _backend_name(config: pytest.Config, name: str, option: str) -> str | None:
     raw = opts.value(config, name)
     if not raw:
@@ -207,7 +192,7 @@ def _backend_name(config: pytest.Config, name: str, option: str) -> str | None:
         raise usage(option, exc) from None
 
 
-def build_session(config: pytest.Config) -> Session:
+def build_session(config: pytest.Config) -> ConvdiffState:
     """Parse and validate every option (a UsageError names the option and the valid values)."""
     model_a = opts.value(config, "convdiff_model_a")
     model_bs = [str(b) for b in (opts.value(config, "convdiff_model_b") or []) if str(b).strip()]
@@ -283,7 +268,7 @@ def build_session(config: pytest.Config) -> Session:
     if baseline_update and not baseline_path:
         raise pytest.UsageError("--convdiff-baseline-update needs --convdiff-baseline PATH (the file to write).")
     try:
-        tolerances = baseline_store.parse_tolerances(str(opts.value(config, "convdiff_baseline_tolerance") or ""))
+        tolerances = baseline_file.parse_tolerances(str(opts.value(config, "convdiff_baseline_tolerance") or ""))
     except ValueError as exc:
         raise pytest.UsageError(str(exc)) from None
     plot_dir = opts.value(config, "convdiff_plot")
@@ -294,12 +279,12 @@ def build_session(config: pytest.Config) -> Session:
     if model_a:
         (options_a,) = backend_options("--convdiff-option-a", raw_a, [str(model_a)], backend_a)
         options_b = backend_options("--convdiff-option-b", raw_b, model_bs, backend_b)
-        ids = pair_ids(str(model_a), model_bs)
+        ids = unique_pair_ids(str(model_a), model_bs)
         pairs = [PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(b, backend_b, ob))
                  for pid, b, ob in zip(ids, model_bs, options_b, strict=True)]
     json_path, html_path, save_ref = (opts.value(config, n) for n in ("convdiff_json", "convdiff_html",
                                                                        "convdiff_save_reference"))
-    return Session(
+    return ConvdiffState(
         pairs, corpus, settings, bounds,
         Cache(root, read=not config.getoption("convdiff_refresh"),
               full_verify=bool(opts.value(config, "convdiff_verify_cache")), budget=cache_budget(config)),

@@ -4,6 +4,11 @@ Every file the project writes for a person or a later run (cache metadata, golde
 baselines, JSON/HTML reports, plots) goes through here: the bytes go to a temporary file in the
 target's directory, which is renamed over the target; on any error the temporary file is removed
 and the target is untouched.
+
+The file ends up with the permissions a plain ``open(path, "w")`` would give a new file,
+``0o666 & ~umask`` (0644 under the usual umask 022): the temporary file is created with mode 0666 and
+the kernel applies the process's umask, as it does for any new file. (``tempfile.mkstemp`` would
+create it 0600, leaving reports that CI artifact servers and other users cannot read.)
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -23,7 +28,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, encoding: str 
     """``with atomic_open(p) as fh: ...``: ``p`` appears complete when the block ends, or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temporary(path)
     binary = "b" in mode
     try:
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else encoding) as fh:
@@ -36,6 +41,26 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w", *, encoding: str 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+          | getattr(os, "O_CLOEXEC", 0))
+_ATTEMPTS = 100
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened for writing: ``(fd, its path)``.
+
+    Created like any new file (mode 0666, which the kernel narrows by the umask), so no umask is read
+    or changed here and threads writing at the same time cannot race on it; O_EXCL (and O_NOFOLLOW)
+    keep it from opening a file or link that is already there."""
+    for _ in range(_ATTEMPTS):
+        tmp = os.path.join(path.parent, f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, _FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path} ({_ATTEMPTS} names taken)")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -221,7 +221,7 @@ def refusal(*, root: Path, what: str, expected: int, usage: CacheUsage, budget: 
     return head + " ".join(reasons) + " " + ", ".join(f for f in fixes if f) + "."
 
 
-def over_budget(root: Path, usage: CacheUsage, limit: int, budget: CacheBudget, free: int | None) -> str:
+def over_budget(root: Path, usage: CacheUsage, budget: CacheBudget, free: int | None) -> str:
     """The warning when a commit leaves the cache above its budget (what is over it is in use)."""
     return (f"convdiff cache {root} holds {human_size(usage.total)}, above its budget of "
             f"{budget.describe(usage.total, free)}: {human_size(sum(s.size for s in usage.in_use))} of it is in use "

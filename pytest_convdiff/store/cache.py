@@ -611,7 +611,7 @@ class Cache:
             if freed < usage.total - limit and not self._warned:
                 self._warned = True
                 after = self.usage()
-                warnings.warn(over_budget(self.root, after, limit, self.budget, free), stacklevel=3)
+                warnings.warn(over_budget(self.root, after, self.budget, free), stacklevel=3)
         return freed
 
     def clear(self) -> tuple[list[Stored], list[Stored]]:
