@@ -40,8 +40,8 @@ _EXPORTS = {
     "ModelLoadError": "errors",
     "ModelRun": "runner",
     "ModelSpec": "runner",
-    "RunSettings": "runner",
-    "run_model": "runner",
+    "RunSettings": "core.settings",
+    "run_model": "comparison",
     "default_bounds": "checks",
     "plan_all": "checks",
 }

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks
+from . import checks, runner
 from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
 from .core.bounds import Bounds
 from .core.code_version import code_digest
@@ -32,8 +32,17 @@ from .core.pair_id import pair_id
 from .core.results import ERROR, FAILED, CheckId, CheckResult, PairResult
 from .errors import ConvdiffError, describe_failure
 from .pair import PairMetrics, pair_metrics
-from .runner import ModelRun, ModelSpec, Progress, RunSettings, quiet, run_model
+from .runner import ModelRun, ModelSpec, Progress, RunSettings, quiet
 from .store.cache import Cache, make_key
+
+
+def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, producers: Any = None, **kwargs: Any) -> ModelRun:
+    """``runner.run_model`` with what the check families record from a loaded model (greedy continuations,
+    the causality probe, tokenizer cases) unless ``producers`` says otherwise: the run a comparison makes,
+    for notebooks and scripts (``from pytest_convdiff import run_model``)."""
+    return runner.run_model(spec, corpus, cache, producers=checks.producers() if producers is None else producers,
+                            **kwargs)
+
 
 # --------------------------------------------------------------------------- bound-independent metrics
 
@@ -236,8 +245,8 @@ class Comparison:
                 spec.resolved_backend()
             self.settings = self._fit_context(self.settings)
             self._stage = f"running model A ({self.a.path})"
-            run_a = run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
-                              label=self._label + "A ")
+            run_a = runner.run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
+                              label=self._label + "A ", producers=checks.producers())
             if self.save_reference is not None:
                 from .store.reference import save_reference
 
@@ -245,8 +254,8 @@ class Comparison:
                 save_reference(run_a, self.save_reference, self.corpus, self.settings, weights_sketch(self.a))
                 self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
             self._stage = f"running model B ({self.b.path})"
-            run_b = run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
-                              progress=self.progress, label=self._label + "B ")
+            run_b = runner.run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
+                              progress=self.progress, label=self._label + "B ", producers=checks.producers())
             self._runs = (run_a, run_b)
         return self._runs
 

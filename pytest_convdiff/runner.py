@@ -15,9 +15,8 @@ gigabytes. Such an entry is only valid for that A and that metric code, so both 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,15 @@ from typing import Any
 import numpy as np
 
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
-from .backends.base import LAYER_SWAP, IncrementalDecoder, ModelInfo
+from .backends.base import LAYER_SWAP, ModelInfo
 from .core import compact, metrics
 from .core.corpus import Corpus
-from .core.tokenizer_cases import TOKENIZER_CASES
+from .core.settings import (
+    LAYER_SWAP_NEEDS_FULL,
+    RunSettings,
+    cache_dtype_name,
+    store_name,
+)
 from .errors import ConvdiffError, ModelLoadError
 from .pair import PairReducer, reduced_against
 from .store.budget import expected_entry_bytes
@@ -41,45 +45,47 @@ __all__ = ["ModelRun", "ModelSpec", "RunSettings", "cache_dtype_name", "run_key"
 Progress = Callable[[str], None]
 REFERENCE = "reference"  # what a golden reference shows as its backend; no backend module has this name
 _REFERENCE_NAMES = (REFERENCE, "golden")
-CACHE_DTYPES = ("float32", "float16")
-STORES = ("compact", "full")
-LAYER_SWAP_NEEDS_FULL = (
-    "the layer swap (--convdiff-layer-swap) feeds model A's hidden states into B, and the compact store (the "
-    "default) keeps only a sketch of them: add --convdiff-store full (ini convdiff_store = full; "
-    "RunSettings(store='full') in the library)")
-_CACHE_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16", "half": "float16"}
-
-
-def cache_dtype_name(name: str) -> str:
-    """``float32`` or ``float16`` (also accepting fp32/f32/fp16/f16/half); ValueError otherwise."""
-    key = str(name).strip().lower()
-    key = _CACHE_DTYPE_ALIASES.get(key, key)
-    if key not in CACHE_DTYPES:
-        raise ValueError(f"{name!r} is not one of {', '.join(CACHE_DTYPES)}")
-    return key
-
-
-def store_name(name: str) -> str:
-    """``compact`` or ``full``; ValueError naming the valid values otherwise."""
-    key = str(name).strip().lower()
-    if key not in STORES:
-        raise ValueError(f"{name!r} is not one of {', '.join(STORES)}")
-    return key
-
-
-RUNTIME_TWIN = ("quick", "full", "off")
-
-
-def runtime_twin_name(name: str) -> str:
-    """``quick``, ``full`` or ``off``; ValueError naming the valid values otherwise."""
-    key = str(name).strip().lower()
-    if key not in RUNTIME_TWIN:
-        raise ValueError(f"{name!r} is not one of {', '.join(RUNTIME_TWIN)}")
-    return key
-
-
 def quiet(_msg: str) -> None:
     """A progress callback that says nothing."""
+
+
+# The leading logits of the longest prompt kept in memory for producers (the causality probe): a streamed B
+# stores none, and the probe needs them as stored.
+LEADING_ROWS = 128
+
+
+@dataclass
+class ProduceContext:
+    """What a producer gets after the corpus ran: the loaded model, the corpus, A's run (for B), the
+    settings, the prompt ids run, the longest prompt's (id, inputs) and its first ``LEADING_ROWS``
+    logits as stored (None when the corpus is empty)."""
+
+    backend: Any
+    spec: ModelSpec
+    corpus: Corpus
+    feed: ModelRun | None
+    settings: RunSettings
+    prompts: list[str]
+    longest: tuple[str, list[int]] | None
+    leading_logits: np.ndarray | None
+    progress: Progress
+    label: str
+
+    def piece(self, token_id: int) -> str:
+        """A token's text for messages, never raising (a backend that cannot decode it gives ``<id>``)."""
+        return _safe_piece(self.backend, token_id)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """Something a check family records from a loaded model beside its outputs over the corpus: ``run``'s
+    JSON-serialisable value is kept in the run's ``meta[key]`` when ``enabled(settings)``. ``code`` (a
+    digest of the family's source) is part of the run's cache key."""
+
+    key: str
+    enabled: Callable[[RunSettings], bool]
+    run: Callable[[ProduceContext], Any]
+    code: str = ""
 
 
 @dataclass
@@ -121,44 +127,6 @@ class ModelSpec:
             o = Path(other)
             return own + "+" + content_fingerprint([o], o.parent)
         return own
-
-
-@dataclass
-class RunSettings:
-    """Settings that change what a run produces, hence part of its cache key."""
-
-    hidden_states: bool = True
-    tokenizer_cases: bool = True
-    causality: bool = True
-    max_tokens: int | None = None
-    layer_swap: int = 0  # B only: also run with A's hidden states fed in for layers < layer_swap
-    greedy_tokens: int = 16  # greedy continuation length per greedy prompt (0: no greedy check)
-    cache_dtype: str = "float32"  # how logits / hidden states are stored: float32 or float16 (compact)
-    keep_b: bool = False  # B only: store B's arrays (custom checks read them) instead of streaming them into the metrics
-    # A only: "compact" keeps what the metrics need (core.compact, a few kB per token), "full" every array
-    store: str = "compact"
-    # the runtime twin (checks/runtime.py): "quick" (a subset of the corpus), "full" (all of it) or "off"
-    runtime_twin: str = "quick"
-    # llama.cpp's importance matrix B was quantised with (backends/imatrix.py): the weights twin needs it
-    imatrix: str | None = None
-
-    def __post_init__(self) -> None:
-        self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
-        self.store = store_name(self.store)
-        self.runtime_twin = runtime_twin_name(self.runtime_twin)
-        if self.layer_swap and self.hidden_states and self.store != "full":
-            raise ValueError(LAYER_SWAP_NEEDS_FULL)
-
-    def key(self, fed: bool = True) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out.pop("runtime_twin")  # which extra runs a pair makes, not what a run produces
-        out.pop("imatrix")  # read by the weights check only, keyed there
-        if not fed:  # A's entry is the same whatever is done with B
-            out.pop("layer_swap")
-            out.pop("keep_b")
-        else:  # B is never stored compact; what it is reduced against is in its key (reduced_against)
-            out.pop("store")
-        return out
 
 
 def _digest_tokens(feed: ModelRun | None) -> str:
@@ -214,16 +182,21 @@ def _safe_piece(backend, token_id: int) -> str:
 
 
 def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun | None = None,
-              settings: RunSettings | None = None, progress: Progress = quiet, label: str = "") -> ModelRun:
+              settings: RunSettings | None = None, progress: Progress = quiet, label: str = "",
+              producers: Sequence[Producer] = ()) -> ModelRun:
     """The model's outputs for the corpus: from the cache when valid, else computed and cached.
 
     ``feed``: the run whose token ids this model must be evaluated on (A's), so a
     tokenizer difference fails the token checks without hiding how logits compare.
+    ``producers``: what check families record from the loaded model besides its outputs (greedy
+    continuations, the causality probe, tokenizer cases: ``checks.producers()``); each enabled one's
+    value is kept in the run's ``meta`` under its key.
     """
     settings = settings or RunSettings()
     if spec.is_saved_reference():
         return _reference_run(spec, corpus, feed, settings, progress, label)
     parts = _key_parts(spec, corpus, feed)
+    parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
     key = _key(parts, feed, settings)
     entry = cache.get(key)
     if entry is None and _streams(feed, settings):  # B's arrays kept by an earlier run serve as well
@@ -247,7 +220,7 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
                       f"{spec.path} ({spec.resolved_backend()})", writer=writer)
         progress(f"{label}loaded in {time.perf_counter() - t0:.1f}s; running {len(corpus)} prompts"
                  + (", reduced against A's outputs as they come" if _streams(feed, settings) else ""))
-        meta = _produce(backend, spec, corpus, feed, settings, writer, progress, label)
+        meta = _produce(backend, spec, corpus, feed, settings, writer, progress, label, producers)
         entry = writer.commit(meta)
     except BaseException:
         writer.abort()
@@ -275,7 +248,7 @@ def _reference_run(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, setti
 
 
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
-             writer, progress: Progress, label: str) -> dict[str, Any]:
+             writer, progress: Progress, label: str, producers: Sequence[Producer]) -> dict[str, Any]:
     info: ModelInfo = backend.info
     store = np.dtype(settings.cache_dtype)
     cfg = compact.CompactConfig() if feed is None and settings.store == "compact" else None
@@ -289,7 +262,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     sub_names: set[str] = set()
     shapes: dict[str, Any] = {}
     longest: tuple[str, list[int]] | None = None
-    probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored, for the causality probe
+    probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored (ProduceContext)
     swap_error: str | None = None
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
@@ -334,7 +307,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
-            probe_rows = np.array(logits[:_probe_length(len(inputs))])
+            probe_rows = np.array(logits[:LEADING_ROWS])
         del out, logits, hidden, subs, swap  # before the next forward: one prompt's outputs in memory at a time
         progress(f"{label}  [{i + 1}/{len(corpus)}] {prompt.id}: {len(inputs)} tokens")
 
@@ -357,22 +330,12 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
 
         meta["streamed"] = {**reduced_against(feed), "a_path": feed.spec.path}
         meta["pair_metrics"] = reducer.result().to_dict()
-    if settings.tokenizer_cases:
-        cases: dict[str, list[dict[str, Any]]] = {}
-        for category, texts in TOKENIZER_CASES.items():
-            rows = []
-            for text in texts:
-                try:
-                    ids = backend.tokenize(text)
-                    rows.append({"text": text, "ids": ids, "pieces": [_safe_piece(backend, t) for t in ids]})
-                except Exception as exc:  # noqa: BLE001 - a tokenizer that chokes is a finding, not a crash
-                    rows.append({"text": text, "ids": None, "error": f"{type(exc).__name__}: {exc}"})
-            cases[category] = rows
-        meta["tokenizer_cases"] = cases
-    if settings.greedy_tokens:
-        meta["greedy"] = _greedy(backend, corpus, feed, prompts, settings.greedy_tokens, progress, label)
-    if settings.causality and longest is not None and probe_rows is not None and len(longest[1]) >= 8:
-        meta["causality"] = _causality_probe(backend, probe_rows, longest)
+    ctx = ProduceContext(backend, spec, corpus, feed, settings, prompts, longest, probe_rows, progress, label)
+    for producer in producers:
+        if producer.enabled(settings):
+            value = producer.run(ctx)
+            if value is not None:
+                meta[producer.key] = value
     return meta
 
 
@@ -404,74 +367,3 @@ def _layer_swap(backend, feed: ModelRun, pid: str, inputs: list[int], k: int) ->
     # A backend that declares the capability and then raises has a bug: it propagates, never swallowed.
     out = backend.forward(inputs, hidden_states=True, inject={j: np.asarray(hidden_a[j]) for j in range(k)})
     return np.asarray(out.hidden, dtype=np.float32), None
-
-
-GREEDY_PROMPTS = 3
-GREEDY_PREFIX = 48
-GREEDY_TOPN = 5
-
-
-def _greedy(backend, corpus: Corpus, feed: ModelRun | None, prompts: list[str], n_new: int,
-            progress: Progress, label: str) -> dict[str, Any]:
-    """Greedy continuations of the first few non-long prompts, with each step's top-N token ids.
-
-    A generates (incrementally on its KV cache when the backend has ``greedy_decode``, else one
-    full forward per new token). B is teacher-forced on A's continuation in a single
-    forward: up to the first step where they disagree that *is* B's own greedy path, and the check
-    (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
-    """
-    out: dict[str, Any] = {}
-    chosen = [p for p in corpus if p.kind != "long"][:GREEDY_PROMPTS]
-    theirs = (feed.meta.get("greedy") or {}) if feed is not None else {}
-    if feed is not None:
-        for p in chosen:
-            if p.id not in theirs:
-                continue
-            prefix = [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]]
-            forced = theirs[p.id]["generated"]
-            logits = np.asarray(backend.forward(prefix + forced[:-1], hidden_states=False).logits)[len(prefix) - 1:]
-            tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
-            out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
-                         "index": prompts.index(p.id), "teacher_forced": True}
-    else:
-        prefixes = [[int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX] for p in chosen]
-        steps: list[list[list[int]]] = [[] for _ in chosen]
-
-        def pick(i: int, logits: np.ndarray) -> int:
-            top = [int(t) for t in metrics.topk_indices(np.asarray(logits)[None, :], GREEDY_TOPN)[0]]
-            steps[i].append(top)
-            return top[0]
-
-        if isinstance(backend, IncrementalDecoder):
-            backend.greedy_decode(prefixes, n_new, pick)  # incremental, on the backend's KV cache
-        else:
-            for i, prefix in enumerate(prefixes):
-                ids = list(prefix)
-                for _ in range(n_new):
-                    ids.append(pick(i, np.asarray(backend.forward(ids, hidden_states=False).logits[-1])))
-        for p, prefix, top in zip(chosen, prefixes, steps, strict=True):
-            out[p.id] = {"prefix_len": len(prefix), "generated": [t[0] for t in top], "top": top,
-                         "index": prompts.index(p.id)}
-    progress(f"{label}  greedy: {len(out)} prompts x {n_new} tokens")
-    return out
-
-
-def _probe_length(tokens: int) -> int:
-    """How many first positions of the longest prompt the causality probe runs alone."""
-    return min(128, tokens // 2)
-
-
-def _causality_probe(backend, stored: np.ndarray, longest: tuple[str, list[int]]) -> dict[str, Any]:
-    """Logits of the first n tokens must not change when more tokens follow. ``stored``: the full run's
-    first n logits as stored (kept in memory: a streamed B stores none)."""
-    pid, tokens = longest
-    n = len(stored)
-    prefix = backend.forward(tokens[:n], hidden_states=False).logits
-    full = np.asarray(stored, dtype=np.float64)
-    # rounded as the stored logits were (--convdiff-cache-dtype float16), so storage is not mistaken for leakage
-    prefix = np.asarray(prefix, dtype=stored.dtype).astype(np.float64)
-    diff = np.abs(prefix - full)
-    worst = int(np.argmax(diff.max(axis=1))) if diff.size else 0
-    value = metrics.nmse(full, prefix)
-    return {"prompt": pid, "prefix_len": n, "full_len": len(tokens), "nmse": value if not math.isnan(value) else None,
-            "max_abs": float(diff.max()) if diff.size else 0.0, "worst_position": worst}

@@ -36,11 +36,13 @@ def test_the_digest_follows_each_named_module_and_library(fake_sources):
     assert code_version.code_digest(mods, ("numpy",)) == after_upgrade
 
 
-@pytest.mark.parametrize("changed", ["pytest_convdiff.checks._config_fields", "pytest_convdiff.backends.gguf_header",
-                                     "pytest_convdiff.backends.hfdir", "pytest_convdiff.store.reference",
-                                     "library:transformers"])
+@pytest.mark.parametrize("changed", ["pytest_convdiff.checks._config_fields", "pytest_convdiff.core.config_fields",
+                                     "pytest_convdiff.backends.hf_config", "pytest_convdiff.backends.gguf_config",
+                                     "pytest_convdiff.backends.gguf_header", "pytest_convdiff.backends.hfdir",
+                                     "pytest_convdiff.store.reference", "library:transformers"])
 def test_the_config_measurement_is_keyed_on_every_module_that_reads_the_files(fake_sources, tiny_models, changed):
-    """It was keyed on _config_fields.py alone: an edit of the GGUF header reader served a stale result."""
+    """It was keyed on _config_fields.py alone: an edit of the GGUF header reader served a stale result. The
+    readers are the backends' (hf_config, gguf_config), the field vocabulary core's (config_fields)."""
     edits, versions = fake_sources
     family = {f.name: f for f in checks.families()}["config"]
     a, b = ModelSpec(str(tiny_models / "tiny-llama")), ModelSpec(str(tiny_models / "tiny-llama-bf16"))

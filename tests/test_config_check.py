@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from pytest_convdiff import checks
+from pytest_convdiff.backends import gguf_config
 from pytest_convdiff.checks import _config_fields as cf
 from pytest_convdiff.checks import config
 from pytest_convdiff.checks.base import EvalContext, PlanContext
 from pytest_convdiff.comparison import measure as cached_measure
+from pytest_convdiff.core import config_fields
 from pytest_convdiff.core.bounds import Bounds
 from pytest_convdiff.core.corpus import load_corpus
 from pytest_convdiff.core.results import CheckId, PairResult
@@ -132,7 +134,7 @@ def test_gguf_fields_read_through_transformers_mapping_and_the_header(tiny_ggufs
 
 
 def test_header_alone_gives_the_same_verdicts_without_transformers(tiny_ref, tiny_ggufs, monkeypatch):
-    monkeypatch.setattr(cf, "_transformers_gguf",
+    monkeypatch.setattr(gguf_config, "_transformers_gguf",
                         lambda path, hdr=None: (None, "transformers' GGUF loader is not available"))
     side = cf.read_side(ModelSpec(str(tiny_ggufs["tiny-rope-base"])))
     assert side["via"] == "GGUF header" and "not available" in side["notes"][0]
@@ -201,8 +203,8 @@ def test_transformers_config_through_the_header_equals_gguf_pys_reader(tiny_gguf
     files = _gguf_files(tiny_ggufs, tmp_path)
     reader_class = gguf.GGUFReader
     for path in files:
-        real, why_real = cf._transformers_gguf(path)
-        fast, why_fast = cf._transformers_gguf(path, gguf_header.read_header(path))
+        real, why_real = gguf_config._transformers_gguf(path)
+        fast, why_fast = gguf_config._transformers_gguf(path, gguf_header.read_header(path))
         assert real is not None and fast is not None, (path, why_real, why_fast)
         assert fast["config"] == real["config"], path
         assert gguf.GGUFReader is reader_class  # put back after the read
@@ -280,7 +282,7 @@ def test_longrope_factor_tensors_compare_with_the_config(good_gguf, tmp_path):
     import numpy as np
 
     long_f, short_f = [1.0 + i / 8 for i in range(16)], [1.0] * 16
-    hf = cf.normalise_config({"hidden_size": 128, "num_attention_heads": 4, "original_max_position_embeddings": 4096,
+    hf = config_fields.normalise_config({"hidden_size": 128, "num_attention_heads": 4, "original_max_position_embeddings": 4096,
                               "rope_scaling": {"type": "longrope", "long_factor": long_f, "short_factor": short_f}},
                              lambda k: f"config.json {k}")["rope_scaling"]["value"]
     assert hf["type"] == "longrope" and hf["original_max_position_embeddings"] == 4096
@@ -360,7 +362,7 @@ def test_llama3_rope_scaling_through_llama_cpps_converter(tiny_ref, tmp_path):
     res = run_config(hf, gguf_file)
     assert failing(res) == set(), {n: res[n].message for n in failing(res)}
     assert "(GGUF tensor rope_freqs.weight)" in res["rope_scaling"].message
-    other = np.asarray(cf.llama3_freq_factors(500000.0, 32, 4.0, 1.0, 4.0, 512), dtype=np.float32)
+    other = np.asarray(config_fields.llama3_freq_factors(500000.0, 32, 4.0, 1.0, 4.0, 512), dtype=np.float32)
     wrong = write_variant(gguf_file, tmp_path / "wrong.gguf",
                           tensors={"token_embd.weight": [512, 128], "output.weight": [512, 128], "rope_freqs.weight": other})
     res = run_config(hf, wrong)
@@ -396,6 +398,40 @@ def test_side_without_a_config_skips_every_item_with_the_reason(tiny_ref, tmp_pa
     res = run_config(tiny_ref, tmp_path / "empty")
     assert {r.outcome for r in res.values()} == {"skipped"}
     assert "directory without config.json" in res["norm_eps"].message
+
+
+def test_each_side_is_read_by_the_reader_its_backend_declares(tiny_models, tmp_path):
+    """A backend is one module: the config reader is part of its declaration, not known to the check."""
+    from pytest_convdiff.backends import registry
+
+    assert all(registry.get(n).read_config is not None for n in ("transformers", "llama.cpp", "exllamav2"))
+    model = tmp_path / "m.cfgtest"
+    model.write_text("{}")
+    seen = []
+
+    def read(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+        seen.append((path, options))
+        return {"kind": "cfgtest", "fields": {}}
+
+    registry.register(registry.BackendSpec("cfgtest", __name__, detect=lambda p: p.suffix == ".cfgtest",
+                                           priority=50, read_config=read))
+    try:
+        assert cf.read_side(ModelSpec(str(model), options={"k": 1}))["kind"] == "cfgtest"
+        assert seen == [(model, {"k": 1})]
+        assert cf.read_side(ModelSpec(str(tiny_models / "tiny-llama"), backend="cfgtest"))["kind"] == "cfgtest"
+        registry.register(registry.BackendSpec("cfgtest", __name__, detect=lambda p: p.suffix == ".cfgtest"))
+        side = cf.read_side(ModelSpec(str(model)))
+        assert side["kind"] == "none" and side["unknown"]["rope_theta"] == (
+            f"{model}: the cfgtest backend declares no configuration reader: no configuration to read")
+    finally:
+        registry.unregister("cfgtest")
+    exl3 = tmp_path / "model-exl3"
+    exl3.mkdir()
+    (exl3 / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "exl3"}}))
+    for path, why in ((tmp_path / "missing", "does not exist"), (model, "is neither a GGUF nor a saved reference"),
+                      (exl3, "is a checkpoint directory no installed backend runs")):
+        side = cf.read_side(ModelSpec(str(path)))
+        assert side["unknown"]["eos_id"] == f"{path} {why}: no configuration to read"
 
 
 def test_broken_config_json_is_an_error_naming_the_file(tmp_path, tiny_ref):
@@ -440,7 +476,7 @@ def test_evaluated_before_any_model_and_cached_as_json(tiny_ref, tiny_ggufs, tmp
 
 
 def _norm(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v["value"] for k, v in cf.normalise_config(cfg, lambda k: f"config.json {k}").items()}
+    return {k: v["value"] for k, v in config_fields.normalise_config(cfg, lambda k: f"config.json {k}").items()}
 
 
 def test_transformers_5_and_older_rope_spellings_normalise_alike():
@@ -456,7 +492,7 @@ def test_transformers_5_and_older_rope_spellings_normalise_alike():
 
 
 def test_derived_and_absent_fields():
-    n = cf.normalise_config({"hidden_size": 64, "num_attention_heads": 4, "sliding_window": 4096,
+    n = config_fields.normalise_config({"hidden_size": 64, "num_attention_heads": 4, "sliding_window": 4096,
                              "use_sliding_window": False, "final_logit_softcapping": 0.0,
                              "text_config": {"num_hidden_layers": 3}, "num_hidden_layers": 99},
                             lambda k: f"config.json {k}")
@@ -481,7 +517,7 @@ def test_llama3_frequency_factors_match_transformers_own_rope_init():
     scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
     plain = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
     expected = (plain / scaled.double()).tolist()
-    mine = cf.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    mine = config_fields.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)
     assert len(mine) == 64 and mine[0] == 1.0 and mine[-1] == 8.0
     assert config.close(mine, expected, 1e-5)
 
@@ -512,10 +548,10 @@ def test_same_value(field, a, b, same):
 
 def test_rope_differences():
     llama3 = {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "freq_factors": cf.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)}
+              "high_freq_factor": 4.0, "freq_factors": config_fields.llama3_freq_factors(500000.0, 128, 8.0, 1.0, 4.0, 8192)}
     in_gguf = {"type": "freq_factors", "freq_factors": [float(x) for x in llama3["freq_factors"]]}
     assert config.rope_differences(llama3, in_gguf) == []  # a GGUF keeps Llama 3 scaling as rope_freqs.weight
-    wrong = {"type": "freq_factors", "freq_factors": cf.llama3_freq_factors(500000.0, 128, 4.0, 1.0, 4.0, 8192)}
+    wrong = {"type": "freq_factors", "freq_factors": config_fields.llama3_freq_factors(500000.0, 128, 4.0, 1.0, 4.0, 8192)}
     assert "frequency factors differ" in config.rope_differences(llama3, wrong)[0]
     assert config.rope_differences({"type": "linear", "factor": 2.0}, {"type": "linear", "factor": 4.0}) == [
         "factor 2.0 vs 4.0"]

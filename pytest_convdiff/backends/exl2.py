@@ -416,5 +416,13 @@ def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa
         "not unpack (its outputs are still compared)")
 
 
+def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001
+    """The directory's config.json, tokenizer files and safetensors headers for the config check."""
+    from .hf_config import read_hf_dir
+
+    return read_hf_dir(Path(path))
+
+
 BACKEND = BackendSpec(NAME, __name__, aliases=("exl2",), detect=_detect, priority=10,
-                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights)
+                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights,
+                      read_config=read_config)

@@ -11,9 +11,8 @@ final norm's input, so index i is always "output of decoder layer i".
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,26 +114,6 @@ def _torch_dtype(torch: Any, name: str) -> Any:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-@contextlib.contextmanager
-def quiet_transformers(transformers: Any) -> Iterator[None]:
-    """Errors-only logging and no progress bars for the duration of a load, then the caller's settings back.
-
-    transformers' verbosity and progress bars are process-wide; changing them for good would silence
-    the user's own warnings for the rest of the session.
-    """
-    logging = transformers.utils.logging
-    verbosity = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def _check_ids(path: Path, tokens: Sequence[int], n_ids: int) -> None:
     """Token ids must index the embedding; torch would fail with an IndexError deep inside the model."""
     bad = [int(t) for t in tokens if not 0 <= int(t) < n_ids]
@@ -175,7 +154,7 @@ class TransformersBackend:
             kwargs["trust_remote_code"] = True
         tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
         oom_advice = "Use a smaller dtype (dtype=bfloat16) or another GPU (device=cuda:N)."
-        with quiet_transformers(transformers), hfdir.readable_oom(torch, path, "while loading", oom_advice):
+        with hfdir.quiet_transformers(transformers), hfdir.readable_oom(torch, path, "while loading", oom_advice):
             try:
                 self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **tok_kwargs)
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
@@ -327,7 +306,7 @@ class TransformersBackend:
 
                     handles.append(mod.register_forward_hook(grab))
         for idx, state in (inject or {}).items():
-            value = torch.as_tensor(state, device=self.device)
+            value = torch.as_tensor(np.array(state, dtype=np.float32), device=self.device)  # a copy: A's arrays are read-only maps
 
             def replace(_m, _args, output, value=value):
                 if isinstance(output, tuple):
@@ -449,5 +428,18 @@ def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:
     return dequant.SafetensorsWeights(path)
 
 
+def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's configuration for the config check: its files, or the GGUF it is loaded from."""
+    gguf_file = (options or {}).get("gguf_file")
+    if gguf_file:
+        from .gguf_config import read_gguf
+
+        return read_gguf(Path(path) / str(gguf_file))
+    from .hf_config import read_hf_dir
+
+    return read_hf_dir(Path(path))
+
+
 BACKEND = BackendSpec(NAME, __name__, aliases=("hf", "huggingface", "torch"), detect=_detect, priority=0,
-                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights)
+                      gpu_option="device", gpu_value=lambda i: f"cuda:{i}", open_weights=open_weights,
+                      read_config=read_config)

@@ -2,8 +2,10 @@
 
 Both backends load the same kind of directory (config.json, *.safetensors, tokenizer files), so the
 reading, the fingerprinted file list and the readable errors (broken JSON, missing weights, GPU out of
-memory) live here once and say the same thing whichever backend hits them. No torch import at module
-level: the OOM helper receives the torch module from its caller.
+memory) live here once and say the same thing whichever backend hits them. ``quiet_transformers``
+silences transformers while it loads (the transformers backend, and the GGUF config reader's use of
+transformers' GGUF mapping). No torch or transformers import at module level: the helpers receive the
+module from their caller.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ __all__ = [
     "fingerprint_files",
     "is_oom",
     "quant_method",
+    "quiet_transformers",
     "read_config",
     "read_json",
     "readable_oom",
@@ -171,3 +174,23 @@ def readable_oom(torch: Any, path: str | os.PathLike[str], when: str, advice: st
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: out of GPU memory {when} ({first}). {advice}") from exc
+
+
+@contextlib.contextmanager
+def quiet_transformers(transformers: Any) -> Iterator[None]:
+    """Errors-only logging and no progress bars for the duration of a load, then the caller's settings back.
+
+    transformers' verbosity and progress bars are process-wide; changing them for good would silence
+    the user's own warnings for the rest of the session.
+    """
+    logging = transformers.utils.logging
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

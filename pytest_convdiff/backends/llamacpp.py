@@ -602,5 +602,13 @@ def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa
     return dequant.GGUFWeights(path)
 
 
+def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001 - same for every option
+    """The GGUF's metadata for the config check."""
+    from .gguf_config import read_gguf
+
+    return read_gguf(Path(path))
+
+
 BACKEND = BackendSpec(NAME, __name__, aliases=("llamacpp", "llama-cpp", "llama_cpp", "gguf"), detect=_detect,
-                      priority=10, gpu_option="main_gpu", gpu_value=lambda i: i, open_weights=open_weights)
+                      priority=10, gpu_option="main_gpu", gpu_value=lambda i: i, open_weights=open_weights,
+                      read_config=read_config)

@@ -2,9 +2,10 @@
 
 A ``BackendSpec`` says everything the rest of the package needs to know about a backend without
 loading a model: its name and aliases, how to recognise a path it runs (``detect``), its options and
-capabilities, the option that picks a GPU, and how to read its weights for the ``weights`` check. The
-module itself provides ``probe``, ``load`` and ``fingerprint_files``; they are looked up on the module
-when called, so the backend's library (torch, llama_cpp, exllamav2) is imported only in ``load``.
+capabilities, the option that picks a GPU, how to read its weights for the ``weights`` check and its
+configuration for the ``config`` check. The module itself provides ``probe``, ``load`` and
+``fingerprint_files``; they are looked up on the module when called, so the backend's library (torch,
+llama_cpp, exllamav2) is imported only in ``load``.
 
 Backends are found in two places: the modules of this package (``BUILTIN``), and the entry-point group
 ``pytest_convdiff.backends``, whose entries name either a module that exports ``BACKEND`` or a
@@ -30,8 +31,8 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "BackendSpec", "all_specs", "detect_backend", "get", "register",
-           "unregister"]
+__all__ = ["BUILTIN", "ENTRY_POINT_GROUP", "BackendSpec", "all_specs", "claimant", "detect_backend", "get",
+           "register", "unregister"]
 
 ENTRY_POINT_GROUP = "pytest_convdiff.backends"
 BUILTIN = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.llamacpp", "pytest_convdiff.backends.exl2")
@@ -49,6 +50,10 @@ class BackendSpec:
     option that picks a GPU and ``gpu_value`` spells GPU ``i`` in it (``device_options``).
     ``open_weights(path, options, role)`` returns a ``backends.dequant.Source`` over the model's tensors,
     or raises ``WeightsUnreadable`` saying why the ``weights`` check cannot read them; None: never.
+    ``read_config(path, options)`` returns the model's normalised configuration record for the ``config``
+    check (fields in ``core.config_fields``'s vocabulary, each with the file and key it came from), as
+    ``hf_config.read_hf_dir`` and ``gguf_config.read_gguf`` do: cheap (config files and headers, no model);
+    None: the backend has no configuration the config check can read (its items skip, saying so).
     """
 
     name: str
@@ -59,6 +64,7 @@ class BackendSpec:
     gpu_option: str | None = None
     gpu_value: Callable[[int], Any] | None = None
     open_weights: Callable[[Path, dict[str, Any], str], Any] | None = None
+    read_config: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None
 
     def load_module(self) -> ModuleType:
         """The module with ``probe``/``load``/``fingerprint_files`` (cheap: backend libraries load in ``load``)."""
@@ -130,6 +136,17 @@ def get(name: str) -> BackendSpec:
     raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(sorted(specs))}")
 
 
+def claimant(path: str | os.PathLike[str]) -> BackendSpec | None:
+    """The backend that runs this path (the highest-priority claim); None when it does not exist or no
+    backend claims it. A ``detect`` that cannot read the path (a broken config.json) raises."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    claims = sorted((s for s in all_specs().values() if s.detect is not None and s.detect(p)),
+                    key=lambda s: -s.priority)
+    return claims[0] if claims else None
+
+
 def detect_backend(path: str | os.PathLike[str]) -> str:
     """Which backend runs this path, from what it is (not only its name); ModelLoadError saying what it is not."""
     p = Path(path)
@@ -138,10 +155,9 @@ def detect_backend(path: str | os.PathLike[str]) -> str:
             f"{p}: no such file or directory. Pass a transformers checkpoint directory, "
             "a .gguf file, an EXL2 directory or a saved convdiff reference."
         )
-    claims = sorted((s for s in all_specs().values() if s.detect is not None and s.detect(p)),
-                    key=lambda s: -s.priority)
-    if claims:
-        return claims[0].name
+    spec = claimant(p)
+    if spec is not None:
+        return spec.name
     raise ModelLoadError(_not_recognised(p))
 
 

@@ -10,32 +10,61 @@ import importlib
 import pkgutil
 from collections.abc import Mapping
 from functools import lru_cache
+from importlib import metadata
 from typing import Any
 
 from ..core.bounds import Bounds, BoundTable, pair_class
+from ..core.code_version import code_digest
 from ..core.results import ERROR, CheckId, CheckResult
 from ..errors import ConvdiffError
-from .base import CheckFamily, EvalContext, PlanContext
+from ..runner import Producer
+from .base import CheckFamily, EvalContext, Findings, PlanContext
 
 __all__ = ["bound_table", "default_bounds", "evaluate_all", "families", "parse_bound_overrides", "plan_all"]
 
 
+ENTRY_POINT_GROUP = "pytest_convdiff.checks"
+
+
+def _is_family(obj: Any) -> bool:
+    # Duck-typed, not isinstance: a module re-imported after sys.modules was restored (pytester's
+    # in-process runs) carries its own copy of the CheckFamily class.
+    return obj is not None and callable(getattr(obj, "plan", None)) and callable(getattr(obj, "evaluate", None))
+
+
 @lru_cache(maxsize=1)
 def families() -> tuple[CheckFamily, ...]:
+    """Every check family: this package's modules, then those of installed packages (entry-point group
+    ``pytest_convdiff.checks``, each entry a module exporting ``FAMILY`` or a ``CheckFamily``), in report order."""
     found = []
     for mod in pkgutil.iter_modules(__path__):
         if mod.name.startswith("_") or mod.name == "base":
             continue
-        module = importlib.import_module(f"{__name__}.{mod.name}")
-        family = getattr(module, "FAMILY", None)
-        # Duck-typed, not isinstance: a module re-imported after sys.modules was restored (pytester's
-        # in-process runs) carries its own copy of the CheckFamily class.
-        if family is not None and callable(getattr(family, "plan", None)) and callable(getattr(family, "evaluate", None)):
+        family = getattr(importlib.import_module(f"{__name__}.{mod.name}"), "FAMILY", None)
+        if _is_family(family):
             found.append(family)
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken third-party family must say so, not vanish
+            raise ConvdiffError(f"the check-family entry point {ep.name!r} ({ep.value}, group {ENTRY_POINT_GROUP}) "
+                                f"cannot be loaded: {type(exc).__name__}: {exc}") from None
+        family = getattr(obj, "FAMILY", obj)
+        if not _is_family(family):
+            raise ConvdiffError(f"the check-family entry point {ep.name!r} ({ep.value}) is not a CheckFamily nor a "
+                                "module exporting FAMILY")
+        found.append(family)
     names = [f.name for f in found]
     if len(set(names)) != len(names):
-        raise RuntimeError(f"two check families share a name: {sorted(names)}")
+        raise ConvdiffError(f"two check families share a name: {sorted(names)}")
     return tuple(sorted(found, key=lambda f: (f.order, f.name)))
+
+
+def producers() -> tuple[Producer, ...]:
+    """What the families record from a loaded model, for ``runner.run_model(producers=...)``."""
+    return tuple(Producer(f.produce_key or f.name, f.produce_when, f.produce,
+                          code_digest((f.produce.__module__,)))
+                 for f in families() if f.produce is not None)
 
 
 @lru_cache(maxsize=1)
@@ -85,7 +114,11 @@ def evaluate_all(ctx: EvalContext, plan: list[CheckId] | None = None, *,
         try:
             if f.measure is not None:
                 ctx.measurement(f)  # made (or read from the cache) once per pair
-            out += f.evaluate(ctx)
+            found = f.evaluate(ctx)
+            if isinstance(found, Findings):  # the pair-level findings go into the result, in family order
+                found.assemble_into(ctx.result)
+                found = found.checks
+            out += found
         except ConvdiffError as exc:  # a family that cannot measure this pair: its items say why
             ids = (ctx.plan_families or {}).get(f.name) or []
             out += [CheckResult(c.name, c.param, None, None, ERROR, f"{f.name} checks could not run: {exc}")

@@ -30,8 +30,8 @@ from ..core.results import (
 
 if TYPE_CHECKING:
     from ..core.corpus import Corpus
+    from ..core.settings import RunSettings
     from ..pair import PairMetrics
-    from ..runner import RunSettings
     from ..store.run import ModelRun
 
 OVERRIDE_HINT = ("Change it with --convdiff-bound {name}=VALUE, the convdiff_bounds ini option, or "
@@ -118,6 +118,35 @@ class EvalContext:
         return self._metrics
 
 
+@dataclass
+class Findings:
+    """A family's item results plus what it found about the pair as a whole, which the pair result
+    assembles (``checks.evaluate_all``): families return these instead of writing into the shared result.
+
+    ``metrics``: the logit summary the report shows (``PairResult.metrics``); ``layers``: the per-layer
+    table (``PairResult.layers``); ``divergence``: a candidate first divergent layer and its sub-block
+    (the earliest candidate of all families wins); ``baseline_rfn``: the stored per-layer rfn a baseline
+    compares with (drawn beside the current curve).
+    """
+
+    checks: list[CheckResult]
+    metrics: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = None
+    divergence: tuple[int, str | None] | None = None
+    baseline_rfn: list[Any] | None = None
+
+    def assemble_into(self, res: PairResult) -> None:
+        if self.metrics is not None:
+            res.metrics = self.metrics
+        if self.layers is not None:
+            res.layers = self.layers
+        if self.baseline_rfn is not None:
+            res.baseline_rfn = self.baseline_rfn
+        if self.divergence is not None and (res.first_divergent_layer is None
+                                            or self.divergence[0] < res.first_divergent_layer):
+            res.first_divergent_layer, res.divergent_sublayer = self.divergence
+
+
 @dataclass(frozen=True)
 class CheckFamily:
     """One check family.
@@ -127,6 +156,8 @@ class CheckFamily:
     a model cannot be run). ``measure``: the family's costly, bound-independent part (e.g. per-tensor
     errors); its JSON-serialisable result is computed once per pair, stored in the cache keyed by both
     models' contents and the code that measured it, and handed to ``evaluate`` as ``ctx.measurement(family)``.
+    ``produce``: data the family needs from a loaded model beyond the corpus outputs (greedy continuations,
+    a causality probe), recorded by the runner while the model is loaded and read from the runs' ``meta``.
     ``code`` names the modules ``measure`` depends on besides its own, ``libraries`` the distributions
     (``core.code_version``): editing one, or upgrading one, recomputes the measurement.
     """
@@ -134,13 +165,18 @@ class CheckFamily:
     name: str
     order: int  # place in the plan and the report
     plan: Callable[[PlanContext], list[CheckId]]
-    evaluate: Callable[[EvalContext], list[CheckResult]]
+    evaluate: Callable[[EvalContext], list[CheckResult] | Findings]
     bounds: Sequence[BoundSpec] = ()
     doc: str = ""
     needs_outputs: bool = True
     measure: Callable[[EvalContext], Any] | None = None
     code: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
+    # what the family records from a loaded model besides its outputs (``runner.Producer``): ``produce``'s
+    # value lands in the run's ``meta[produce_key]`` when ``produce_when(settings)``
+    produce: Callable[[Any], Any] | None = None
+    produce_key: str = ""
+    produce_when: Callable[[Any], bool] = lambda settings: True
 
 
 def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:

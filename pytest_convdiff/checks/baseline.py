@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..core.results import BUDGET, FAILED, PASSED, CheckId, CheckResult
 from ..store import baseline_file
-from .base import CheckFamily, EvalContext, PlanContext, skipped
+from .base import CheckFamily, EvalContext, Findings, PlanContext, skipped
 
 ORDER = 90  # after every family whose metrics it compares
 
@@ -19,7 +19,7 @@ def _tolerance_text(kind: str, tol: float) -> str:
     return f"{tol:.0%}" if kind == "rel" else f"abs {tol:g}"
 
 
-def evaluate(ctx: EvalContext) -> list[CheckResult]:
+def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     cfg = ctx.baseline
     if cfg is None:
         return []
@@ -32,7 +32,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     if stored is None:
         return [skipped(CheckId("baseline", name), f"no baseline for pair {res.id} in {cfg.path}; record one with "
                         "--convdiff-baseline-update", kind=BUDGET) for name in baseline_file.METRICS]
-    res.baseline_rfn = stored.get("rfn")
     current = baseline_file.snapshot(res) or {}
     found = baseline_file.regressions(current, stored, cfg.tolerances)
     out = []
@@ -55,7 +54,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
                                    f"{name}: within {tol_text} of the baseline ({r['old']!r} -> {r['new']!r})"
                                    + (f"; {r['detail']}" if r["detail"] else ""),
                                    direction="upper" if worse_up else "lower", kind=BUDGET))
-    return out
+    return Findings(out, baseline_rfn=stored.get("rfn"))
 
 
 FAMILY = CheckFamily("baseline", ORDER, plan, evaluate, doc="no regression against stored metrics")

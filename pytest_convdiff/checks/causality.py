@@ -4,14 +4,44 @@ follow. A backend whose attention has no causal mask (exllamav2 0.3.2's SDPA pat
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
+
+from ..core import metrics
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, UPPER, CheckId, CheckResult
+from ..runner import ProduceContext
 from .base import CheckFamily, EvalContext, PlanContext, judge, per_class, skipped
 
 BOUNDS = (BoundSpec("causality", UPPER, per_class(*[1e-4] * 6),
                     "NMSE of a prefix's logits against the same positions of the full run"),)
 ROLES = ("A", "B")
+
+
+def _probe_length(tokens: int) -> int:
+    """How many first positions of the longest prompt the causality probe runs alone."""
+    return min(128, tokens // 2)
+
+
+def produce(ctx: ProduceContext) -> dict[str, Any] | None:
+    """Logits of the first n tokens must not change when more tokens follow: the longest prompt's first n
+    positions run alone, against the full run's first n logits as stored (kept in memory by the runner: a
+    streamed B stores none)."""
+    if ctx.longest is None or ctx.leading_logits is None or len(ctx.longest[1]) < 8:
+        return None
+    backend, (pid, tokens) = ctx.backend, ctx.longest
+    n = _probe_length(len(tokens))
+    stored = ctx.leading_logits[:n]
+    prefix = backend.forward(tokens[:n], hidden_states=False).logits
+    full = np.asarray(stored, dtype=np.float64)
+    # rounded as the stored logits were (--convdiff-cache-dtype float16), so storage is not mistaken for leakage
+    prefix = np.asarray(prefix, dtype=stored.dtype).astype(np.float64)
+    diff = np.abs(prefix - full)
+    worst = int(np.argmax(diff.max(axis=1))) if diff.size else 0
+    value = metrics.nmse(full, prefix)
+    return {"prompt": pid, "prefix_len": n, "full_len": len(tokens), "nmse": value if not math.isnan(value) else None,
+            "max_abs": float(diff.max()) if diff.size else 0.0, "worst_position": worst}
 
 
 def plan(ctx: PlanContext) -> list[CheckId]:
@@ -44,4 +74,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     return out
 
 
-FAMILY = CheckFamily("causality", 60, plan, evaluate, BOUNDS, doc="no attention to future tokens")
+FAMILY = CheckFamily("causality", 60, plan, evaluate, BOUNDS, doc="no attention to future tokens",
+                     produce=produce, produce_key="causality", produce_when=lambda settings: settings.causality)

@@ -305,6 +305,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 FAMILY = CheckFamily(NAME, 5, plan, evaluate, doc="model configuration field by field, before any model loads",
                      needs_outputs=False, measure=cf.measure,
-                     code=(cf.__name__, "pytest_convdiff.backends.gguf_header", "pytest_convdiff.backends.hfdir",
-                           "pytest_convdiff.store.reference"),
+                     code=(cf.__name__, "pytest_convdiff.core.config_fields", "pytest_convdiff.backends.hf_config",
+                           "pytest_convdiff.backends.gguf_config", "pytest_convdiff.backends.gguf_header",
+                           "pytest_convdiff.backends.hfdir", "pytest_convdiff.store.reference"),
                      libraries=("transformers", "gguf", "jinja2"))

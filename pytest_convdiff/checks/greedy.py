@@ -12,13 +12,71 @@ Tighten it for a model you know with ``--convdiff-bound greedy_off_path=0.34``."
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import IncrementalDecoder
+from ..core import metrics
 from ..core.bounds import BoundSpec
 from ..core.results import UPPER, CheckId, CheckResult
+from ..runner import ProduceContext
 from .base import CheckFamily, EvalContext, PlanContext, judge, per_class, skipped
 
 GREEDY = CheckId("greedy")
 BOUNDS = (BoundSpec("greedy_off_path", UPPER, per_class(0.0, 0.0, 0.0, 1.0, 1.0, 1.0),
                     "fraction of greedy prompts where B leaves A's path beyond the top-N"),)
+
+
+GREEDY_PROMPTS = 3
+GREEDY_PREFIX = 48
+GREEDY_TOPN = 5
+
+
+def produce(ctx: ProduceContext) -> dict[str, Any]:
+    """Greedy continuations of the first few non-long prompts, with each step's top-N token ids.
+
+    A generates (incrementally on its KV cache when the backend has ``greedy_decode``, else one
+    full forward per new token). B is teacher-forced on A's continuation in a single
+    forward: up to the first step where they disagree that *is* B's own greedy path, and the check
+    (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
+    """
+    backend, feed, prompts, n_new = ctx.backend, ctx.feed, ctx.prompts, ctx.settings.greedy_tokens
+    out: dict[str, Any] = {}
+    chosen = [p for p in ctx.corpus if p.kind != "long"][:GREEDY_PROMPTS]
+    theirs = (feed.meta.get("greedy") or {}) if feed is not None else {}
+    if feed is not None:
+        for p in chosen:
+            if p.id not in theirs:
+                continue
+            prefix = [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]]
+            forced = theirs[p.id]["generated"]
+            logits = np.asarray(backend.forward(prefix + forced[:-1], hidden_states=False).logits)[len(prefix) - 1:]
+            tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
+            out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
+                         "index": prompts.index(p.id), "teacher_forced": True}
+    else:
+        prefixes = [[int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX] for p in chosen]
+        steps: list[list[list[int]]] = [[] for _ in chosen]
+
+        def pick(i: int, logits: np.ndarray) -> int:
+            top = [int(t) for t in metrics.topk_indices(np.asarray(logits)[None, :], GREEDY_TOPN)[0]]
+            steps[i].append(top)
+            return top[0]
+
+        if isinstance(backend, IncrementalDecoder):
+            backend.greedy_decode(prefixes, n_new, pick)  # incremental, on the backend's KV cache
+        else:
+            for i, prefix in enumerate(prefixes):
+                ids = list(prefix)
+                for _ in range(n_new):
+                    ids.append(pick(i, np.asarray(backend.forward(ids, hidden_states=False).logits[-1])))
+        for p, prefix, top in zip(chosen, prefixes, steps, strict=True):
+            out[p.id] = {"prefix_len": len(prefix), "generated": [t[0] for t in top], "top": top,
+                         "index": prompts.index(p.id)}
+    ctx.progress(f"{ctx.label}  greedy: {len(out)} prompts x {n_new} tokens")
+    return out
+
 
 
 def plan(ctx: PlanContext) -> list[CheckId]:
@@ -62,4 +120,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
                   details={"prompts": n, "off_path": bad})]
 
 
-FAMILY = CheckFamily("greedy", 50, plan, evaluate, bounds=BOUNDS, doc="greedy generation stays on A's path")
+FAMILY = CheckFamily("greedy", 50, plan, evaluate, bounds=BOUNDS, doc="greedy generation stays on A's path",
+                     produce=produce, produce_key="greedy", produce_when=lambda settings: settings.greedy_tokens > 0)

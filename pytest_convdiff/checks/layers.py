@@ -15,7 +15,17 @@ import math
 from ..core import metrics
 from ..core.bounds import BoundSpec
 from ..core.results import BUDGET, CORRECTNESS, FAILED, PASSED, UPPER, CheckId, CheckResult, PairResult
-from .base import OVERRIDE_HINT, CheckFamily, EvalContext, PlanContext, fmt, judge, per_class, skipped
+from .base import (
+    OVERRIDE_HINT,
+    CheckFamily,
+    EvalContext,
+    Findings,
+    PlanContext,
+    fmt,
+    judge,
+    per_class,
+    skipped,
+)
 
 BOUNDS = (
     BoundSpec("rfn", UPPER, per_class(0.02, 0.05, 0.12, 0.35, 0.6, 1.0),
@@ -100,7 +110,7 @@ def _localise(lm: metrics.LayerMetrics, rfn_bound: float, jump: float, res: Pair
     return fdl, _SUB_NAMES.get(sub, sub) if sub else None, by_layer
 
 
-def evaluate(ctx: EvalContext) -> list[CheckResult]:
+def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     pm = ctx.pair_metrics
     lm = pm.layers
     if lm is None:
@@ -114,9 +124,8 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     res = ctx.result
     by_rfn = not ctx.quality_reported or ctx.bounds.is_user_set("rfn")
     fdl, sub, by_layer = _localise(lm, bound, jump, res, by_rfn)
-    res.first_divergent_layer, res.divergent_sublayer = fdl, sub
     swap = pm.swap_rfn
-    res.layers = [
+    table = [
         {"index": i, "rfn": lm.rfn[i], "worst_row_rfn": lm.worst_row_rfn[i],
          **{f"rfn_{k}": v[i] for k, v in lm.sublayers.items()},
          **{f"share_{k}": v[i] for k, v in lm.sub_contrib.items()},
@@ -144,7 +153,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
         if check.outcome == PASSED and i in by_layer:
             check = _anomaly(cid, value, i, by_layer[i], lm, bound, jump, extra)
         out.append(check)
-    return out
+    return Findings(out, layers=table, divergence=(fdl, sub) if fdl is not None else None)
 
 
 def _anomaly(cid: CheckId, value: float, i: int, found: list[tuple[str, float]], lm: metrics.LayerMetrics,
@@ -159,9 +168,11 @@ def _anomaly(cid: CheckId, value: float, i: int, found: list[tuple[str, float]],
                      + ("" if math.isinf(ratio) else f", {fmt(ratio)}x")
                      + f" the larger of that sub-block's median over the layers ({fmt(typical)}) and the error "
                      f"already in the layer's input ({fmt(lm.rfn[i - 1] if i else 0.0)})")
+    where = (f"although its rfn {fmt(value)} is within the bound {fmt(bound)}" if value <= bound else
+             f"(its rfn {fmt(value)} is quality, reported and not judged against {fmt(bound)})")
     return CheckResult(
         cid.name, cid.param, value, bound, FAILED,
-        f"Decoder layer {i} has a local defect although its rfn {fmt(value)} is within the bound {fmt(bound)}: "
+        f"Decoder layer {i} has a local defect {where}: "
         + "; ".join(parts) + f", above the allowed {fmt(jump)}x.\n" + extra + "\n"
         + OVERRIDE_HINT.format(name="subblock_jump"), {"subblock": [n for n, _ in found]}, UPPER, CORRECTNESS)
 

@@ -8,7 +8,7 @@ import math
 
 from ..core.bounds import BoundSpec
 from ..core.results import BUDGET, LOWER, UPPER, CheckId, CheckResult
-from .base import CheckFamily, EvalContext, PlanContext, fmt, judge, per_class, result, skipped
+from .base import CheckFamily, EvalContext, Findings, PlanContext, fmt, judge, per_class, result, skipped
 
 FINITE = CheckId("finite")
 NMSE = CheckId("nmse")
@@ -52,13 +52,11 @@ def vocab_mismatch(ctx: EvalContext) -> str | None:
             f"{ctx.b.info.get('vocab_size')}): logits cannot be compared position by position")
 
 
-def evaluate(ctx: EvalContext) -> list[CheckResult]:
+def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     m = ctx.pair_metrics.logits
     if m is None:
         why = vocab_mismatch(ctx) or "logits were not compared"
         return [skipped(cid, why, kind=BUDGET) for cid in ALL]
-    res = ctx.result
-    res.metrics = m.to_dict()
     worst_prompt = max(m.per_prompt.items(), key=lambda kv: (math.isnan(kv[1]["nmse"]), kv[1]["nmse"]))
     shape = f"{m.positions} positions of {len(ctx.corpus)} prompts, A's token ids fed to both"
     out = []
@@ -97,7 +95,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
                      f"PPL(A) {fmt(m.ppl_a)}, PPL(B) {fmt(m.ppl_b)}; change in the true token's probability "
                      f"(delta p): mean {fmt(m.delta_p_mean)}, RMS {fmt(m.delta_p_rms)}, percentiles "
                      f"{_percentiles(m.delta_p_percentiles)}."))
-    return out
+    return Findings(out, metrics=m.to_dict())
 
 
 FAMILY = CheckFamily("logits", 30, plan, evaluate, BOUNDS, doc="numeric agreement of the logits")

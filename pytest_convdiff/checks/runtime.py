@@ -29,7 +29,7 @@ from typing import Any
 from ..core.bounds import BoundSpec
 from ..core.corpus import Corpus
 from ..core.results import CORRECTNESS, FAILED, PASSED, UPPER, CheckId, CheckResult
-from .base import OVERRIDE_HINT, CheckFamily, EvalContext, PlanContext, fmt, per_class, skipped
+from .base import OVERRIDE_HINT, CheckFamily, EvalContext, Findings, PlanContext, fmt, per_class, skipped
 
 NAME = "runtime"
 LOGITS, LAYERS = CheckId(NAME, "logits"), CheckId(NAME, "layers")
@@ -150,7 +150,8 @@ def _logits(m: dict[str, Any], bound: float) -> CheckResult:
     return CheckResult(NAME, "logits", value, bound, FAILED, msg, m["logits"], UPPER, CORRECTNESS)
 
 
-def _layers(m: dict[str, Any], bound: float, ctx: EvalContext) -> CheckResult:
+def _layers(m: dict[str, Any], bound: float) -> tuple[CheckResult, tuple[int, str | None] | None]:
+    """The layers item, and where B leaves its twin (a first divergent layer and sub-block) when it does."""
     lb, l8 = m["layers"]["b"], m["layers"]["t8"]
     ratios = [_ratio(x, y, FLOOR_RFN) for x, y in zip(lb, l8, strict=False)]
     value = math.nan if any(math.isnan(r) for r in ratios) else max(ratios, default=0.0)
@@ -161,27 +162,23 @@ def _layers(m: dict[str, Any], bound: float, ctx: EvalContext) -> CheckResult:
         return CheckResult(NAME, "layers", value, bound, PASSED,
                            f"Every decoder layer of B stays with its runtime twin: rfn(B, T) over llama.cpp's own "
                            f"rounding at most {fmt(value)} (bound {fmt(bound)}); by layer: {curve}.", details, UPPER,
-                           CORRECTNESS)
+                           CORRECTNESS), None
     sub = ""
     bs, s8 = m["layers"].get("b_sub") or {}, m["layers"].get("t8_sub") or {}
     subs = {k: _ratio(bs[k][first], s8[k][first], FLOOR_RFN) for k in bs if k in s8 and first < len(bs[k])}
     if subs:
         worst = max(subs, key=lambda k: subs[k])
         sub = f" ({'attention' if worst == 'attn' else worst} output {fmt(subs[worst])}× the runtime's own rounding)"
-    res = ctx.result
-    if res.first_divergent_layer is None or first < res.first_divergent_layer:
-        res.first_divergent_layer = first
-        res.divergent_sublayer = ("attention" if subs and max(subs, key=lambda k: subs[k]) == "attn"
-                                  else ("mlp" if subs else None))
+    where = (first, ("attention" if max(subs, key=lambda k: subs[k]) == "attn" else "mlp") if subs else None)
     msg = (f"B's runtime leaves its twin at decoder layer {first}{sub}: rfn(B, T) {fmt(lb[first])} is "
            f"{fmt(ratios[first])}× the {fmt(l8[first])} that llama.cpp's own roundings give, above the bound "
            f"{fmt(bound)}. B and T share every weight, so the runtime differs: how it reads the metadata (rope, "
            f"epsilon, windows, soft-caps, attention scale) or a kernel.\nBy layer: {curve}.\n"
            + OVERRIDE_HINT.format(name="runtime_ratio"))
-    return CheckResult(NAME, "layers", value, bound, FAILED, msg, details, UPPER, CORRECTNESS)
+    return CheckResult(NAME, "layers", value, bound, FAILED, msg, details, UPPER, CORRECTNESS), where
 
 
-def evaluate(ctx: EvalContext) -> list[CheckResult]:
+def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     planned = ctx.planned(NAME) if ctx.plan is not None else None
     if planned is not None and not planned:
         return []
@@ -197,13 +194,16 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     if m.get("status") != "ok":
         return [skipped(c, f"no runtime twin: {m.get('reason')}") for c in ids]
     bound = ctx.bounds.runtime_ratio
-    out = []
+    out, where = [], None
     for cid in ids:
         if cid == LOGITS:
             out.append(_logits(m, bound) if "logits" in m else skipped(cid, "the logits were not compared"))
+        elif cid == LAYERS and "layers" in m:
+            item, where = _layers(m, bound)
+            out.append(item)
         elif cid == LAYERS:
-            out.append(_layers(m, bound, ctx) if "layers" in m else skipped(cid, "no hidden states to compare"))
-    return out
+            out.append(skipped(cid, "no hidden states to compare"))
+    return Findings(out, divergence=where)
 
 
 FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,

@@ -4,13 +4,31 @@ not happen to contain."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..core import metrics
 from ..core.results import CheckId, CheckResult
 from ..core.tokenizer_cases import TOKENIZER_CASES
+from ..runner import ProduceContext
 from .base import CheckFamily, EvalContext, PlanContext, result, skipped
 from .tokens import piece
 
 SPECIAL = "special"
+
+
+def produce(ctx: ProduceContext) -> dict[str, list[dict[str, Any]]]:
+    """Each built-in tricky string as the loaded model tokenizes it (a tokenizer that raises is a finding)."""
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for category, texts in TOKENIZER_CASES.items():
+        rows = []
+        for text in texts:
+            try:
+                ids = ctx.backend.tokenize(text)
+                rows.append({"text": text, "ids": ids, "pieces": [ctx.piece(t) for t in ids]})
+            except Exception as exc:  # noqa: BLE001 - a tokenizer that chokes is a finding, not a crash
+                rows.append({"text": text, "ids": None, "error": f"{type(exc).__name__}: {exc}"})
+        cases[category] = rows
+    return cases
 
 
 def plan(ctx: PlanContext) -> list[CheckId]:
@@ -71,4 +89,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
     return out
 
 
-FAMILY = CheckFamily("tokenizer", 20, plan, evaluate, doc="tricky strings and BOS/EOS behaviour")
+FAMILY = CheckFamily("tokenizer", 20, plan, evaluate, doc="tricky strings and BOS/EOS behaviour",
+                     produce=produce, produce_key="tokenizer_cases",
+                     produce_when=lambda settings: settings.tokenizer_cases)

@@ -14,26 +14,17 @@ from typing import Any
 
 import pytest
 
-from .. import checks
-from ..backends import normalize_backend_name
-from ..backends.imatrix import read as read_imatrix
-from ..backends.options import parse_option_items, validate_options
+from ..backends.options import validate_options
 from ..checks.base import BaselineConfig
 from ..comparison import Comparison, default_cache_dir
 from ..core.corpus import Corpus, load_corpus
 from ..core.pair_id import unique_pair_ids
 from ..core.results import PairResult
+from ..core.settings import LAYER_SWAP_NEEDS_FULL, RunSettings
 from ..errors import ConvdiffError
-from ..runner import (
-    LAYER_SWAP_NEEDS_FULL,
-    ModelSpec,
-    RunSettings,
-    cache_dtype_name,
-    runtime_twin_name,
-    store_name,
-)
-from ..store import baseline_file
-from ..store.budget import DEFAULT_BUDGET, CacheBudget, cleared_lines, parse_size
+from ..runner import ModelSpec
+from ..store.baseline_file import parse_tolerances
+from ..store.budget import DEFAULT_BUDGET, cleared_lines
 from ..store.cache import Cache
 from . import options as opts
 
@@ -129,25 +120,20 @@ def usage(option: str, exc: Exception) -> pytest.UsageError:
     return pytest.UsageError(text if text.startswith(option) else f"{option}: {text}")
 
 
-def int_option(config: pytest.Config, name: str, option: str, minimum: int, default: int | None) -> int | None:
-    """An integer option (command line or ini) of at least ``minimum``; UsageError naming it otherwise."""
-    raw = opts.value(config, name)
-    if raw in (None, ""):
-        return default
-    try:
-        v = int(raw)
-        if v < minimum:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"{option}: expected an integer >= {minimum}, got {raw!r}") from None
-    return v
+def option_values(config: pytest.Config, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Every option's typed value (None when not given), or those named, read by the parser its table
+    row names: a bad value is a UsageError naming the option and what it accepts, before anything runs."""
+    from .. import option_values as parsers
 
-
-def split_options(items: list[str] | None, option: str) -> dict[str, str]:
-    try:
-        return parse_option_items(items or [])
-    except ValueError as exc:
-        raise usage(option, exc) from None
+    out: dict[str, Any] = {}
+    for o in opts.OPTIONS:
+        if names is not None and o.ini not in names:
+            continue
+        try:
+            out[o.ini] = parsers.parse(o.parse, opts.value(config, o.ini))
+        except (ValueError, ConvdiffError) as exc:
+            raise usage(o.flags[0], exc) from None
+    return out
 
 
 def resolve_backend(path: str, backend: str | None) -> str | None:
@@ -182,141 +168,51 @@ def backend_options(option: str, raw: dict[str, Any], paths: list[str], backend:
     return [typed.get(b, dict(raw)) if b else dict(raw) for b in resolved]
 
 
-def _backend_name(config: pytest.Config, name: str, option: str) -> str | None:
-    raw = opts.value(config, name)
-    if not raw:
-        return None
-    try:
-        return normalize_backend_name(str(raw))
-    except ValueError as exc:
-        raise usage(option, exc) from None
-
-
 def build_session(config: pytest.Config) -> ConvdiffState:
-    """Parse and validate every option (a UsageError names the option and the valid values)."""
-    model_a = opts.value(config, "convdiff_model_a")
-    model_bs = [str(b) for b in (opts.value(config, "convdiff_model_b") or []) if str(b).strip()]
+    """Parse and validate every option (a UsageError names the option and the valid values), then the
+    rules between options."""
+    v = option_values(config)
+    model_a, model_bs = v["convdiff_model_a"], v["convdiff_model_b"] or []
     if model_bs and not model_a:
         raise pytest.UsageError("--model-b was given without --model-a: give the reference model with --model-a PATH.")
     if model_a and not model_bs:
         raise pytest.UsageError("--model-a was given without --model-b: give the converted model(s) with "
                                 "--model-b PATH.")
-    backend_a = _backend_name(config, "convdiff_backend_a", "--convdiff-backend-a")
-    backend_b = _backend_name(config, "convdiff_backend_b", "--convdiff-backend-b")
-    raw_a = split_options(opts.value(config, "convdiff_options_a"), "--convdiff-option-a")
-    raw_b = split_options(opts.value(config, "convdiff_options_b"), "--convdiff-option-b")
-
-    bounds: dict[str, float] = {}
-    for text in opts.value(config, "convdiff_bounds") or []:
-        try:
-            bounds.update(checks.parse_bound_overrides(str(text)))
-        except ValueError as exc:
-            raise pytest.UsageError(str(exc)) from None
-    try:
-        corpus = load_corpus(opts.value(config, "convdiff_prompts") or None)
-    except ConvdiffError as exc:
-        raise usage("--convdiff-prompts", exc) from None
-    try:
-        cache_dtype = cache_dtype_name(opts.value(config, "convdiff_cache_dtype") or RunSettings.cache_dtype)
-    except ValueError as exc:
-        raise pytest.UsageError(f"--convdiff-cache-dtype: {exc}.") from None
-    try:
-        store = store_name(opts.value(config, "convdiff_store") or RunSettings.store)
-    except ValueError as exc:
-        raise pytest.UsageError(f"--convdiff-store: {exc}.") from None
-    try:
-        runtime_twin = runtime_twin_name(opts.value(config, "convdiff_runtime_twin") or RunSettings.runtime_twin)
-    except ValueError as exc:
-        raise pytest.UsageError(f"--convdiff-runtime-twin: {exc}.") from None
-    imatrix_path = opts.value(config, "convdiff_imatrix") or None
-    if imatrix_path:
-        imatrix_path = os.path.expanduser(str(imatrix_path))
-        try:
-            read_imatrix(imatrix_path)
-        except ConvdiffError as exc:
-            raise usage("--convdiff-imatrix", exc) from None
-    layer_swap = int_option(config, "convdiff_layer_swap", "--convdiff-layer-swap", 0, 0) or 0
-    hidden_states = not opts.value(config, "convdiff_no_layers")
-    if layer_swap and hidden_states and store != "full":
+    fields = {o.setting: v[o.ini] for o in opts.OPTIONS if o.setting and v[o.ini] is not None}
+    if fields.get("layer_swap") and fields.get("hidden_states", True) and fields.get("store", "compact") != "full":
         raise pytest.UsageError(f"--convdiff-layer-swap: {LAYER_SWAP_NEEDS_FULL}.")
-    settings = RunSettings(
-        hidden_states=hidden_states,
-        tokenizer_cases=not opts.value(config, "convdiff_no_tokenizer_cases"),
-        causality=not opts.value(config, "convdiff_no_causality"),
-        max_tokens=int_option(config, "convdiff_max_tokens", "--convdiff-max-tokens", 2, None),
-        layer_swap=layer_swap,
-        greedy_tokens=int_option(config, "convdiff_greedy_tokens", "--convdiff-greedy-tokens", 0,
-                                 RunSettings.greedy_tokens) or 0,
-        cache_dtype=cache_dtype,
-        keep_b=bool(opts.value(config, "convdiff_keep_b")),
-        store=store,
-        runtime_twin=runtime_twin,
-        imatrix=imatrix_path,
-    )
-    cache_dir = opts.value(config, "convdiff_cache_dir")
-    if cache_dir:
-        root = Path(os.path.expanduser(str(cache_dir)))
-        if root.exists() and not root.is_dir():
-            raise pytest.UsageError(f"--convdiff-cache-dir: {root} exists and is not a directory.")
-    elif getattr(config, "cache", None) is not None:
-        root = Path(config.cache.mkdir("convdiff"))
-    else:
-        root = default_cache_dir()
-
-    baseline_path = opts.value(config, "convdiff_baseline")
-    baseline_update = bool(config.getoption("convdiff_baseline_update"))
-    if baseline_update and not baseline_path:
+    settings = RunSettings(**fields)
+    if v["convdiff_baseline_update"] and not v["convdiff_baseline"]:
         raise pytest.UsageError("--convdiff-baseline-update needs --convdiff-baseline PATH (the file to write).")
-    try:
-        tolerances = baseline_file.parse_tolerances(str(opts.value(config, "convdiff_baseline_tolerance") or ""))
-    except ValueError as exc:
-        raise pytest.UsageError(str(exc)) from None
-    plot_dir = opts.value(config, "convdiff_plot")
-    if plot_dir and Path(plot_dir).exists() and not Path(plot_dir).is_dir():
-        raise pytest.UsageError(f"--convdiff-plot: {plot_dir} exists and is not a directory.")
+    root = v["convdiff_cache_dir"]
+    if root is None:
+        root = Path(config.cache.mkdir("convdiff")) if getattr(config, "cache", None) is not None \
+            else default_cache_dir()
 
     pairs: list[PairSpec] = []
     if model_a:
-        (options_a,) = backend_options("--convdiff-option-a", raw_a, [str(model_a)], backend_a)
-        options_b = backend_options("--convdiff-option-b", raw_b, model_bs, backend_b)
-        ids = unique_pair_ids(str(model_a), model_bs)
-        pairs = [PairSpec(pid, ModelSpec(str(model_a), backend_a, options_a), ModelSpec(b, backend_b, ob))
-                 for pid, b, ob in zip(ids, model_bs, options_b, strict=True)]
-    json_path, html_path, save_ref = (opts.value(config, n) for n in ("convdiff_json", "convdiff_html",
-                                                                       "convdiff_save_reference"))
+        backend_a, backend_b = v["convdiff_backend_a"], v["convdiff_backend_b"]
+        (options_a,) = backend_options("--convdiff-option-a", v["convdiff_options_a"] or {}, [model_a], backend_a)
+        options_b = backend_options("--convdiff-option-b", v["convdiff_options_b"] or {}, model_bs, backend_b)
+        pairs = [PairSpec(pid, ModelSpec(model_a, backend_a, options_a), ModelSpec(b, backend_b, ob))
+                 for pid, b, ob in zip(unique_pair_ids(model_a, model_bs), model_bs, options_b, strict=True)]
+    baseline = v["convdiff_baseline"]
     return ConvdiffState(
-        pairs, corpus, settings, bounds,
-        Cache(root, read=not config.getoption("convdiff_refresh"),
-              full_verify=bool(opts.value(config, "convdiff_verify_cache")), budget=cache_budget(config)),
-        json_path=Path(json_path) if json_path else None,
-        save_reference=Path(save_ref) if save_ref else None,
-        plot_dir=Path(plot_dir) if plot_dir else None,
-        html_path=Path(html_path) if html_path else None,
-        baseline=BaselineConfig(Path(baseline_path), tolerances, baseline_update) if baseline_path else None,
-        gpu=_worker_gpu(config),
+        pairs, v["convdiff_prompts"] or load_corpus(None), settings, v["convdiff_bounds"] or {},
+        Cache(root, read=not v["convdiff_refresh"], full_verify=v["convdiff_verify_cache"],
+              budget=v["convdiff_cache_max_size"] or DEFAULT_BUDGET),
+        json_path=v["convdiff_json"], save_reference=v["convdiff_save_reference"], plot_dir=v["convdiff_plot"],
+        html_path=v["convdiff_html"], gpu=_worker_gpu(config, v["convdiff_gpus"]),
+        baseline=BaselineConfig(baseline, v["convdiff_baseline_tolerance"] or parse_tolerances(""),
+                                v["convdiff_baseline_update"]) if baseline else None,
     )
 
 
-def cache_budget(config: pytest.Config) -> CacheBudget:
-    """--convdiff-cache-max-size (ini convdiff_cache_max_size); UsageError naming the accepted forms."""
-    raw = opts.value(config, "convdiff_cache_max_size")
-    if raw in (None, ""):
-        return DEFAULT_BUDGET
-    try:
-        return parse_size(raw)
-    except ValueError as exc:
-        raise pytest.UsageError(f"--convdiff-cache-max-size: {exc}.") from None
-
-
-def configured_cache_root(config: pytest.Config) -> Path:
+def configured_cache_root(config: pytest.Config, given: Path | None) -> Path:
     """The cache directory the session will use, known before pytest configures its own cache (the
     cache commands run first) and without creating anything."""
-    cache_dir = opts.value(config, "convdiff_cache_dir")
-    if cache_dir:
-        root = Path(os.path.expanduser(str(cache_dir)))
-        if root.exists() and not root.is_dir():
-            raise pytest.UsageError(f"--convdiff-cache-dir: {root} exists and is not a directory.")
-        return root
+    if given is not None:
+        return given
     if config.pluginmanager.is_blocked("cacheprovider"):
         return default_cache_dir()
     base = Path(os.path.expanduser(os.path.expandvars(str(config.getini("cache_dir")))))
@@ -325,7 +221,9 @@ def configured_cache_root(config: pytest.Config) -> Path:
 
 def cache_command(config: pytest.Config, *, info: bool, clear: bool) -> int | None:
     """--convdiff-cache-clear, then --convdiff-cache-info: 0 (exit) after the listing, None to run on."""
-    cache = Cache(configured_cache_root(config), budget=cache_budget(config))
+    v = option_values(config, ("convdiff_cache_dir", "convdiff_cache_max_size"))
+    cache = Cache(configured_cache_root(config, v["convdiff_cache_dir"]),
+                  budget=v["convdiff_cache_max_size"] or DEFAULT_BUDGET)
     lines = cleared_lines(cache.root, *cache.clear()) if clear else []
     if info:
         lines += cache.info()
@@ -333,8 +231,7 @@ def cache_command(config: pytest.Config, *, info: bool, clear: bool) -> int | No
     return 0 if info else None
 
 
-def _worker_gpu(config: pytest.Config) -> int | None:
-    n = int_option(config, "convdiff_gpus", "--convdiff-gpus", 1, None)
+def _worker_gpu(config: pytest.Config, n: int | None) -> int | None:
     if n is None:
         return None
     return gpu_for_worker(getattr(config, "workerinput", {}).get("workerid", ""), n)
