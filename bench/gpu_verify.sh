@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Verify the exllamav2 backend on a CUDA machine: JIT-build exllamav2, convert the tiny Llama to
-# EXL2 (4.0 / 6.0 bpw, and the broken-layer-3 model at 6.0 bpw) and run tests/test_exl2_backend.py,
+# EXL2 (4.0 / 6.0 bpw, and the broken-layer-3 model at 6.0 bpw) and run tests/unit/backends/test_exl2_backend.py,
 # which prints every number (NMSE, top-1, KL, per-layer rfn) and writes them to results.json.
 #
 # On this workplace's device machine (the `run` tool), from the repository root:
@@ -63,7 +63,7 @@ from pytest_convdiff.backends import exl2; b = exl2.load('fixtures/models/tiny-l
 
 # 3. Conversions (made by the test session, in parallel) and the tests, with every number printed.
 export CONVDIFF_EXL2_DIR=$PWD/fixtures/exl2 CONVDIFF_EXL2_REPORT=$OUT/results.json
-step "$PY" -m pytest tests/test_exl2_backend.py -o addopts="" -p no:cacheprovider -p no:convdiff \
+step "$PY" -m pytest tests/unit/backends/test_exl2_backend.py -o addopts="" -p no:cacheprovider -p no:convdiff \
   -v -s -rA --tb=short --durations=10
 TEST_RC=$?
 

@@ -312,7 +312,7 @@ NOTES = """\
   catches only `FileNotFoundError`, so without the module it stops with `ModuleNotFoundError`. protobuf and
   mistral_common are not needed for these models.
 - **SmolLM2's checkpoint** (its GGUF's Q4_1 weights dequantised into fp32 by transformers, as
-  tests/test_smollm2.py builds it) keeps `quantization_config: {quant_method: gguf}` in config.json, which the
+  tests/integration/test_smollm2.py builds it) keeps `quantization_config: {quant_method: gguf}` in config.json, which the
   converter refuses (`Quant method is not yet supported: 'gguf'`). The converter reads a view of the checkpoint
   instead: links to its files and the config without that key, which is what a user's checkpoint looks like.
 - **The tiny model's tokenizer is new to llama.cpp**: the converter stops with `BPE pre-tokenizer was not
@@ -336,7 +336,7 @@ NOTES = """\
   no longer the output) and `general.size_label` changes: differences that follow from the bug. The tiny model,
   untied, gets the opposite bug (lm_head dropped, output tied to the embedding).
 - **Deterministic**: two builds gave byte-identical files, and every bug file differs from the correct Q4_K_M
-  only where its manifest entry says (tests/test_pipeline_fixtures.py checks both).
+  only where its manifest entry says (tests/integration/test_pipeline_fixtures.py checks both).
 """
 
 
@@ -395,7 +395,7 @@ def render(doc: dict[str, Any], models: list[str]) -> str:
         "bounds, A being the model's transformers checkpoint in fp32. Measured by `bench/pipeline_table.py` on "
         f"{env.get('cpu')} ({env.get('cores')} cores, CPU only), {env.get('date')}; transformers "
         f"{env.get('transformers')}, torch {env.get('torch')}; library: {env.get('library')}. "
-        "tests/test_pipeline_verdicts.py asserts the same verdicts on the `quick` corpus in CI.",
+        "tests/integration/test_pipeline_verdicts.py asserts the same verdicts on the `quick` corpus in CI.",
         "",
         "- **bpw**: real bits per weight from the tensor types (Σ n·bits(type) / Σ n), not the label.",
         "- **failing checks**: `tokens×n` = n prompts tokenised differently; `tokenizer×n` = n tokenizer cases; `rfn[a-b]`, `weights[a-b]` = those per-layer items of layers a to b.",

@@ -20,10 +20,9 @@ from .errors import ConvdiffError
 from .store.cache import Cache, make_key
 from .store.run import ModelRun
 
-__all__ = ["PAIR_METRICS_VERSION", "PairMetrics", "PairReducer", "pair_metrics", "pair_metrics_key",
+__all__ = ["PairMetrics", "PairReducer", "pair_metrics", "pair_metrics_key",
            "reduced_against"]
 
-PAIR_METRICS_VERSION = 3  # bump when what pair_metrics derives from the arrays changes (3: compact A)
 
 
 @dataclass
@@ -49,18 +48,19 @@ class PairMetrics:
 
 
 def _metrics_code_digest() -> str:
-    """Stored pair metrics are reused only by the metric code that computed them."""
-    return code_digest((metrics.__name__, compact.__name__, kernels.__name__))
+    """Stored pair metrics are reused only by the code that computed them: this module's reduction and the
+    metric, summary and kernel modules it calls."""
+    return code_digest((__name__, metrics.__name__, compact.__name__, kernels.__name__))
 
 
 def reduced_against(a: ModelRun) -> dict[str, Any]:
     """What a B streamed against ``a`` depends on besides its own model: A's stored outputs and the metric
     code (part of the streamed B's cache key, and recorded in its entry)."""
-    return {"a": a.entry.identity, "version": PAIR_METRICS_VERSION, "code": _metrics_code_digest()}
+    return {"a": a.entry.identity, "code": _metrics_code_digest()}
 
 
 def pair_metrics_key(a: ModelRun, b: ModelRun, corpus: Corpus) -> str:
-    return make_key({"pair_metrics": PAIR_METRICS_VERSION, "code": _metrics_code_digest(), "corpus": corpus.digest,
+    return make_key({"pair_metrics": _metrics_code_digest(), "corpus": corpus.digest,
                      "a": a.entry.identity, "b": b.entry.identity})
 
 
@@ -137,7 +137,7 @@ def _streamed_metrics(a: ModelRun, b: ModelRun) -> PairMetrics:
             f"model B ({b.spec.path}) was streamed against other outputs of model A than those of {a.spec.path} "
             "given here: its entry holds that pair's metrics, not B's arrays. Run B again with this A as its feed "
             "(run_model(..., feed=run_a)), or keep B's arrays with --convdiff-keep-b / RunSettings(keep_b=True).")
-    if (streamed.get("version"), streamed.get("code")) != (here["version"], here["code"]):
+    if streamed.get("code") != here["code"]:
         raise ConvdiffError(
             f"model B ({b.spec.path}) was streamed by another version of the metric code; its metrics cannot be "
             "reused and its arrays were not stored. Run B again (its cache key changes with the code, so a new "

@@ -21,6 +21,6 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev
 "$VPY" -m fixtures.tiny >/dev/null
 "$VPY" -m fixtures.gguf_writer >/dev/null
 # Real conversions (llama.cpp's own converter and quantizer; ~5 min cold, a no-op when current), which
-# tests/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
+# tests/integration/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
 "$VPY" -m fixtures.pipeline >/dev/null
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

@@ -117,6 +117,11 @@ def all_specs() -> dict[str, BackendSpec]:
     return {**_discovered(), **_EXTRA}
 
 
+def refresh() -> None:
+    """Discover the installed backends again (after a package was installed in this process)."""
+    _discovered.cache_clear()
+
+
 def register(spec: BackendSpec) -> None:
     """Add a backend for this process (what an entry point does for an installed package)."""
     _EXTRA[spec.name] = spec

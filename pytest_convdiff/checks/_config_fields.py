@@ -25,7 +25,6 @@ from ..errors import ConvdiffError
 __all__ = ["CONVERSATIONS", "FIELDS", "Field", "compare_templates", "measure", "read_reference", "read_side",
            "render_template"]
 
-MEASURE_VERSION = 1
 
 # The conversations every chat template is rendered on (name, messages); each with and without the
 # generation prompt.
@@ -222,4 +221,4 @@ def measure(ctx: Any) -> dict[str, Any]:
     """Both sides' normalised configs and the chat-template renders: JSON, cached per pair."""
     a = read_side(ctx.spec_a)
     b = read_side(ctx.spec_b)
-    return {"version": MEASURE_VERSION, "a": a, "b": b, "chat": compare_templates(a, b)}
+    return {"a": a, "b": b, "chat": compare_templates(a, b)}

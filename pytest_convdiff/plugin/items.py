@@ -13,7 +13,8 @@ import pytest
 
 from ..core.results import ERROR, FAILED, SKIPPED, CheckResult, PairResult
 from ..errors import ConvdiffError
-from .session import STASH, ConvdiffState, PairSpec
+from ..zoo import PairSpec
+from .session import STASH, ConvdiffState
 
 
 class ConvdiffCheckFailure(AssertionError):
@@ -132,10 +133,8 @@ class ManifestFile(pytest.File):
     """A model-zoo manifest: each ``[[pair]]`` entry becomes a pair of checks, like --model-a/--model-b."""
 
     def collect(self):
-        from ..core.corpus import load_corpus
         from ..manifest import load_manifest
-        from ..runner import ModelSpec
-        from .session import backend_options
+        from ..zoo import manifest_pair
 
         session = self.config.stash[STASH]
         try:
@@ -145,24 +144,9 @@ class ManifestFile(pytest.File):
         for entry in entries:
             for mark in entry.marks:
                 self.config.addinivalue_line("markers", f"{mark}: set by {self.path.name}")
-            where = f"{self.path}, pair {entry.id!r}"
             try:
-                corpus = load_corpus(entry.corpus) if entry.corpus else None
-                if entry.imatrix:
-                    from ..backends.imatrix import read as read_imatrix
-
-                    try:
-                        read_imatrix(entry.imatrix)
-                    except ConvdiffError as exc:
-                        raise ConvdiffError(f"{where}: imatrix: {exc}") from None
-                (options_a,) = backend_options(f"{where}: options_a", entry.options_a, [entry.model_a], entry.backend_a)
-                (options_b,) = backend_options(f"{where}: options_b", entry.options_b, [entry.model_b], entry.backend_b)
-                pair = PairSpec(entry.id, ModelSpec(entry.model_a, entry.backend_a, options_a),
-                                ModelSpec(entry.model_b, entry.backend_b, options_b), tuple(entry.marks),
-                                {**session.bound_overrides, **entry.bounds}, corpus, str(self.path),
-                                entry.imatrix)
+                pair = manifest_pair(entry, self.path, session.bound_overrides)
                 session.add_manifest_pair(pair)
-            except (ConvdiffError, pytest.UsageError) as exc:
-                raise self.CollectError(f"{where}: {exc}" if isinstance(exc, pytest.UsageError) else str(exc)) \
-                    from None
+            except ConvdiffError as exc:
+                raise self.CollectError(str(exc)) from None
             yield PairCollector.from_parent(self, name=f"convdiff[{pair.id}]", pair=pair)

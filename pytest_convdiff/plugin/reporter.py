@@ -6,28 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import pytest
 
-from ..core.results import ERROR, CheckResult, PairResult
+from ..core.results import ERROR, PairResult
 from ..errors import ConvdiffError
+from ..reporting.gather import HEADER_PROPERTY, SPEC_PROPERTY, error_check, item_payload, spec_header
 from .items import ConvdiffItem, ConvdiffPairError, PairCollector
-from .session import ConvdiffState, PairSpec
-
-ITEM_PROPERTY = "convdiff_item"  # {"pair", "order", "check"}
-HEADER_PROPERTY = "convdiff_pair_result"  # the pair's PairResult without its checks, once per pair and process
-# The pair's models, sent once per pair and process while no item has a result to take the header from (every
-# item errored first, e.g. on a bad convdiff_bounds marker): under xdist the controller never collects a
-# manifest, so it cannot look those pairs up itself.
-SPEC_PROPERTY = "convdiff_pair_spec"
-UNKNOWN_MODEL = "(unknown: no item of the pair reported it)"
-
-
-def _spec_header(pid: str, spec: PairSpec) -> dict[str, Any]:
-    """A pair's header before any result exists: its id and models, as the pair spec gives them."""
-    return {"id": pid, "model_a": spec.a.path, "model_b": spec.b.path,
-            "backend_a": spec.a.backend, "backend_b": spec.b.backend}
+from .session import ConvdiffState
 
 
 class SessionPlugin:
@@ -36,7 +22,6 @@ class SessionPlugin:
         self.state = state
         self.remaining: dict[str, int] = {}
         self.specs_sent: set[str] = set()  # pairs whose models this process has reported (SPEC_PROPERTY)
-        self.pair_specs: dict[str, dict[str, Any]] = {}  # gathered SPEC_PROPERTY payloads, by pair id
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, items: list[pytest.Item]) -> None:
@@ -60,18 +45,14 @@ class SessionPlugin:
 
         check, pr = item.result, item.pair_result
         if check is None or (pr is not None and pr.error and check.outcome == ERROR):
-            name, _, param = item.check_id.partition("[")
-            why = pr.error if pr is not None and pr.error else str(rep.longrepr or "")
-            check = CheckResult(name, param.rstrip("]"), None, None, ERROR, why or "")
-        props = list(item_properties(check))
-        props.append((ITEM_PROPERTY, json.dumps({"pair": item.pair.id, "order": item.order,
-                                                 "check": check.to_dict()})))
+            check = error_check(item.check_id, (pr.error if pr is not None and pr.error else str(rep.longrepr or "")))
+        props = [*item_properties(check), item_payload(item.pair.id, item.order, check)]
         if pr is not None and item.pair.id not in self.state.headers_sent:
             self.state.headers_sent.add(item.pair.id)
             props.append((HEADER_PROPERTY, json.dumps(pr.with_checks([]).to_dict())))
         elif pr is None and item.pair.id not in self.state.headers_sent and item.pair.id not in self.specs_sent:
             self.specs_sent.add(item.pair.id)
-            props.append((SPEC_PROPERTY, json.dumps(_spec_header(item.pair.id, item.pair))))
+            props.append((SPEC_PROPERTY, json.dumps(_header(item.pair))))
         rep.user_properties.extend(props)
         item.user_properties.extend(props)  # junitxml writes properties from the item's list
 
@@ -95,42 +76,12 @@ class SessionPlugin:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Gather every item's check (on the controller, reports from xdist workers arrive here too)."""
-        props = dict(report.user_properties or ())
-        if ITEM_PROPERTY not in props:
-            return
-        payload = json.loads(props[ITEM_PROPERTY])
-        check = payload["check"]
-        key = str(CheckResult.from_dict(check).check_id)
-        self.state.check_payloads.setdefault(payload["pair"], {})[key] = (payload["order"], check)
-        if HEADER_PROPERTY in props:
-            self.state.pair_headers[payload["pair"]] = json.loads(props[HEADER_PROPERTY])
-        if SPEC_PROPERTY in props:
-            self.pair_specs.setdefault(payload["pair"], json.loads(props[SPEC_PROPERTY]))
+        self.state.gathered.add(report.user_properties)
 
     def assemble(self) -> list[PairResult]:
         """Each pair's result from what its items reported, in the order the pairs were given."""
-        state = self.state
-        order = [p.id for p in state.all_pairs()]
-        out = []
-        for pid in order + [p for p in state.check_payloads if p not in order]:
-            payloads = state.check_payloads.get(pid)
-            if not payloads:
-                continue
-            header = state.pair_headers.get(pid) or self._header_without_result(pid)
-            checks = [CheckResult.from_dict(c) for _, c in sorted(payloads.values(), key=lambda oc: oc[0])]
-            out.append(PairResult.from_dict(header).with_checks(checks))
-        return out
-
-    def _header_without_result(self, pid: str) -> dict[str, Any]:
-        """No item of the pair got as far as a result (each errored first): the pair is reported with its
-        items' errors, its models named from the pair's spec here, else from the one a worker sent (the
-        controller under xdist collects no manifest), else as unknown. Never a crash: the other pairs'
-        reports are at stake."""
-        spec = next((p for p in self.state.all_pairs() if p.id == pid), None)
-        if spec is not None:
-            return _spec_header(pid, spec)
-        return self.pair_specs.get(pid) or {"id": pid, "model_a": UNKNOWN_MODEL, "model_b": UNKNOWN_MODEL,
-                                            "backend_a": None, "backend_b": None}
+        pairs = self.state.all_pairs()
+        return self.state.gathered.results([p.id for p in pairs], {p.id: _header(p) for p in pairs})
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -168,3 +119,7 @@ class SessionPlugin:
                 terminalreporter.write_line(line)
         for level, message in state.report_lines:
             terminalreporter.write_line(f"convdiff: {message}", red=level == "error", yellow=level == "warning")
+
+
+def _header(pair) -> dict:
+    return spec_header(pair.id, pair.a.path, pair.b.path, pair.a.backend, pair.b.backend)

@@ -87,9 +87,9 @@ def dummy_dist(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: convdiff-dummy-backend\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\ndummy = convdiff_dummy_backend\n")
     monkeypatch.syspath_prepend(str(site))
-    registry._discovered.cache_clear()
+    registry.refresh()
     yield site
-    registry._discovered.cache_clear()
+    registry.refresh()
 
 
 def _model(tmp_path: Path, name: str, noise: float) -> Path:
@@ -127,12 +127,12 @@ def test_a_broken_entry_point_names_itself(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nbroken = no_such_module_here\n")
     monkeypatch.syspath_prepend(str(site))
-    registry._discovered.cache_clear()
+    registry.refresh()
     try:
         with pytest.raises(ModelLoadError, match="entry point 'broken'.*no_such_module_here"):
             registry.all_specs()
     finally:
-        registry._discovered.cache_clear()
+        registry.refresh()
 
 
 def test_an_exl3_directory_is_not_taken_for_a_transformers_checkpoint(tmp_path):
@@ -159,3 +159,19 @@ def test_a_pytest_run_compares_two_models_of_an_entry_point_backend(pytester, du
     assert outcomes["nmse"] == "passed" and outcomes["kl[mean]"] == "passed", outcomes
     assert outcomes["topk[1]"] == "failed", outcomes  # B's noise moves argmaxes: judged like any backend's
     assert res.ret == 1
+
+
+def test_the_backend_contract_names_inject_and_every_layer_swap_backend_takes_it():
+    """The Backend protocol's forward had no ``inject`` although the layer swap calls it with one."""
+    import inspect
+    import typing
+
+    from pytest_convdiff.backends.base import LAYER_SWAP, Backend
+
+    assert "inject" in inspect.signature(Backend.forward).parameters
+    swapping = [s for s in registry.all_specs().values() if LAYER_SWAP in s.capabilities]
+    assert {s.name for s in swapping} >= {"transformers", "exllamav2"}
+    for spec in swapping:
+        module = spec.load_module()
+        cls = typing.get_type_hints(module.load, vars(module))["return"]
+        assert "inject" in inspect.signature(cls.forward).parameters, spec.name

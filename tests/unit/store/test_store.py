@@ -400,7 +400,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runner",),
     ("checks",),
     ("comparison",),
-    ("manifest", "option_values", "reporting", "plugin", "__main__"),
+    ("manifest", "options", "zoo", "reporting", "plugin", "__main__"),
 )
 
 

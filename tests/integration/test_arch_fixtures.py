@@ -216,6 +216,7 @@ def test_defect_is_where_named_and_below_q2k_noise(model: str, file: str) -> Non
     if "shift" not in ex:
         f16_path = bug.parent / f"{model}.f16.gguf"
         f16 = _values(f16_path, named)
+        # private: the fixture builder's own F16 edit, checked against what the converter writes
         edited = pipeline._f16_edit(_params(model, file))(named, f16.astype(np.float16), {}).astype(np.float32)
         q2k = _values(bug.parent / f"{model}.q2_k.gguf", named)
         defect, noise = _rel(edited, f16), _rel(q2k, f16)

@@ -60,15 +60,11 @@ def test_xdist_pair_whose_items_all_error_before_a_result_is_reported(pytester, 
 def test_assemble_survives_a_pair_the_controller_never_collected():
     """The unit-level form of the above: payloads for a pair id the session has no spec or header for."""
     from pytest_convdiff.core.results import ERROR, CheckResult
-    from pytest_convdiff.plugin.reporter import SessionPlugin
-    from pytest_convdiff.plugin.session import ConvdiffState
+    from pytest_convdiff.reporting.gather import Gathered, item_payload
 
-    state = ConvdiffState.__new__(ConvdiffState)  # only the fields assemble() reads
-    state.pairs, state.manifest_pairs, state.pair_headers = [], [], {}
-    check = CheckResult("rfn", "layer-0", None, None, ERROR, "bad marker").to_dict()
-    state.check_payloads = {"ghost": {"rfn[layer-0]": (0, check)}}
-    plugin = SessionPlugin(None, state)  # type: ignore[arg-type] - assemble() reads no option
-    (pr,) = plugin.assemble()
+    gathered = Gathered()
+    gathered.add([item_payload("ghost", 0, CheckResult("rfn", "layer-0", None, None, ERROR, "bad marker"))])
+    (pr,) = gathered.results([], {})
     assert isinstance(pr, PairResult) and pr.id == "ghost" and pr.verdict == "error"
     assert [c.outcome for c in pr.checks] == [ERROR]
 

@@ -21,7 +21,7 @@ from pytest_convdiff.core.corpus import Corpus, Prompt
 from pytest_convdiff.core.results import ERROR, FAILED, LOWER, UPPER, CheckId, PairResult
 from pytest_convdiff.runner import RunSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- an inert plugin
@@ -34,7 +34,8 @@ def test_a_run_without_convdiff_options_imports_creates_and_registers_nothing(py
         def test_plain():
             loaded = sorted(m for m in sys.modules if m.startswith("pytest_convdiff"))
             assert "numpy" not in sys.modules, "the plugin imported numpy"
-            assert loaded == ["pytest_convdiff", "pytest_convdiff.plugin", "pytest_convdiff.plugin.options"], loaded
+            assert loaded == ["pytest_convdiff", "pytest_convdiff.options", "pytest_convdiff.plugin",
+                              "pytest_convdiff.plugin.options"], loaded
     """)
     res = pytester.runpytest_subprocess("-p", "no:randomly")
     res.assert_outcomes(passed=1)
@@ -133,6 +134,7 @@ def test_sub_block_message_uses_the_median_the_decision_used_even_with_nan_layer
     assert metrics.typical_level(sub) == pytest.approx(0.01)
     found = metrics.subblock_anomalies(lm.sublayers, 4.0, 0.002, inherited=[0.0] + lm.rfn[:-1])
     assert (5, "mlp", pytest.approx(50.0)) in found
+    # private: the anomaly message's wording for a hand-made LayerMetrics (no public way to build one)
     r = layers._anomaly(CheckId("rfn", "layer-5"), 0.001, 5, [("mlp", 50.0)], lm, 0.02, 4.0, "")
     assert r.outcome == FAILED and "median over the layers (0.01)" in r.message
     assert metrics.typical_level([math.nan, math.nan, 1.0]) is None  # too few finite layers to call typical

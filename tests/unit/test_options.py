@@ -1,5 +1,5 @@
 """Options from one table: each row names its parser and the RunSettings field it sets, and a bad value is
-a usage error that names the option (plugin/options.py, option_values.py, plugin/session.py)."""
+a usage error that names the option (pytest_convdiff/options.py, plugin/session.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 
-from pytest_convdiff import option_values
+from pytest_convdiff import options as option_values
 from pytest_convdiff.core.settings import RunSettings
-from pytest_convdiff.plugin.options import OPTIONS
+from pytest_convdiff.options import OPTIONS
 
 
 def test_every_row_names_a_parser_and_every_run_setting_has_one_option():

@@ -49,7 +49,7 @@ from pytest_convdiff.backends.options import (
 )
 from pytest_convdiff.errors import ModelLoadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "fixtures" / "models"
 BACKEND_NAMES = ("transformers", "llama.cpp", "exllamav2")
 

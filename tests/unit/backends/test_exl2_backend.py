@@ -34,7 +34,7 @@ from pytest_convdiff.backends import detect_backend, exl2
 from pytest_convdiff.core import metrics
 from pytest_convdiff.errors import ContextLengthError, MissingDependencyError, ModelLoadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "fixtures" / "models"
 EXL2_DIR = Path(os.environ.get("CONVDIFF_EXL2_DIR") or ROOT / "fixtures" / "exl2")
 REPORT_PATH = os.environ.get("CONVDIFF_EXL2_REPORT")

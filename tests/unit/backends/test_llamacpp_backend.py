@@ -25,7 +25,7 @@ from pytest_convdiff.core import metrics
 from pytest_convdiff.core.corpus import default_corpus
 from pytest_convdiff.errors import ContextLengthError, ModelLoadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "fixtures" / "models"
 HF_DIR = MODELS / "tiny-llama"
 
@@ -268,6 +268,7 @@ def test_forward_shapes_and_sublayers(llama_cpp_mod, ggufs):
         assert np.array_equal(again.logits, out.logits)
         with pytest.raises(NotImplementedError):
             b.forward(toks, inject={0: out.hidden[0]})
+    # private: the llama.cpp context and model handles, to check they are freed (no public accessor)
     assert b._ctx is None and b._model is None
 
 

@@ -16,6 +16,7 @@ def fake_sources(monkeypatch):
     """Edit a module's source or a library's version without touching the installed files."""
     edits: dict[str, bytes] = {}
     versions: dict[str, str] = {}
+    # private: the file and version readers are the seams that simulate an edit or an upgrade
     real_source, real_version = code_version._module_source, code_version._library_version
     monkeypatch.setattr(code_version, "_module_source", lambda name: edits.get(name) or real_source(name))
     monkeypatch.setattr(code_version, "_library_version", lambda dist: versions.get(dist) or real_version(dist))

@@ -71,6 +71,7 @@ def test_sketches_equal_their_definition_computed_element_by_element():
     x = rng.standard_normal((t, d)).astype(np.float32)
     x[2, 130] = np.nan
     keys = compact.row_keys(CFG.seed, "p", np.arange(t))
+    # private: the sign bits are checked element by element against the sketch's definition
     bits = compact._sign_bits(keys, d)
     want = np.zeros((t, m))
     for r in range(t):

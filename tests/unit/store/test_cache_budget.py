@@ -23,7 +23,7 @@ from pytest_convdiff.store import cache as cache_mod
 from pytest_convdiff.store.budget import NO_LIMIT, CacheBudget, expected_entry_bytes, human_size, parse_size
 from pytest_convdiff.store.cache import LOCK, Cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ROWS = 250  # 250 x 1000 float32: 1 MB of logits per entry
 DiskUsage = namedtuple("DiskUsage", "total used free")
 
@@ -166,6 +166,7 @@ def test_an_entry_another_process_holds_is_never_evicted(tmp_path):
         assert _keys(tmp_path) == ["theirs"] and "only 0 B could be evicted" in str(info.value)
         (scanned,) = cache.usage().of("entry")
         scanned.in_use = False  # as a scan made just before the holder took it would say
+        # private: one eviction step, to race it against a concurrent reader
         assert not cache._evict_one(scanned) and _keys(tmp_path) == ["theirs"]  # the lock decides, not the scan
     finally:
         holder.stdin.close()

@@ -28,7 +28,7 @@ from pytest_convdiff.errors import ConvdiffError
 from pytest_convdiff.runner import ModelSpec, RunSettings
 from pytest_convdiff.store.cache import Cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PIPELINE = ROOT / "fixtures" / "models" / "pipeline"
 FIELDS = [f.name for f in cf.FIELDS]
 
@@ -203,6 +203,7 @@ def test_transformers_config_through_the_header_equals_gguf_pys_reader(tiny_gguf
     files = _gguf_files(tiny_ggufs, tmp_path)
     reader_class = gguf.GGUFReader
     for path in files:
+        # private: transformers' GGUF loader is replaced to simulate a version that cannot read the file
         real, why_real = gguf_config._transformers_gguf(path)
         fast, why_fast = gguf_config._transformers_gguf(path, gguf_header.read_header(path))
         assert real is not None and fast is not None, (path, why_real, why_fast)

@@ -140,8 +140,8 @@ def test_baseline_update_then_regression_fails_with_old_and_new(pytester, tiny_m
 
 
 def test_each_xdist_worker_gets_its_own_gpu(pytester, monkeypatch, tiny_models):
-    from pytest_convdiff.plugin.session import gpu_for_worker, on_gpu
     from pytest_convdiff.runner import ModelSpec
+    from pytest_convdiff.zoo import gpu_for_worker, on_gpu
 
     assert [gpu_for_worker(f"gw{k}", 2) for k in range(4)] == [0, 1, 0, 1]
     assert gpu_for_worker("", 2) is None and gpu_for_worker("master", 2) is None

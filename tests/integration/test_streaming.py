@@ -24,7 +24,7 @@ from pytest_convdiff.pair import pair_metrics
 from pytest_convdiff.store.budget import expected_entry_bytes
 from pytest_convdiff.store.cache import Cache
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MB = 10**6
 
 

@@ -39,7 +39,7 @@ from pytest_convdiff.core.weight_errors import (
 )
 from pytest_convdiff.runner import ModelSpec, RunSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 PIPELINE = ROOT / "fixtures" / "models" / "pipeline"
 SMOLLM2_REF = ROOT / "fixtures" / "models" / "smollm2" / "smollm2-135m-hf"
 
@@ -583,6 +583,7 @@ def test_a_layer_whose_weights_fail_is_the_first_divergent_even_under_loose_budg
     res = PairResult("p", "a", "b", None, None, checks=[_weights_fail(5, "blk.5.ffn_up.weight"),
                                                          _weights_fail(3, *names)])
     smooth = _layer_metrics([0.01, 0.011, 0.012, 0.05, 0.05, 0.06])  # no layer over an rfn budget of 0.6
+    # private: the localisation rule on hand-made layer metrics, where a model run could not set them up
     fdl, got, _ = layers._localise(smooth, 0.6, 5.0, res)
     assert (fdl, got) == (3, sub)
     # without failing weights, nothing over the budget localises nothing

@@ -11,7 +11,7 @@ import pytest
 
 from pytest_convdiff import checks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _example() -> str:
