@@ -281,7 +281,7 @@ def build_zoo(v: dict[str, Any], cache_root: Callable[[], Path], worker_id: str 
     from .store.baseline_file import parse_tolerances
     from .store.budget import DEFAULT_BUDGET
     from .store.cache import Cache
-    from .zoo import PairSpec, Zoo, backend_options, gpu_for_worker
+    from .zoo import PairSpec, Zoo, backend_options, check_model, gpu_for_worker
 
     model_a, model_bs = v["convdiff_model_a"], v["convdiff_model_b"] or []
     if model_bs and not model_a:
@@ -299,6 +299,11 @@ def build_zoo(v: dict[str, Any], cache_root: Callable[[], Path], worker_id: str 
     pairs: list[PairSpec] = []
     if model_a:
         backend_a, backend_b = v["convdiff_backend_a"], v["convdiff_backend_b"]
+        for flag, path, backend in [("--model-a", model_a, backend_a), *(("--model-b", b, backend_b) for b in model_bs)]:
+            try:
+                check_model(path, backend)  # before any model loads: a typo costs a second, not a model run
+            except ConvdiffError as exc:
+                raise OptionError(flag, f"{flag} {path}: {exc}".replace(f"{path}: {path}:", f"{path}:")) from None
         try:
             (options_a,) = backend_options("--convdiff-option-a", v["convdiff_options_a"] or {}, [model_a], backend_a)
             options_b = backend_options("--convdiff-option-b", v["convdiff_options_b"] or {}, model_bs, backend_b)

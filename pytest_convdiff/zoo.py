@@ -20,7 +20,7 @@ from .errors import ConvdiffError
 from .runner import ModelSpec
 from .store.cache import Cache
 
-__all__ = ["PairSpec", "Zoo", "backend_options", "gpu_for_worker", "manifest_pair", "on_gpu", "resolve_backend"]
+__all__ = ["PairSpec", "Zoo", "backend_options", "check_model", "gpu_for_worker", "manifest_pair", "on_gpu", "resolve_backend"]
 
 
 @dataclass
@@ -98,6 +98,30 @@ def on_gpu(spec: ModelSpec, gpu: int) -> ModelSpec:
     return ModelSpec(spec.path, spec.backend, device_options(backend, gpu, dict(spec.options)))
 
 
+def check_model(path: str, backend: str | None) -> None:
+    """That ``path`` is a model some backend runs (the one named by ``backend`` when given) or a saved
+    reference, checked from the files alone, before any model loads; ConvdiffError saying what it is and
+    what is accepted."""
+    from .backends import detect_backend, registry
+
+    spec = ModelSpec(path, backend)
+    if not Path(path).exists():
+        detect_backend(path)  # the readable "no such file or directory" with what is accepted
+    if spec.is_saved_reference():
+        return
+    if backend is None:
+        detect_backend(path)
+        return
+    declared = registry.get(backend)
+    if declared.detect is not None and not declared.detect(Path(path)):
+        try:
+            found = f"it looks like a {detect_backend(path)} model"
+        except ConvdiffError as exc:
+            found = str(exc)
+        raise ConvdiffError(f"{path}: the {declared.name} backend was named for it, but it is not a model that "
+                            f"backend runs ({found}). Name another backend, or let it be detected.")
+
+
 def resolve_backend(path: str, backend: str | None) -> str | None:
     """The backend that will run ``path`` ("reference" for a saved reference), or None when it cannot be
     told yet (the pair then errors with the readable reason when it runs)."""
@@ -137,6 +161,11 @@ def manifest_pair(entry: Any, source: Path, bound_overrides: dict[str, float]) -
     """A manifest entry (``manifest.ManifestEntry``) as a pair, its corpus, importance matrix and backend
     options checked now; a ConvdiffError names the manifest and the entry."""
     where = f"{source}, pair {entry.id!r}"
+    for key, path, backend in (("model_a", entry.model_a, entry.backend_a), ("model_b", entry.model_b, entry.backend_b)):
+        try:
+            check_model(path, backend)
+        except ConvdiffError as exc:
+            raise ConvdiffError(f"{where}: {key}: {exc}") from None
     corpus = load_corpus(entry.corpus) if entry.corpus else None
     if entry.imatrix:
         from .backends.imatrix import read as read_imatrix

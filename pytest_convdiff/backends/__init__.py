@@ -65,10 +65,9 @@ def device_options(backend: str, gpu_index: int, options: dict[str, Any] | None)
 
     How a run spreads models over GPUs (an xdist worker per GPU) without setting
     ``CUDA_VISIBLE_DEVICES`` in-process. A plain ``device=cuda`` (a GPU, but not which) becomes
-    ``cuda:N``. Otherwise what counts as the user's choice: transformers, any ``device`` (``cpu``
-    stays on the CPU, and so does an unset device: moving a CPU reference onto a GPU would change its
-    numerics); llama.cpp, ``main_gpu`` (harmless when no layers are offloaded); exllamav2, ``device``
-    or ``gpu_split``. The option and its spelling are each backend's declaration (``gpu_option``).
+    ``cuda:N``, and so does transformers' default ``auto``. Otherwise what counts as the user's choice:
+    transformers, ``cpu`` or ``cuda:N``; llama.cpp, ``main_gpu`` (harmless when no layers are offloaded);
+    exllamav2, ``device`` or ``gpu_split``. The option and its spelling are each backend's declaration (``gpu_option``).
     Returns a new dict; the input's values are kept as given (validate them with ``validate_options``).
     """
     spec = registry.get(backend)
@@ -79,9 +78,9 @@ def device_options(backend: str, gpu_index: int, options: dict[str, Any] | None)
         raise ValueError(f"gpu_index must be >= 0, not {gpu_index}")
     key, spell = spec.gpu_option, spec.gpu_value
     current = out.get(key)
-    if isinstance(current, str) and current.strip().lower() == "cuda":  # a GPU, but not which one
+    if isinstance(current, str) and current.strip().lower() in ("cuda", "auto"):  # a GPU, but not which one
         out[key] = spell(gpu_index)
-    elif current is None and spec.name != "transformers" and out.get("gpu_split") is None:
+    elif current is None and out.get("gpu_split") is None:
         out[key] = spell(gpu_index)
     return out
 

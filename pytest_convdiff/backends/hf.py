@@ -1,7 +1,7 @@
 """transformers backend: a checkpoint directory run with torch.
 
 Options (declared in ``OPTIONS``): ``dtype`` (auto | float32 | float16 | bfloat16; auto keeps the
-checkpoint's own), ``device`` (cpu | cuda | cuda:N; default cpu), ``gguf_file`` (a GGUF in the
+checkpoint's own), ``device`` (auto | cpu | cuda | cuda:N; default auto: the GPU when torch sees one), ``gguf_file`` (a GGUF in the
 directory, loaded through transformers' dequantising loader), ``trust_remote_code`` (default false).
 
 Hidden states: transformers returns L+1 tensors whose last one is *after* the
@@ -40,7 +40,8 @@ _WEIGHTS = ("*.safetensors", "*.bin", "*.gguf")
 
 OPTIONS: tuple[BackendOption, ...] = (
     BackendOption("dtype", "str", "auto", "torch dtype to run in; auto keeps the checkpoint's own", choices=_DTYPES),
-    BackendOption("device", "str", "cpu", "torch device: cpu, cuda or cuda:N", pattern=r"cpu|cuda(:\d+)?"),
+    BackendOption("device", "str", "auto", "torch device: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda "
+                  "or cuda:N", pattern=r"auto|cpu|cuda(:\d+)?"),
     BackendOption("gguf_file", "str", None, "a .gguf file in the directory, dequantised by transformers"),
     BackendOption("trust_remote_code", "bool", False, "allow the checkpoint's own modelling code"),
     BackendOption("weights_from", "str", None,
@@ -145,6 +146,8 @@ class TransformersBackend:
         self.path = path
         self.options = opts = _options(path, options)
         device = opts["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         _check_device(torch, path, device)
         self.device = torch.device(device)
         kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch, opts["dtype"])}
@@ -182,7 +185,7 @@ class TransformersBackend:
             architecture=(cfg.architectures or [cfg.model_type])[0],
             num_layers=self.num_layers, vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
             hidden_size=int(text_cfg.hidden_size), dtype=str(self.model.dtype).replace("torch.", ""),
-            library_version=transformers.__version__,
+            library_version=transformers.__version__, extra={"device": str(self.device)},
         )
 
     def _emulate_llamacpp(self, types: dict[str, str]) -> None:

@@ -4,7 +4,7 @@ Options (declared in ``OPTIONS``): ``n_ctx`` (longest sequence it will be given;
 ``n_batch`` (llama.cpp's logical batch: tokens per ``llama_decode`` call; default n_ctx, so a prompt
 is one call; a longer prompt is decoded in n_batch pieces on the KV cache), ``n_ubatch`` (the physical
 micro-batch: tokens per compute step; default min(n_batch, 512); llama.cpp stitches ubatches together),
-``n_threads`` (default: all cores), ``n_gpu_layers`` (default 0), ``main_gpu`` (the GPU that holds the
+``n_threads`` (default: all cores), ``n_gpu_layers`` (default: every layer when llama-cpp-python was built with a GPU backend, else 0), ``main_gpu`` (the GPU that holds the
 whole model, with llama.cpp's single-GPU split mode; ignored by a CPU-only build), ``type_k`` /
 ``type_v`` (KV cache type: f16 (the llama.cpp default), f32, bf16, q8_0...), ``flash_attn``
 (true | false | auto, default auto).
@@ -60,7 +60,8 @@ OPTIONS: tuple[BackendOption, ...] = (
                   f"physical micro-batch: tokens per compute step; default min(n_batch, {DEFAULT_MAX_UBATCH})",
                   minimum=1),
     BackendOption("n_threads", "int", None, "CPU threads; default all cores", minimum=1),
-    BackendOption("n_gpu_layers", "int", 0, "layers offloaded to the GPU (99: all)", minimum=-1),
+    BackendOption("n_gpu_layers", "int", None, "layers offloaded to the GPU (-1: all); default all when "
+                  "llama-cpp-python was built with a GPU backend, else 0", minimum=-1),
     BackendOption("main_gpu", "int", None, "GPU index holding the whole model (single-GPU split mode)", minimum=0),
     BackendOption("flash_attn", "str", "auto", "flash attention", choices=("auto", "true", "false")),
     BackendOption("type_k", "str", None, "K cache type; default llama.cpp's (f16)", choices=tuple(_KV_TYPES)),
@@ -283,12 +284,17 @@ class LlamaCppBackend:
         with self._console():
             lc.llama_backend_init()
             mparams = lc.llama_model_default_params()
-            mparams.n_gpu_layers = int(opts["n_gpu_layers"])
+            offload = opts["n_gpu_layers"]
+            if offload is None:  # the GPU when this build has one, else the CPU
+                offload = -1 if bool(lc.llama_supports_gpu_offload()) else 0
+            mparams.n_gpu_layers = int(offload)
             if opts["main_gpu"] is not None:
                 # the whole model on one GPU, chosen by index rather than by CUDA_VISIBLE_DEVICES
                 mparams.main_gpu = int(opts["main_gpu"])
                 mparams.split_mode = lc.LLAMA_SPLIT_MODE_NONE
             self._model = lc.llama_model_load_from_file(str(self.path).encode(), mparams)
+        self.info.extra["device"] = "cpu" if not offload else (
+            f"gpu {opts['main_gpu'] or 0} ({'all' if offload < 0 else offload} layers offloaded)")
         if not self._model:
             log = self._console.text()
             raise ModelLoadError(f"{self.path}: llama.cpp could not load it"

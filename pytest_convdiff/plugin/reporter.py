@@ -28,7 +28,12 @@ class SessionPlugin:
         for pair in self.state.pairs:
             collector = PairCollector.from_parent(session, name=f"convdiff[{pair.id}]",
                                                   nodeid=f"convdiff[{pair.id}]", pair=pair)
-            items.extend(collector.collect())
+            collected = list(collector.collect())
+            items.extend(collected)
+            # reported as collected, so "collected N items" counts the pair's items (pytest's own count
+            # comes from collect reports, and these items are made after collection proper)
+            self.config.hook.pytest_collectreport(report=pytest.CollectReport(collector.nodeid, "passed", None,
+                                                                              collected))
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):

@@ -136,8 +136,9 @@ def _pair(i: int, p: PairResult, h: rows.HeaderRow, plots: Mapping[str, PlotSour
         meta += f"; {h.cache_text}"
     if h.failed_kinds and not h.error:
         meta += f"; failed: {', '.join(h.failed_kinds)}"
-    out.append(f'<p class="meta">A: {_e(h.model_a)} ({_e(p.backend_a)})<br>'
-               f"B: {_e(h.model_b)} ({_e(p.backend_b)})<br>{_e(meta)}</p>")
+    on_a, on_b = (f" on {d}" if d else "" for d in (h.device_a, h.device_b))
+    out.append(f'<p class="meta">A: {_e(h.model_a)} ({_e(p.backend_a)}{_e(on_a)})<br>'
+               f"B: {_e(h.model_b)} ({_e(p.backend_b)}{_e(on_b)})<br>{_e(meta)}</p>")
     if h.notes:
         out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in h.notes) + "</ul>")
     if h.error:

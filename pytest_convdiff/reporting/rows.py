@@ -121,6 +121,8 @@ class HeaderRow:
     short_b: str
     backend_a: str
     backend_b: str
+    device_a: str | None  # where each model ran (cpu, cuda:0, gpu 0 (all layers offloaded)), as its backend says
+    device_b: str | None
     precision_class: str | None
     cached: tuple[str, ...]  # the sides ("A", "B") whose run came from the cache
     error: str | None  # the whole pair error, for reports with room for it
@@ -148,13 +150,19 @@ class HeaderRow:
         return ", ".join(f"{side} from cache" for side in self.cached)
 
 
+def _device(info: Any) -> str | None:
+    extra = info.get("extra") if isinstance(info, dict) else None
+    return str(extra["device"]) if isinstance(extra, dict) and extra.get("device") else None
+
+
 def header_row(p: PairResult) -> HeaderRow:
     m = p.metrics or {}
     verdict = p.verdict
     return HeaderRow(
         verdict=verdict, marker=MARKER.get(verdict, verdict.upper()), id=str(p.id),
         model_a=str(p.model_a), model_b=str(p.model_b), short_a=short_model(p.model_a), short_b=short_model(p.model_b),
-        backend_a=p.backend_a or "?", backend_b=p.backend_b or "?", precision_class=p.precision_class,
+        backend_a=p.backend_a or "?", backend_b=p.backend_b or "?", device_a=_device(p.info_a),
+        device_b=_device(p.info_b), precision_class=p.precision_class,
         cached=tuple(side for side, hit in (p.from_cache or {}).items() if hit),
         error=p.error or None, error_line=(first_line(p.error) or None) if p.error else None,
         failed_kinds=tuple(p.failed_kinds()), failed=len(p.failed), total=len(p.checks),

@@ -12,7 +12,8 @@ INDENT = " " * 6
 
 
 def _header(h: rows.HeaderRow) -> str:
-    where = f"{h.backend_a} -> {h.backend_b}"
+    where = (f"{h.backend_a}" + (f" on {h.device_a}" if h.device_a else "") + f" -> {h.backend_b}"
+             + (f" on {h.device_b}" if h.device_b else ""))
     if h.precision_class:
         where += f", bounds: {h.precision_class}"
     if h.cached:

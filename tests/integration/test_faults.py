@@ -109,15 +109,15 @@ def test_prompt_longer_than_context_is_cut_to_fit_with_a_note(pytester, variants
     (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "not a model this plugin recognises"),
     (lambda p: (p / "fake.gguf").write_bytes(b"NOPE" * 10) and p / "fake.gguf", "does not start with the GGUF magic"),
 ])
-def test_bad_paths_error_their_pair_in_one_line(pytester, variants, tmp_path, make, message):
+def test_bad_paths_are_usage_errors_in_one_line(pytester, variants, tmp_path, make, message):
+    """On the command line, before any model loads (exit 4, one line); through compare(), the pair's error."""
     bad = make(tmp_path)
-    res = _run(pytester, "--model-a", variants["ref"], "--model-b", bad, "--convdiff-json", "r.json",
-               "--convdiff-cache-dir", tmp_path / "cache", "--convdiff-no-tokenizer-cases")
-    assert res.ret == 1
-    pair = _pair(pytester)
-    assert pair["verdict"] == "error" and message in pair["error"]
-    assert "\n" not in pair["error"].strip()
-    assert "Traceback" not in res.stdout.str()
+    res = _run(pytester, "--model-a", variants["ref"], "--model-b", bad, "--convdiff-cache-dir", tmp_path / "cache")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    (line,) = [x for x in res.stderr.str().splitlines() if x.strip()]
+    assert line.startswith(f"ERROR: --model-b {bad}") and message in line
+    r = compare(variants["ref"], bad, corpus="quick", cache_dir=tmp_path / "cache")
+    assert r.verdict == "error" and message in r.error and "\n" not in r.error.strip()
 
 
 def test_truncated_gguf_is_detected(pytester, variants, tmp_path):

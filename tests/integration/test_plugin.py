@@ -130,18 +130,47 @@ def test_xdist_gives_the_same_results(pytester, tiny_models, shared_cache):
     dist.assert_outcomes(passed=plain.parseoutcomes()["passed"], failed=plain.parseoutcomes()["failed"])
 
 
-def test_missing_model_errors_its_pair_and_others_still_run(pytester, tiny_models, shared_cache):
-    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", pytester.path / "no-such-model",
-               "--model-b", tiny_models / "tiny-llama-fp16", "--convdiff-cache-dir", shared_cache,
-               "--convdiff-json", "r.json")
-    assert res.ret == 1
-    pairs = {p["id"]: p for p in _report(pytester)["pairs"]}
-    bad = pairs["tiny-llama-vs-no-such-model"]
-    assert bad["verdict"] == "error" and "no such file or directory" in bad["error"]
-    assert pairs["tiny-llama-vs-tiny-llama-fp16"]["verdict"] == "pass"
+def test_a_missing_model_is_a_usage_error_before_any_model_loads(pytester, tiny_models, tmp_path):
+    """It used to run A first (27 s on SmolLM2), then print the error once per item: 396 lines, exit 1."""
+    cache = tmp_path / "cache"
+    res = _run(pytester, "--model-a", tiny_models / "tiny-llama", "--model-b", tiny_models / "tiny-llama-fp16",
+               "--model-b", pytester.path / "no-such-model", "--convdiff-cache-dir", cache)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    out = (res.stdout.str() + res.stderr.str()).strip().splitlines()
+    assert len(out) <= 15, out
+    text = "\n".join(out)
+    assert "--model-b" in text and "no-such-model: no such file or directory" in text and ".gguf file" in text
+    assert "Traceback" not in text and "loading" not in text
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))  # no model ran
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--backend-b", "llama.cpp"], "the llama.cpp backend was named for it, but it is not a model that backend runs"),
+    ([], "pass the checkpoint directory"),
+])
+def test_a_path_of_the_wrong_kind_is_a_usage_error(pytester, tiny_models, extra, says):
+    b = tiny_models / "tiny-llama-bf16" if extra else tiny_models / "tiny-llama-bf16" / "config.json"
+    res = pytester.runpytest_subprocess("--model-a", str(tiny_models / "tiny-llama"), "--model-b", str(b), *extra)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert says in res.stderr.str() and "--model-b" in res.stderr.str()
+
+
+def test_a_missing_model_in_a_manifest_is_a_collection_error_naming_file_and_entry(pytester, tiny_models):
+    pytester.makefile(".convdiff.toml", zoo=f"""
+        [[pair]]
+        id = "good"
+        model_a = "{tiny_models / 'tiny-llama'}"
+        model_b = "{tiny_models / 'tiny-llama-fp16'}"
+
+        [[pair]]
+        id = "typo"
+        model_a = "{tiny_models / 'tiny-llama'}"
+        model_b = "missing.gguf"
+    """)
+    res = pytester.runpytest_subprocess("zoo.convdiff.toml", "--collect-only", "-q")
+    assert res.ret == pytest.ExitCode.INTERRUPTED
     out = res.stdout.str()
-    assert "no-such-model: no such file or directory" in out
-    assert "Traceback" not in out
+    assert "zoo.convdiff.toml, pair 'typo': model_b:" in out and "missing.gguf: no such file or directory" in out
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -260,3 +289,15 @@ def test_saved_reference_replaces_the_reference_model(pytester, tiny_models, tmp
 
     assert outputs(live) == outputs(saved) and len(outputs(live)) > 20
     assert saved["first_divergent_layer"] == 3
+
+
+def test_collection_reports_the_pair_items_it_will_run(pytester, tiny_models):
+    """It printed ``collected 0 items`` and then ran every pair item."""
+    args = ["--model-a", str(tiny_models / "tiny-llama"), "--model-b", str(tiny_models / "tiny-llama-bf16"),
+            "--collect-only"]
+    res = pytester.runpytest_subprocess(*args, "-q")
+    n = len([line for line in res.stdout.lines if line.startswith("convdiff[")])
+    assert n > 20
+    assert f"collected {n} items" in pytester.runpytest_subprocess(*args).stdout.str()
+    assert f"collected {n} items / {n - 1} deselected / 1 selected" in \
+        pytester.runpytest_subprocess(*args, "-k", "nmse").stdout.str()

@@ -315,8 +315,9 @@ def test_device_options_transformers():
     assert device_options("transformers", 2, {"device": "cuda"}) == {"device": "cuda:2"}
     assert device_options("hf", 2, {"device": "cuda:0", "dtype": "bfloat16"}) == {"device": "cuda:0", "dtype": "bfloat16"}
     assert device_options("transformers", 2, {"device": "cpu"}) == {"device": "cpu"}
-    # a reference left on the CPU stays there: moving it would change its numerics
-    assert device_options("transformers", 2, {}) == {}
+    # the default (auto: the GPU when there is one) follows --convdiff-gpus like the other backends
+    assert device_options("transformers", 2, {}) == {"device": "cuda:2"}
+    assert device_options("transformers", 2, {"device": "auto"}) == {"device": "cuda:2"}
 
 
 def test_device_options_llamacpp():
@@ -595,3 +596,27 @@ def test_transformers_probe_of_a_gguf_file_uses_the_header_reader():
         pytest.skip("GGUF fixtures not built (python -m fixtures.gguf_writer)")
     info = backend_module("transformers").probe(gguf.parent, {"gguf_file": gguf.name})
     assert (info.backend, info.num_layers, info.hidden_size, info.vocab_size) == ("transformers", 6, 128, 512)
+
+
+def test_the_gpu_is_the_default_and_the_cpu_the_fallback(tiny_models):
+    """transformers' device and llama.cpp's offload default to the GPU; without one (here) the model runs on
+    the CPU and the run says where it ran."""
+    pytest.importorskip("torch")
+    from pytest_convdiff.backends import open_backend
+
+    assert {o.name: o.default for o in backend_options("transformers")}["device"] == "auto"
+    assert {o.name: o.default for o in backend_options("llama.cpp")}["n_gpu_layers"] is None
+    import torch
+
+    hf = open_backend(tiny_models / "tiny-llama")
+    try:
+        assert hf.info.extra["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        hf.close()
+    lc = pytest.importorskip("llama_cpp")
+    gg = open_backend(tiny_models / "gguf" / "tiny-f16.gguf")
+    try:
+        offloads = bool(lc.llama_supports_gpu_offload())
+        assert gg.info.extra["device"] == ("gpu 0 (all layers offloaded)" if offloads else "cpu")
+    finally:
+        gg.close()

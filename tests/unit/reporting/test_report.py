@@ -286,3 +286,13 @@ def test_old_dict_api_is_gone():
     for name in ("item_payload", "merge_payload", "build_pairs", "write_json"):
         assert not hasattr(terminal, name)
     assert replace(_failing_pair(), error="x").verdict == "error"  # the verdict lives on PairResult only
+
+
+def test_the_reports_say_where_each_model_ran():
+    p = _pair([_check("kl", "mean", 0.001)], info_a={"extra": {"device": "cuda:0"}},
+              info_b={"extra": {"device": "gpu 0 (all layers offloaded)"}})
+    assert "[transformers on cuda:0 -> llama.cpp on gpu 0 (all layers offloaded)," in terminal.summary_lines([p])[0]
+    page = html.render([p])
+    assert "(transformers on cuda:0)" in page and "(llama.cpp on gpu 0 (all layers offloaded))" in page
+    bare = _pair([_check("kl", "mean", 0.001)])  # a report written before devices were recorded
+    assert "[transformers -> llama.cpp," in terminal.summary_lines([bare])[0]
