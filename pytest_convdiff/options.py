@@ -96,6 +96,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--convdiff-baseline-tolerance",), "convdiff_baseline_tolerance", "how much worse than the baseline is "
            "allowed, e.g. 'nmse:50%%,kl_mean:abs:1e-3,rfn:25%%' (defaults: nmse/kl 50%%, rfn 25%% per layer, "
            "top1/top5/ppl_ratio abs 0.01)", metavar="SPEC", parse="tolerances"),
+    Option(("--convdiff-shard",), "convdiff_shard", "run only shard K of N (1-based, e.g. 2/4) of the pairs, for a "
+           "zoo split across CI jobs: the pairs' sorted ids are dealt round-robin, a pair is never split; join the "
+           "shards' --convdiff-json reports with python -m pytest_convdiff merge", metavar="K/N", parse="shard"),
     Option(("--convdiff-gpus",), "convdiff_gpus", "under xdist, worker gwK runs its models on GPU K mod N (through "
            "each backend's device option; the environment is left alone)", metavar="N", parse="int>=1"),
     Option(("--convdiff-save-reference",), "convdiff_save_reference", "write model A's outputs to PATH (a golden "
@@ -157,6 +160,18 @@ def _int_at_least(minimum: int):
         return v
 
     return parse
+
+
+def shard(raw: Any) -> tuple[int, int]:
+    """``K/N`` with 1 <= K <= N."""
+    k, sep, n = str(raw).strip().partition("/")
+    try:
+        kk, nn = int(k), int(n)
+    except ValueError:
+        kk = nn = 0
+    if not sep or nn < 1 or not 1 <= kk <= nn:
+        raise ValueError(f"expected K/N with 1 <= K <= N (shard K of N), got {raw!r}")
+    return kk, nn
 
 
 def backend(raw: Any) -> str:
@@ -229,7 +244,7 @@ def tolerances(raw: Any) -> Any:
 PARSERS = {
     "text": text, "texts": texts, "flag": flag, "negated": negated, "path": path, "directory": directory,
     "int>=0": _int_at_least(0), "int>=1": _int_at_least(1), "int>=2": _int_at_least(2),
-    "backend": backend, "backend_items": backend_items, "bounds": bounds, "corpus": corpus,
+    "shard": shard, "backend": backend, "backend_items": backend_items, "bounds": bounds, "corpus": corpus,
     "cache_dtype": cache_dtype, "store": store, "runtime_twin": runtime_twin, "imatrix": imatrix,
     "size": size, "tolerances": tolerances,
 }

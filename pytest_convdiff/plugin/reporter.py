@@ -34,6 +34,14 @@ class SessionPlugin:
             # comes from collect reports, and these items are made after collection proper)
             self.config.hook.pytest_collectreport(report=pytest.CollectReport(collector.nodeid, "passed", None,
                                                                               collected))
+        if self.state.shard is not None:
+            k, n = self.state.shard
+            ids = sorted({item.pair.id for item in items if isinstance(item, ConvdiffItem)})
+            mine = set(ids[k - 1::n])
+            other = [i for i in items if isinstance(i, ConvdiffItem) and i.pair.id not in mine]
+            if other:
+                self.config.hook.pytest_deselected(items=other)
+                items[:] = [i for i in items if not (isinstance(i, ConvdiffItem) and i.pair.id not in mine)]
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]):

@@ -27,6 +27,7 @@ class ConvdiffState(Zoo):
     json_path: Path | None = None
     plot_dir: Path | None = None
     html_path: Path | None = None
+    shard: tuple[int, int] | None = None  # (K, N): run the K-th of N round-robin slices of the sorted pair ids
     gathered: Gathered = field(default_factory=Gathered)  # every item's report (the controller's view)
     errors_shown: set[str] = field(default_factory=set)  # pairs whose error block was printed once
     headers_sent: set[str] = field(default_factory=set)  # pairs whose header this process has reported
@@ -46,7 +47,8 @@ def build_session(config: pytest.Config) -> ConvdiffState:
     try:
         v = read_options(lambda name: opts.value(config, name))
         return build_zoo(v, cache_root, getattr(config, "workerinput", {}).get("workerid", ""), ConvdiffState,
-                         json_path=v["convdiff_json"], plot_dir=v["convdiff_plot"], html_path=v["convdiff_html"])
+                         json_path=v["convdiff_json"], plot_dir=v["convdiff_plot"], html_path=v["convdiff_html"],
+                         shard=v["convdiff_shard"])
     except OptionError as exc:
         raise pytest.UsageError(str(exc)) from None
 

@@ -161,3 +161,54 @@ def test_each_xdist_worker_gets_its_own_gpu(pytester, monkeypatch, tiny_models):
     pytester.runpytest_subprocess("-n", "2", "--convdiff-gpus", "2", "-p", "xdist").assert_outcomes(passed=1)
     bad = pytester.runpytest_inprocess("--convdiff-gpus", "zero")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR and "--convdiff-gpus" in bad.stderr.str()
+
+
+# --------------------------------------------------------------------------- shards across CI jobs
+
+
+@pytest.mark.usefixtures("subprocess_env")
+def test_two_shards_and_their_merge_equal_one_unsharded_run(pytester, tiny_models, shared_cache):
+    import subprocess
+    import sys
+
+    bs = [tiny_models / "tiny-llama-bf16", tiny_models / "tiny-llama-fp16", tiny_models / "gguf" / "tiny-f16.gguf",
+          tiny_models / "gguf" / "tiny-no-permute.gguf"]
+    common = ["--model-a", str(tiny_models / "tiny-llama"), *[a for b in bs for a in ("--model-b", str(b))],
+              "--convdiff-cache-dir", str(shared_cache), "--convdiff-prompts", "quick", "--convdiff-no-tokenizer-cases",
+              "--convdiff-greedy-tokens", "0", "--convdiff-runtime-twin", "off", "-p", "no:randomly", "-q"]
+    whole = pytester.runpytest_subprocess(*common, "--convdiff-json", "whole.json")
+    shards = [pytester.runpytest_subprocess(*common, "--convdiff-shard", f"{k}/2", "--convdiff-json", f"s{k}.json")
+              for k in (1, 2)]
+    assert whole.ret == 1  # the no-permute file fails
+    ids = [{p["id"] for p in json.loads((pytester.path / f"s{k}.json").read_text())["pairs"]} for k in (1, 2)]
+    assert ids[0] and ids[1] and not ids[0] & ids[1] and len(ids[0] | ids[1]) == len(bs)  # whole pairs, none twice
+    merged = subprocess.run([sys.executable, "-m", "pytest_convdiff", "merge", "s1.json", "s2.json",
+                             "--json", "merged.json", "--html", "merged.html", "--summary", "summary.md"],
+                            cwd=pytester.path, capture_output=True, text=True)
+    assert merged.returncode == 1, merged.stderr
+    assert "FAIL  tiny-llama-vs-tiny-no-permute.gguf" in merged.stdout
+    assert (pytester.path / "merged.html").is_file() and "tiny-no-permute" in (pytester.path / "summary.md").read_text()
+
+    def pairs(name):
+        out = sorted(json.loads((pytester.path / name).read_text())["pairs"], key=lambda p: p["id"])
+        for p in out:
+            p.pop("from_cache", None)  # the shards read what the whole run cached
+        return out
+
+    assert pairs("merged.json") == pairs("whole.json")
+    assert [s.ret for s in shards].count(1) == 1  # the shard holding the failing pair fails, the other passes
+
+
+def test_merge_refuses_overlapping_or_missing_reports(pytester, tmp_path):
+    import subprocess
+    import sys
+
+    from pytest_convdiff.core.results import PairResult
+    from pytest_convdiff.reporting import write_json
+
+    write_json(tmp_path / "a.json", [PairResult("p", "a", "b", "transformers", "llama.cpp")])
+    run = [sys.executable, "-m", "pytest_convdiff", "merge"]
+    twice = subprocess.run([*run, str(tmp_path / "a.json"), str(tmp_path / "a.json")], capture_output=True, text=True)
+    assert twice.returncode == 2 and "pair 'p' is in both" in twice.stderr
+    missing = subprocess.run([*run, str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.json: no such report" in missing.stderr
