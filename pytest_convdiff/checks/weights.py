@@ -389,6 +389,8 @@ def _item(cid: CheckId, where: str, layer: int | None, tensors: list[dict[str, A
                      "matches": e.get("matches", [])[:3], "first_nonfinite": e.get("first_nonfinite")}
                     for e, why in failing],
         "twinned": sum(1 for e in checked if e.get("twin")),
+        # every tensor's score by role (the name without its layer prefix): the report's weights map
+        "scores": {weight_errors.layer_and_role(e["name"])[1]: score(e, bounds) for e in checked},
     }
     if worst is not None:
         details["worst"] = {"name": worst["name"], "type": _type_label(worst), "error": worst["error"],

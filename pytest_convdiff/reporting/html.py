@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.results import PairResult
 from ..store.atomic import write_text
-from . import rows
+from . import figures, rows
 
 # A plot for the page: a PNG file written earlier, or the PNG bytes themselves.
 PlotSource = Path | bytes
@@ -34,6 +34,9 @@ pre.error{background:#fff8c5;padding:8px;border:1px solid #d4a72c;max-width:none
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-weight:600;font-size:12px}
 .badge.pass{background:#1a7f37} .badge.fail{background:#cf222e} .badge.error{background:#9a6700}
 .badge.other{background:#6e7781} .meta{color:#57606a;font-size:13px} img{max-width:100%;border:1px solid #d0d7de}
+.figures{display:flex;flex-wrap:wrap;gap:16px;margin:.5em 0 1em 0} svg.figure{border:1px solid #d0d7de;background:#fff}
+summary{cursor:pointer;color:#57606a;font-size:13px}
+.lead{border:1px solid #cf222e;background:#fff1f0;padding:6px 10px;margin:.4em 0} .lead pre{margin-top:4px;max-width:none}
 """
 
 
@@ -73,10 +76,7 @@ def _overview(headers: list[rows.HeaderRow]) -> list[str]:
     return out
 
 
-def _checks(p: PairResult) -> list[str]:
-    checks = rows.check_rows(p)
-    if not checks:
-        return ['<p class="meta">No checks.</p>']
+def _check_table(checks: list[rows.CheckRow]) -> list[str]:
     out = ['<table class="checks">',
            "<tr><th>outcome</th><th>check</th><th>value</th><th>bound</th><th>message</th></tr>"]
     for c in checks:
@@ -84,6 +84,42 @@ def _checks(p: PairResult) -> list[str]:
                    f"{_num_td(c.value)}{_num_td(c.bound)}<td><pre>{_e(c.message)}</pre></td></tr>")
     out.append("</table>")
     return out
+
+
+def _checks(p: PairResult) -> list[str]:
+    """The items that did not pass, open; the passed and skipped ones folded away."""
+    checks = rows.check_rows(p)
+    if not checks:
+        return ['<p class="meta">No checks.</p>']
+    bad = [c for c in checks if c.outcome in ("failed", "error")]
+    rest = [c for c in checks if c.outcome not in ("failed", "error")]
+    out = _check_table(bad) if bad else []
+    if rest:
+        out += [f"<details><summary>{len(rest)} passed or skipped item{'s' if len(rest) != 1 else ''}</summary>",
+                *_check_table(rest), "</details>"]
+    return out
+
+
+def _lead(pairs: list[PairResult], headers: list[rows.HeaderRow]) -> list[str]:
+    """At the top of the page: each failed or errored pair with what failed first, so the reason is on the
+    first screen however many pairs passed."""
+    out = []
+    for i, (p, h) in enumerate(zip(pairs, headers, strict=True)):
+        if h.verdict == "pass":
+            continue
+        if h.error:
+            why = h.error_line or ""
+        else:
+            first = next((c for c in p.checks if c.outcome in ("failed", "error")), None)
+            why = f"{first.check_id}: {first.message}" if first else ""
+        out.append(f'<div class="lead">{_badge(h)} <a href="#pair-{i}">{_e(h.id)}</a>'
+                   f"<pre>{_e(why)}</pre></div>")
+    return out
+
+
+def _figures(p: PairResult) -> list[str]:
+    drawn = [svg for svg in (figures.weights_map(p), figures.rfn_by_layer(p), figures.kl_by_position(p)) if svg]
+    return ['<div class="figures">', *drawn, "</div>"] if drawn else []
 
 
 def _layers(p: PairResult) -> list[str]:
@@ -143,11 +179,12 @@ def _pair(i: int, p: PairResult, h: rows.HeaderRow, plots: Mapping[str, PlotSour
         out.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in h.notes) + "</ul>")
     if h.error:
         out.append(f'<pre class="error">{_e(h.error)}</pre>')
+    out += ["<h3>Checks</h3>", *_checks(p)]  # what failed first, with its whole message
+    out += _figures(p)
     out += _plot(h, plots)
     metrics = _metrics(p)
     if metrics:
         out += ["<h3>Metrics</h3>", *metrics]
-    out += ["<h3>Checks</h3>", *_checks(p)]
     layers = _layers(p)
     if layers:
         out += ["<h3>Layers</h3>", *layers]
@@ -155,12 +192,15 @@ def _pair(i: int, p: PairResult, h: rows.HeaderRow, plots: Mapping[str, PlotSour
 
 
 def render(pairs: list[PairResult], plots: Mapping[str, PlotSource] | None = None) -> str:
-    """The page: an overview table, then per pair its plot (when ``plots`` has one for the pair id),
-    metrics, checks (not passed first, messages in ``<pre>``) and layer table."""
+    """The page, failed and errored pairs first: an overview table, then per pair its failing items with
+    their messages (passed ones folded), the pictures (weights map, rfn by layer, KL by position), its plot
+    (when ``plots`` has one for the pair id), metrics and layer table."""
+    pairs = sorted(pairs, key=lambda p: p.verdict == "pass")  # stable: otherwise in the order given
     headers = [rows.header_row(p) for p in pairs]
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            "<title>convdiff report</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
            "<h1>convdiff report</h1>", f'<p class="meta">{_e(rows.counts_line(pairs))}</p>']
+    out += _lead(pairs, headers)
     out += _overview(headers)
     for i, (p, h) in enumerate(zip(pairs, headers, strict=True)):
         out += _pair(i, p, h, plots)

@@ -200,7 +200,7 @@ def _plot_kl(ax: Any, p: PairResult) -> None:
     ax.set_yticklabels([f"KL {label}" for label, _ in vals])
     ax.set_ylim(-0.7, len(vals) - 0.2)
     ax.set_xlabel("KL(P_A ‖ P_B)  (log)")
-    ax.set_title("KL divergence over positions" + _kl_info(p), fontsize=10)
+    ax.set_title("KL divergence over all positions: mean, 99th percentile, max" + _kl_info(p), fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
 

@@ -319,7 +319,9 @@ def test_html_report_is_well_formed_and_escaped():
     c = _parse(page)
     assert c.errors == [] and c.stack == []
     assert page.startswith("<!DOCTYPE html>") and "<style>" in page and "<script" not in page
-    assert c.counts["table"] == 1 + 3 + 3 + 1  # overview; metrics, checks, layers per pair; the error pair's checks
+    # overview; the failed pair's failing and folded checks, metrics, layers; the error pair's checks; the passing
+    # pair's folded checks, metrics and layers
+    assert c.counts["table"] == 1 + 4 + 1 + 3
     text = "".join(c.text)
     for p in pairs:
         assert p.id in text
@@ -332,11 +334,13 @@ def test_html_report_is_well_formed_and_escaped():
 
 def test_html_checks_failed_first_with_messages_in_pre():
     page = html_report(_pairs())
-    section = page.split('id="pair-1"')[1].split('id="pair-2"')[0]
+    section = page.split('id="pair-0"')[1].split('id="pair-1"')[0]  # failed and errored pairs come first
     checks = section.split('<table class="checks">')[1].split("</table>")[0]
     rows = checks.split("<tr")[2:]
     outcomes = [r.split("<td>")[1].split("</td>")[0] for r in rows]
-    assert outcomes == ["failed"] * 34 + ["passed"] * 2
+    assert outcomes == ["failed"] * 34  # the passed items are folded away below
+    folded = section.split("<details><summary>2 passed or skipped items</summary>")[1].split("</details>")[0]
+    assert folded.count('<tr class="passed">') == 2
     assert "<pre>Top-1 agreement is 0.882, below the bound 0.95.\nmore</pre>" in checks
     assert "≥ 0.95" in checks and "≤ 0.002" in checks
     layers = section.split('<table class="layers">')[1].split("</table>")[0]
@@ -346,7 +350,7 @@ def test_html_checks_failed_first_with_messages_in_pre():
 
 def test_html_error_pair_shows_the_error():
     page = html_report(_pairs())
-    section = page.split('id="pair-2"')[1]
+    section = page.split('id="pair-1"')[1].split('id="pair-2"')[0]
     assert '<pre class="error">ModelLoadError: /m/missing.gguf does not exist &lt;no file&gt;\nTraceback line 2</pre>' \
         in section
     assert '<table class="layers">' not in section
@@ -387,7 +391,7 @@ def test_markdown_and_html_name_the_kinds_that_failed():
     assert "Kind of failure: budget, correctness." in section
     assert "Kind of failure" not in md.split("### ERROR")[1]  # the model error says it all
     page = html_report(pairs)
-    assert "failed: budget, correctness" in page.split('id="pair-1"')[1].split('id="pair-2"')[0]
+    assert "failed: budget, correctness" in page.split('id="pair-0"')[1].split('id="pair-1"')[0]
 
 
 def test_html_write_keeps_the_old_page_when_rendering_fails(tmp_path, monkeypatch):
@@ -430,3 +434,41 @@ def test_step_summary_is_appended_and_untouched_when_rendering_fails(tmp_path, m
 
 def test_plot_dependency_error_is_a_convdiff_error():
     assert issubclass(PlotDependencyError, ConvdiffError) and issubclass(PlotDependencyError, ImportError)
+
+
+def test_html_leads_with_the_failures_and_draws_where_they_are():
+    """The failing pair and its first failing message come before any passing pair, on the first screen;
+    each pair shows its rfn by layer (and, when the data is there, the weights map and KL by position)."""
+    pairs = _pairs()
+    page = html_report(pairs)
+    lead = page.split('<table class="overview">')[0]
+    bad = next(p for p in pairs if p.verdict == "fail")
+    first = next(c for c in bad.checks if c.outcome == "failed")
+    assert f'href="#pair-0">{bad.id}' in lead and f"{first.check_id}: {first.message.splitlines()[0]}" in lead
+    assert "ref-vs-missing.gguf" in lead and "ModelLoadError" in lead and "ref-vs-good.gguf" not in lead
+    assert f'aria-label="rfn by layer of {bad.id}"' in page
+    assert _parse(page).errors == []
+
+
+def test_figures_draw_the_weights_map_rfn_and_kl_by_position():
+    from pytest_convdiff.reporting import figures
+
+    checks = [CheckResult("weights", f"layer-{i}", 0.2, 1.0, "passed", "", {"scores": {
+        "self_attn.q_proj.weight": 0.05, "self_attn.k_proj.weight": 3.0 if i == 1 else 0.3, "mlp.up_proj.weight": None}})
+        for i in range(3)]
+    layers = [{"index": i, "rfn": 0.01 * (i + 1), "rfn_attn": 0.004, "rfn_mlp": 0.02} for i in range(3)]
+    profile = {"all": [{"bucket": "0-64", "positions": 64, "kl_mean": 1e-3, "kl_p99": 1e-2},
+                       {"bucket": "64-256", "positions": 0}]}
+    p = PairResult("p", "a", "b", "transformers", "llama.cpp", checks=checks, layers=layers, bounds={"rfn": 0.02},
+                   metrics={"position_profile": profile}, first_divergent_layer=1)
+    wm = figures.weights_map(p)
+    assert wm is not None and wm.count("<rect") >= 9 + 4  # 3 layers x 3 roles, and the legend
+    assert "layer 1 self_attn.k_proj: 3</title>" in wm and 'fill="#cf222e"' in wm  # over the bound: red
+    assert "layer 0 mlp.up_proj: no score" in wm
+    rfn = figures.rfn_by_layer(p)
+    assert rfn.count("<polyline") == 3 and "bound 0.02" in rfn and "first divergent: 1" in rfn
+    kl = figures.kl_by_position(p)
+    assert kl.count("<rect") == 2 + 2 + 1 and "0-64: KL mean 0.001 (64 positions)" in kl  # empty bucket left out
+    empty = PairResult("q", "a", "b", None, None)
+    assert figures.weights_map(empty) is None and figures.rfn_by_layer(empty) is None \
+        and figures.kl_by_position(empty) is None
