@@ -296,5 +296,7 @@ def read_gguf(path: Path) -> dict[str, Any]:
         "stop_ids": {"value": stops, "source": "GGUF tokenizer.ggml.eos/eot/eom_token_id"},
         "special_text": {"bos": texts.get(fields["bos_id"]["value"]), "eos": texts.get(fields["eos_id"]["value"])},
         "tokenizer_json": None,
+        # the tokens the template may emit as markers, as B's vocabulary marks them (config check)
+        "special_tokens": gguf_header.special_tokens(path, hdr),
         "notes": notes,
     }

@@ -70,6 +70,7 @@ class _Header:
         self.array_len: dict[str, int] = {}
         self.types: dict[str, tuple[int, ...]] = {}  # key -> (value type,) or (ARRAY, element type)
         self.token_strings_at = 0  # where tokenizer.ggml.tokens' elements start (0: no such array)
+        self.array_at: dict[str, int] = {}  # where each array's elements start
         self.endian = "<"
         self.tensors: list[tuple[str, tuple[int, ...], int, int]] = []  # name, ne, type, offset
         self.data_start = 0
@@ -110,6 +111,7 @@ class _Reader:
             count = self.take("Q", 8)
             hdr.array_len[key] = count
             hdr.types[key] = (_ARRAY, etype)
+            hdr.array_at[key] = self.pos
             if key == "tokenizer.ggml.tokens" and etype == _STRING:
                 hdr.token_strings_at = self.pos
             if etype in _SCALARS:
@@ -176,6 +178,32 @@ def token_texts(path: str | os.PathLike[str], ids: list[int], hdr: _Header | Non
         for i in range(last + 1):
             if i in wanted:
                 out[i] = r.string()
+            else:
+                r.skip_string()
+    return out
+
+
+# llama.cpp's token types (tokenizer.ggml.token_type): CONTROL and USER_DEFINED are the special ones
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+
+
+def special_tokens(path: str | os.PathLike[str], hdr: _Header | None = None) -> dict[str, int]:
+    """``{text: id}`` of the tokens the file marks as control or user-defined (the ones llama.cpp parses as
+    special in a prompt): one walk over the token texts and a read of the type array."""
+    path = Path(path)
+    hdr = hdr if hdr is not None else read_header(path)
+    count = hdr.array_len.get("tokenizer.ggml.tokens", 0)
+    types_at = hdr.array_at.get("tokenizer.ggml.token_type")
+    if not hdr.token_strings_at or types_at is None or hdr.array_len.get("tokenizer.ggml.token_type") != count:
+        return {}
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        types = struct.unpack_from(f"{hdr.endian}{count}i", buf, types_at)
+        r = _Reader(buf, hdr.file_size, hdr.endian)
+        r.pos = hdr.token_strings_at
+        out: dict[str, int] = {}
+        for i in range(count):
+            if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED):
+                out.setdefault(r.string(), i)
             else:
                 r.skip_string()
     return out

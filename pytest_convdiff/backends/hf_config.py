@@ -172,5 +172,7 @@ def read_hf_dir(path: Path) -> dict[str, Any]:
         "stop_ids": {"value": sorted(stops), "source": ", ".join(stop_sources)},
         "special_text": {"bos": specials["bos"]["text"], "eos": specials["eos"]["text"]},
         "tokenizer_json": str(path / "tokenizer.json") if tok else None,
+        "special_tokens": {str(t["content"]): int(t["id"]) for t in (tok or {}).get("added_tokens") or []
+                           if isinstance(t, dict) and t.get("special") and "content" in t and "id" in t},
         "notes": [],
     }

@@ -28,14 +28,53 @@ __all__ = ["CONVERSATIONS", "FIELDS", "Field", "compare_templates", "measure", "
 
 # The conversations every chat template is rendered on (name, messages); each with and without the
 # generation prompt.
-CONVERSATIONS: tuple[tuple[str, list[dict[str, str]]], ...] = (
+# A tool a template may be asked to declare, and one call of it with its result.
+TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city's name."}},
+                   "required": ["city"]}}}]
+_CALL = {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+# (name, messages, extra template variables): plain chats, a system prompt, several turns, tools declared,
+# an assistant tool call with the tool's result, and reasoning (with and without thinking).
+CONVERSATIONS: tuple[tuple[str, list[dict[str, Any]], dict[str, Any]], ...] = (
     ("system+user", [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "What is the capital of France?"}]),
-    ("user", [{"role": "user", "content": "Write a haiku about rain."}]),
+                     {"role": "user", "content": "What is the capital of France?"}], {}),
+    ("user", [{"role": "user", "content": "Write a haiku about rain."}], {}),
     ("multi-turn", [{"role": "user", "content": "Hi! Can you help me?"},
                     {"role": "assistant", "content": "Of course. What do you need?"},
-                    {"role": "user", "content": "Tell me a joke about cats."}]),
+                    {"role": "user", "content": "Tell me a joke about cats."}], {}),
+    ("tools", [{"role": "system", "content": "You are a helpful assistant."},
+               {"role": "user", "content": "What is the weather in Paris?"}], {"tools": TOOLS}),
+    ("tool-call", [{"role": "user", "content": "What is the weather in Paris?"},
+                   {"role": "assistant", "content": "", "tool_calls": [_CALL]},
+                   {"role": "tool", "tool_call_id": "call_0", "name": "get_weather",
+                    "content": '{"temperature": 18, "sky": "clear"}'},
+                   {"role": "assistant", "content": "It is 18 degrees and clear in Paris."},
+                   {"role": "user", "content": "And tomorrow?"}], {"tools": TOOLS}),
+    ("reasoning", [{"role": "user", "content": "What is 2 + 2?"},
+                   {"role": "assistant", "content": "4.", "reasoning_content": "Two plus two is four."},
+                   {"role": "user", "content": "And 3 + 3?"}], {"enable_thinking": True}),
+    ("no-thinking", [{"role": "user", "content": "What is 2 + 2?"}], {"enable_thinking": False}),
 )
+
+
+def describe_conversation(messages: list[dict[str, Any]], extra: dict[str, Any]) -> str:
+    """One line per message, for a failure message: who said what (tool calls by name and arguments)."""
+    lines = []
+    if extra.get("tools"):
+        lines.append("tools: " + ", ".join(t["function"]["name"] for t in extra["tools"]))
+    if "enable_thinking" in extra:
+        lines.append(f"enable_thinking={extra['enable_thinking']}")
+    for m in messages:
+        text = str(m.get("content") or "")
+        if m.get("reasoning_content"):
+            text = f"[reasoning: {m['reasoning_content']}] {text}"
+        for call in m.get("tool_calls") or []:
+            fn = call["function"]
+            text += f" [calls {fn['name']}({json.dumps(fn['arguments'])})]"
+        lines.append(f"{m['role']}: {text.strip()}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- golden references
@@ -156,16 +195,38 @@ def _environment() -> Any:
     return env
 
 
-def render_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                    bos_token: str | None, eos_token: str | None) -> dict[str, Any]:
-    """``{"text": ...}`` or ``{"error": ...}`` (a template that raises, or does not parse)."""
+def render_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    bos_token: str | None, eos_token: str | None, **extra: Any) -> dict[str, Any]:
+    """As transformers renders a checkpoint's template: ``{"text": ...}`` or ``{"error": ...}`` (a template
+    that raises, or does not parse)."""
     try:
         env = _environment()
         compiled = env.from_string(template)
         return {"text": compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=bos_token or "", eos_token=eos_token or "")}
+                                        bos_token=bos_token or "", eos_token=eos_token or "", **extra)}
     except Exception as exc:  # noqa: BLE001 - the template's own failure is what is compared
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def render_template_llamacpp(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                             bos_token: str | None, eos_token: str | None, **extra: Any) -> dict[str, Any]:
+    """As llama-cpp-python renders a GGUF's template (its ``Jinja2ChatFormatter``), with the same fixed date as
+    the other side; transformers' way where llama-cpp-python is not installed."""
+    try:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    except ImportError:
+        return render_template(template, messages, add_generation_prompt, bos_token, eos_token, **extra)
+    try:
+        fmt = Jinja2ChatFormatter(template, eos_token or "", bos_token or "", add_generation_prompt)
+        fmt.strftime_now = lambda f: datetime.datetime(2024, 1, 15, 12, 0).strftime(f)  # type: ignore[method-assign]
+        tools = extra.pop("tools", None)
+        return {"text": fmt(messages=messages, tools=tools, **extra).prompt}
+    except Exception as exc:  # noqa: BLE001
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _renderer(side: dict[str, Any]) -> Any:
+    return render_template_llamacpp if side.get("kind") == "gguf" else render_template
 
 
 def _tokenizer(path: str | None) -> Any:
@@ -179,30 +240,60 @@ def _tokenizer(path: str | None) -> Any:
         return None
 
 
+def _renderer_name(side: dict[str, Any]) -> str:
+    return "llama-cpp-python" if side.get("kind") == "gguf" else "transformers"
+
+
+def template_markers(side_a: dict[str, Any], side_b: dict[str, Any], texts_a: list[str]) -> dict[str, Any]:
+    """The special tokens A's template emits (its renders contain them: turn, tool-call and thinking markers)
+    and whether B's vocabulary has each as a special token with A's id. A marker B lacks is tokenized as
+    plain text, and the model never sees the token it was trained on."""
+    specials_a, specials_b = side_a.get("special_tokens") or {}, side_b.get("special_tokens")
+    if not specials_a or specials_b is None:
+        return {"checked": [], "problems": [], "skipped": "no list of special tokens for "
+                + ("A" if not specials_a else "B")}
+    emitted = sorted(t for t in specials_a if t and any(t in x for x in texts_a))
+    problems = [{"token": t, "a_id": specials_a[t], "b_id": specials_b.get(t)} for t in emitted
+                if specials_b.get(t) != specials_a[t]]
+    return {"checked": emitted, "problems": problems}
+
+
 def compare_templates(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[str, Any]:
     """Render A's and B's chat templates on ``CONVERSATIONS`` (each with and without the generation
-    prompt), each with its own BOS/EOS texts; token ids of differing renders with a tokenizer.json
-    (A's, else B's) when one is at hand."""
+    prompt), each with its own BOS/EOS texts and as its runtime renders it (transformers for a checkpoint,
+    llama-cpp-python for a GGUF); token ids of differing renders with a tokenizer.json (A's, else B's) when
+    one is at hand; and the special tokens A's renders emit, looked up in B's vocabulary."""
     ta = (side_a.get("fields", {}).get("chat_template") or {}).get("value")
     tb = (side_b.get("fields", {}).get("chat_template") or {}).get("value")
     out: dict[str, Any] = {"renders": [], "identical_source": ta == tb, "jinja2": True, "tokenizer": None}
-    if not (isinstance(ta, str) and isinstance(tb, str)) or ta == tb:
+    if not isinstance(ta, str):
         return out
     try:
         import jinja2  # noqa: F401
     except ImportError:
         out["jinja2"] = False
         return out
+    sa, sb = side_a.get("special_text") or {}, side_b.get("special_text") or {}
+    render_a, render_b = _renderer(side_a), _renderer(side_b)
+    texts_a: list[str] = []
+    if not isinstance(tb, str) or ta == tb:  # nothing to compare; A's renders still name the markers it emits
+        for _name, messages, extra in CONVERSATIONS:
+            ra = render_a(ta, messages, True, sa.get("bos"), sa.get("eos"), **dict(extra))
+            texts_a += [ra["text"]] if "text" in ra else []
+        out["special_tokens"] = template_markers(side_a, side_b, texts_a)
+        return out
     tok_path = side_a.get("tokenizer_json") or side_b.get("tokenizer_json")
     tok = _tokenizer(tok_path)
     if tok is not None:
         out["tokenizer"] = "A's tokenizer.json" if side_a.get("tokenizer_json") else "B's tokenizer.json"
-    sa, sb = side_a.get("special_text") or {}, side_b.get("special_text") or {}
-    for name, messages in CONVERSATIONS:
+    out["rendered_as"] = {"a": _renderer_name(side_a), "b": _renderer_name(side_b)}
+    for name, messages, extra in CONVERSATIONS:
         for gen in (True, False):
-            ra = render_template(ta, messages, gen, sa.get("bos"), sa.get("eos"))
-            rb = render_template(tb, messages, gen, sb.get("bos"), sb.get("eos"))
-            row: dict[str, Any] = {"name": name, "add_generation_prompt": gen, "a": ra, "b": rb}
+            ra = render_a(ta, messages, gen, sa.get("bos"), sa.get("eos"), **dict(extra))
+            rb = render_b(tb, messages, gen, sb.get("bos"), sb.get("eos"), **dict(extra))
+            texts_a += [ra["text"]] if "text" in ra else []
+            row: dict[str, Any] = {"name": name, "add_generation_prompt": gen, "a": ra, "b": rb,
+                                   "conversation": describe_conversation(messages, extra)}
             if tok is not None and "text" in ra and "text" in rb and ra["text"] != rb["text"]:
                 ids_a = tok.encode(ra["text"], add_special_tokens=False).ids
                 ids_b = tok.encode(rb["text"], add_special_tokens=False).ids
@@ -211,6 +302,7 @@ def compare_templates(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[st
                 row["pieces"] = {"a": tok.id_to_token(ids_a[i]) if i < len(ids_a) else None,
                                  "b": tok.id_to_token(ids_b[i]) if i < len(ids_b) else None}
             out["renders"].append(row)
+    out["special_tokens"] = template_markers(side_a, side_b, texts_a)
     return out
 
 

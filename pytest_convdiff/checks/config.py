@@ -220,9 +220,30 @@ def first_difference(a: str, b: str) -> int:
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def _markers(cid: CheckId, chat: dict[str, Any], sa: Any, sb: Any) -> CheckResult | None:
+    """A failure when a special token A's template emits is not special in B's vocabulary, or has another id."""
+    found = (chat.get("special_tokens") or {}).get("problems") or []
+    if not found:
+        return None
+    lines = [f"  {p['token']!r}: A id {p['a_id']}, B " + (f"id {p['b_id']}" if p["b_id"] is not None else
+                                                         "has no such special token") for p in found]
+    return result(cid, float(len(found)), False,
+                  f"chat_template: {len(found)} special token(s) that A's template emits (from {sa}) are not special "
+                  f"tokens in B's vocabulary with A's ids (B: {sb}):\n" + "\n".join(lines) + "\n"
+                  "B then reads those turn or tool-call markers as plain text (or as another token): the model "
+                  "never sees the token it was trained to see there. Re-convert with the tokenizer's added tokens.",
+                  details={"special_tokens": found})
+
+
 def _template(cid: CheckId, field: cf.Field, ra: dict[str, Any], rb: dict[str, Any], chat: dict[str, Any]) -> CheckResult:
     ta, tb = ra.get("value"), rb.get("value")
     sa, sb = ra.get("source"), rb.get("source")
+    if ta is None or tb is None:  # a template dropped or added says more than its markers
+        return _template_text(cid, ta, tb, sa, sb, chat)
+    return _markers(cid, chat, sa, sb) or _template_text(cid, ta, tb, sa, sb, chat)
+
+
+def _template_text(cid: CheckId, ta: Any, tb: Any, sa: Any, sb: Any, chat: dict[str, Any]) -> CheckResult:
     if ta is None and tb is None:
         return result(cid, 0.0, True, f"chat_template: neither model has one (A: {sa}; B: {sb})")
     if tb is None:
@@ -244,7 +265,8 @@ def _template(cid: CheckId, field: cf.Field, ra: dict[str, Any], rb: dict[str, A
     differing = [r for r in renders if r["a"] != r["b"]]
     if not differing:
         return result(cid, 0.0, True, f"chat_template: the texts differ (A {sa}, B {sb}) but render the "
-                                      f"{len(renders)} test conversations identically")
+                                      f"{len(renders)} test conversations identically (plain, system prompt, "
+                                      "multi-turn, tools, a tool call and its result, reasoning)")
     r = differing[0]
     what = f"{r['name']} conversation, add_generation_prompt={r['add_generation_prompt']}"
     ra_, rb_ = r["a"], r["b"]
@@ -261,9 +283,14 @@ def _template(cid: CheckId, field: cf.Field, ra: dict[str, Any], rb: dict[str, A
     else:
         detail = (f"({what}) A: {ra_.get('text', '')[:80]!r}{' error ' + ra_['error'] if 'error' in ra_ else ''}; "
                   f"B: {rb_.get('text', '')[:80]!r}{' error ' + rb_['error'] if 'error' in rb_ else ''}")
+    how = chat.get("rendered_as") or {}
+    conversation = "\n".join("    " + line for line in (r.get("conversation") or "").splitlines())
     return result(cid, float(len(differing)), False,
-                  f"chat_template: B's template (from {sb}) renders {len(differing)} of {len(renders)} test "
-                  f"conversations differently from A's (from {sa}).\n{detail}\n"
+                  f"chat_template: B's template (from {sb}, rendered as {how.get('b', 'transformers')} does) renders "
+                  f"{len(differing)} of {len(renders)} test conversations differently from A's (from {sa}, rendered "
+                  f"as {how.get('a', 'transformers')} does): "
+                  + ", ".join(f"{d['name']}/gen={d['add_generation_prompt']}" for d in differing[:6])
+                  + (" ..." if len(differing) > 6 else "") + f".\nThe conversation:\n{conversation}\n{detail}\n"
                   "Chat prompts reach B in another format than the one A was trained on.",
                   details={"differing": [f"{d['name']}/gen={d['add_generation_prompt']}" for d in differing]})
 

@@ -245,7 +245,7 @@ def test_changed_chat_template_fails_with_the_first_difference_in_text_and_token
     res = run_config(tiny_ref, path)
     assert failing(res) == {"chat_template"}
     msg = res["chat_template"].message
-    assert "renders 3 of 6 test conversations differently" in msg  # only the add_generation_prompt=True ones
+    assert "renders 7 of 14 test conversations differently" in msg  # only the add_generation_prompt=True ones
     assert "add_generation_prompt=True" in msg and "at character" in msg
     assert "'<|im_start|>assistant\\n'" in msg  # B's side of the context
     assert "in tokens (A's tokenizer.json)" in msg
@@ -610,7 +610,7 @@ def test_template_text_differs_but_renders_the_same():
     pytest.importorskip("jinja2")
     respaced = CHATML.replace("{{ m['role'] }}", "{{m['role']}}")
     r = _template_result(_side(CHATML), _side(respaced))
-    assert r.outcome == "passed" and "render the 6 test conversations identically" in r.message
+    assert r.outcome == "passed" and "render the 14 test conversations identically" in r.message
 
 
 def test_changed_template_shows_the_first_differing_position_with_context(tiny_ref):
@@ -618,8 +618,8 @@ def test_changed_template_shows_the_first_differing_position_with_context(tiny_r
     pytest.importorskip("tokenizers")
     no_system = CHATML.replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'system' %}")
     r = _template_result(_side(CHATML, tokenizer=str(tiny_ref / "tokenizer.json")), _side(no_system))
-    assert r.outcome == "failed" and r.value == 2.0  # the two system+user renders
-    assert "renders 2 of 6 test conversations differently" in r.message
+    assert r.outcome == "failed" and r.value == 4.0  # the system+user and tools renders (both have a system prompt)
+    assert "renders 4 of 14 test conversations differently" in r.message
     assert "First difference (system+user conversation, add_generation_prompt=True) at character 12:" in r.message
     assert "A: '<|im_start|>' ▸ 'system\\nYou are a helpful assistant.<|im_'" in r.message
     assert "B: '<|im_start|>' ▸ 'user\\nWhat is the capital of France?<|im_'" in r.message
@@ -746,3 +746,78 @@ def test_static_only_compare_judges_the_files_without_loading_a_model(tiny_model
     assert {c.name for c in same.checks} == {"config", "weights"}
     broken = compare(ref, tiny_models / "tiny-llama-broken-layer3", cache_dir=tmp_path, static_only=True)
     assert broken.verdict == "fail" and broken.check("weights[layer-3]").outcome == "failed"
+
+
+# --------------------------------------------------------------------------- templates with tools and reasoning
+
+# A ChatML template in the style of current tool-calling models: tools declared in the system turn, tool calls in
+# <tool_call> tags, tool results as a tool turn, reasoning in <think> tags unless thinking is off.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+    "{% if m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.get('reasoning_content') %}<think>\n{{ m['reasoning_content'] }}\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>\n{{ {'name': c['function']['name'], "
+    "'arguments': c['function']['arguments']} | tojson }}\n</tool_call>{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+TOOL_SPECIALS = {"<|im_start|>": 1, "<|im_end|>": 2, "<tool_call>": 3, "</tool_call>": 4, "<think>": 5,
+                 "</think>": 6, "<tool_response>": 7, "</tool_response>": 8}
+
+
+def _tool_side(template: str, specials: dict[str, int] | None = None, kind: str = "transformers") -> dict[str, Any]:
+    return {**_side(template), "kind": kind, "special_tokens": dict(TOOL_SPECIALS if specials is None else specials)}
+
+
+def test_a_template_that_drops_tool_calls_fails_showing_the_conversation():
+    """The defect: B's template renders an assistant turn's text but not its tool calls."""
+    pytest.importorskip("jinja2")
+    drops_calls = TOOL_TEMPLATE.replace("{% for c in m.get('tool_calls') or [] %}", "{% for c in [] %}")
+    r = _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(drops_calls))
+    assert r.outcome == "failed"
+    assert r.details["differing"] == ["tool-call/gen=True", "tool-call/gen=False"]
+    msg = r.message
+    assert 'assistant: [calls get_weather({"city": "Paris"})]' in msg and "tool: " in msg and "tools: get_weather" in msg
+    assert "First difference (tool-call conversation, add_generation_prompt=True)" in msg
+    assert "▸ 'tool_call>\\n{\"name\": \"get_weather\"" in msg  # A's side, where B has no call
+
+
+def test_a_template_that_loses_reasoning_or_ignores_enable_thinking_fails():
+    pytest.importorskip("jinja2")
+    no_reasoning = TOOL_TEMPLATE.replace("{% if m.get('reasoning_content') %}", "{% if false %}")
+    r = _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(no_reasoning))
+    assert r.outcome == "failed" and set(r.details["differing"]) == {"reasoning/gen=True", "reasoning/gen=False"}
+    assert "[reasoning: Two plus two is four.]" in r.message
+    always_thinks = TOOL_TEMPLATE.replace("{% if enable_thinking is defined and not enable_thinking %}", "{% if false %}")
+    r = _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(always_thinks))
+    assert r.outcome == "failed" and r.details["differing"] == ["no-thinking/gen=True"]
+    assert "enable_thinking=False" in r.message
+
+
+def test_markers_the_template_emits_must_be_special_tokens_of_b_with_as_ids():
+    pytest.importorskip("jinja2")
+    lost = {k: v for k, v in TOOL_SPECIALS.items() if k != "<tool_call>"}
+    r = _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(TOOL_TEMPLATE, lost))  # the same template
+    assert r.outcome == "failed" and "'<tool_call>': A id 3, B has no such special token" in r.message
+    moved = {**TOOL_SPECIALS, "<think>": 9}
+    r = _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(TOOL_TEMPLATE, moved))
+    assert r.outcome == "failed" and "'<think>': A id 5, B id 9" in r.message
+    assert _template_result(_tool_side(TOOL_TEMPLATE), _tool_side(TOOL_TEMPLATE)).outcome == "passed"
+    m = cf.compare_templates(_tool_side(TOOL_TEMPLATE), _tool_side(TOOL_TEMPLATE))
+    assert set(m["special_tokens"]["checked"]) == set(TOOL_SPECIALS)  # every marker the renders emit
+
+
+def test_a_gguf_template_is_rendered_as_llama_cpp_python_renders_it():
+    pytest.importorskip("jinja2")
+    pytest.importorskip("llama_cpp")
+    respaced = TOOL_TEMPLATE.replace("{{ m['content'] }}", "{{m['content']}}")
+    m = cf.compare_templates(_tool_side(TOOL_TEMPLATE), _tool_side(respaced, kind="gguf"))
+    assert m["rendered_as"] == {"a": "transformers", "b": "llama-cpp-python"}
+    assert all(r["a"] == r["b"] for r in m["renders"]), [r["name"] for r in m["renders"] if r["a"] != r["b"]]
+    with_date = "{{ strftime_now('%d %b %Y') }}" + TOOL_TEMPLATE
+    m = cf.compare_templates(_tool_side(with_date), _tool_side(with_date.replace("{{m", "{{ m"), kind="gguf"))
+    assert all(r["a"] == r["b"] for r in m["renders"])  # the same fixed date on both sides
