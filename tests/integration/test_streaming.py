@@ -180,15 +180,17 @@ def test_budget_estimate_of_a_streamed_b_is_small_and_covers_the_entry(tiny_mode
     assert RunSettings(keep_b=True).key(fed=False) == RunSettings().key(fed=False)  # A's key ignores it
 
 
-def test_keep_b_option_and_ini(pytester):
+def test_keep_b_option_and_ini(pytester, tiny_models):
     from pytest_convdiff.plugin.session import STASH
 
-    config = pytester.parseconfigure("--model-a", "a", "--model-b", "b", "--convdiff-keep-b")
+    a, b = f"--model-a={tiny_models / 'tiny-llama'}", f"--model-b={tiny_models / 'tiny-llama-bf16'}"
+
+    config = pytester.parseconfigure(a, b, "--convdiff-keep-b")
     assert config.stash[STASH].settings.keep_b
-    config = pytester.parseconfigure("--model-a", "a", "--model-b", "b")
+    config = pytester.parseconfigure(a, b)
     assert not config.stash[STASH].settings.keep_b
     pytester.makeini("[pytest]\nconvdiff_keep_b = true\n")
-    config = pytester.parseconfigure("--model-a", "a", "--model-b", "b")
+    config = pytester.parseconfigure(a, b)
     assert config.stash[STASH].settings.keep_b
 
 

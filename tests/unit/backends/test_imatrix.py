@@ -192,8 +192,9 @@ def test_a_manifest_entry_names_its_matrix_relative_to_itself(tmp_path: Path) ->
     assert first.imatrix == str(tmp_path / "mats" / "b.imatrix.gguf") and second.imatrix is None
 
 
-def test_a_manifest_matrix_that_cannot_be_read_is_a_collection_error(pytester: pytest.Pytester) -> None:
-    pytester.makefile(".convdiff.toml", zoo="[[pair]]\nid = 'q'\nmodel_a = 'a'\nmodel_b = 'b'\nimatrix = 'gone.dat'\n")
+def test_a_manifest_matrix_that_cannot_be_read_is_a_collection_error(pytester: pytest.Pytester, tiny_models) -> None:
+    a, b = tiny_models / "tiny-llama", tiny_models / "gguf" / "tiny-f16.gguf"
+    pytester.makefile(".convdiff.toml", zoo=f"[[pair]]\nid = 'q'\nmodel_a = '{a}'\nmodel_b = '{b}'\nimatrix = 'gone.dat'\n")
     res = pytester.runpytest_subprocess("zoo.convdiff.toml")
     assert res.ret == pytest.ExitCode.INTERRUPTED
     out = res.stdout.str()

@@ -266,17 +266,19 @@ def test_settings_validate_the_store_and_refuse_the_layer_swap_without_full():
     assert RunSettings(layer_swap=2, hidden_states=False).store == "compact"  # no states: nothing to swap
 
 
-def test_plugin_option_and_ini_and_usage_errors(pytester):
+def test_plugin_option_and_ini_and_usage_errors(pytester, tiny_models):
     from pytest_convdiff.plugin.session import STASH
 
-    config = pytester.parseconfigure("--model-a", "a", "--model-b", "b", "--convdiff-store", "full")
+    a, b = tiny_models / "tiny-llama", tiny_models / "tiny-llama-bf16"  # paths are checked at start-up; "=" keeps
+    # pytest from taking its rootdir (and ini file) from them
+    config = pytester.parseconfigure(f"--model-a={a}", f"--model-b={b}", "--convdiff-store", "full")
     assert config.stash[STASH].settings.store == "full"
     pytester.makeini("[pytest]\nconvdiff_store = full\n")
-    config = pytester.parseconfigure("--model-a", "a", "--model-b", "b")
+    config = pytester.parseconfigure(f"--model-a={a}", f"--model-b={b}")
     assert config.stash[STASH].settings.store == "full"
     for args, match in ((["--convdiff-store", "tiny"], "--convdiff-store: 'tiny' is not one of compact, full"),
                         (["--convdiff-store", "compact", "--convdiff-layer-swap", "2"], "--convdiff-store full")):
-        res = pytester.runpytest("--model-a", "a", "--model-b", "b", *args)
+        res = pytester.runpytest(f"--model-a={a}", f"--model-b={b}", *args)
         assert res.ret == pytest.ExitCode.USAGE_ERROR
         res.stderr.fnmatch_lines([f"*{match}*"])
 
