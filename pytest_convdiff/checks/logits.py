@@ -94,8 +94,19 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     out.append(judge(ctx, PPL, "ppl_ratio", m.ppl_ratio, "Perplexity ratio PPL(B) / PPL(A) on the corpus",
                      f"PPL(A) {fmt(m.ppl_a)}, PPL(B) {fmt(m.ppl_b)}; change in the true token's probability "
                      f"(delta p): mean {fmt(m.delta_p_mean)}, RMS {fmt(m.delta_p_rms)}, percentiles "
-                     f"{_percentiles(m.delta_p_percentiles)}."))
+                     f"{_percentiles(m.delta_p_percentiles)}.{_llama_errors(m.llama)}"))
     return Findings(out, metrics=m.to_dict())
+
+
+def _llama_errors(lp: dict) -> str:
+    """llama-perplexity's figures with their standard errors, so a value is read against its noise."""
+    if not lp:
+        return ""
+    return (f"\nAs llama-perplexity states them ({lp['count']} scored tokens, ± one standard error): PPL ratio "
+            f"{lp['ppl_ratio']:.6f} ± {lp['ppl_ratio_err']:.6f}, ln ratio {lp['ln_ppl_ratio']:.6f} ± "
+            f"{lp['ln_ppl_ratio_err']:.6f}, mean KLD {lp['kld_mean']:.6f} ± {lp['kld_err']:.6f}, RMS Δp "
+            f"{100 * lp['rms_p_diff']:.3f} ± {100 * lp['rms_p_diff_err']:.3f} %, same top p "
+            f"{100 * lp['same_top']:.3f} ± {100 * lp['same_top_err']:.3f} %.")
 
 
 FAMILY = CheckFamily("logits", 30, plan, evaluate, BOUNDS, doc="numeric agreement of the logits")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from . import compact
+from . import compact, llama_stats
 from .kernels import exp_lse, log_softmax, topk_indices
 
 TOPK_MAX = 5
@@ -230,6 +230,9 @@ class LogitMetrics:
     position_profile: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # against A's compact form: NMSE and KL estimated, max/mean |B - A| over A's top K and sampled positions
     compact: bool = False
+    # llama-perplexity's final statistics (``core.llama_stats.PerplexityStats.to_dict``), Q = B and base = A,
+    # over the positions that predict a next token; KL here is exact over the whole vocabulary
+    llama: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -287,6 +290,7 @@ class LogitAccumulator:
         self.same_top1: list[np.ndarray] = []
         self.per_prompt: dict[str, dict[str, float]] = {}
         self.compact = False  # A compact (core.compact): NMSE from a sketch, mean |B - A| over sampled positions
+        self.llama = llama_stats.Sums()
         self.abs_n = 0  # elements behind abs_err when compact
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
@@ -366,7 +370,7 @@ class LogitAccumulator:
         self._max_abs(prompt, offset, absdiff, np.arange(ref.shape[0]), math.isnan(abs_sum))
         del absdiff
 
-        self._topk(topk_indices(a32, self.topk_max), topk_indices(b32, self.topk_max), local)
+        same = self._topk(topk_indices(a32, self.topk_max), topk_indices(b32, self.topk_max), local)
         with np.errstate(invalid="ignore", over="ignore"):
             exp_a, total_a, lse_a = exp_lse(a32)
             lse_b = exp_lse(b32)[2]
@@ -375,7 +379,8 @@ class LogitAccumulator:
         self._kl(prompt, offset, kl, local)
         if targets is not None and len(targets):
             rows = np.arange(len(targets))
-            self._nll(a64[rows, targets] - lse_a[rows], b32[rows, targets].astype(np.float64) - lse_b[rows], local)
+            self._nll(a64[rows, targets] - lse_a[rows], b32[rows, targets].astype(np.float64) - lse_b[rows], local,
+                      kl[rows], same[rows])
 
     def _update_rows_compact(self, prompt: str, ref: compact.LogitSummary, cfg: compact.CompactConfig, offset: int,
                              test: np.ndarray, targets: np.ndarray | None, local: dict[str, Any]) -> None:
@@ -422,7 +427,7 @@ class LogitAccumulator:
             self._max_abs(prompt, offset, full, sampled, False)
 
         k = min(self.topk_max, top_idx.shape[1])
-        self._topk(top_idx[:, :k], topk_indices(b32, k), local)
+        same = self._topk(top_idx[:, :k], topk_indices(b32, k), local)
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
             exp_b, total_b, lse_b = exp_lse(b32)
             rest_b = compact.rest_mass(exp_b, total_b, top_idx)
@@ -442,7 +447,8 @@ class LogitAccumulator:
         self._kl(prompt, offset, kl, local)
         if targets is not None and len(targets):
             rows = np.arange(len(targets))
-            self._nll(stats[rows, compact.TARGET_LP], b32[rows, targets].astype(np.float64) - lse_b[rows], local)
+            self._nll(stats[rows, compact.TARGET_LP], b32[rows, targets].astype(np.float64) - lse_b[rows], local,
+                      kl[rows], same[rows])
 
     def _nonfinite(self, prompt: str, offset: int, bad_a_rows: np.ndarray, b32: np.ndarray) -> None:
         bad_b = ~np.isfinite(b32)
@@ -486,7 +492,7 @@ class LogitAccumulator:
                 self.max_abs = m
                 self.max_abs_where = Where(prompt, offset + int(rows[flat // absdiff.shape[1]]))
 
-    def _topk(self, top_a: np.ndarray, top_b: np.ndarray, local: dict[str, Any]) -> None:
+    def _topk(self, top_a: np.ndarray, top_b: np.ndarray, local: dict[str, Any]) -> np.ndarray:
         for k in range(1, self.topk_max + 1):
             ordered = np.all(top_a[:, :k] == top_b[:, :k], axis=-1)
             overlap = [len(set(x[:k].tolist()) & set(y[:k].tolist())) / k for x, y in zip(top_a, top_b, strict=True)]
@@ -496,6 +502,7 @@ class LogitAccumulator:
         same = top_a[:, 0] == top_b[:, 0]
         self.same_top1.append(same)
         local["top1"] += float(np.sum(same))
+        return same
 
     def _kl(self, prompt: str, offset: int, kl: np.ndarray, local: dict[str, Any]) -> None:
         kl = np.where(kl < 0, 0.0, kl)
@@ -509,7 +516,8 @@ class LogitAccumulator:
             if kl[i] > self.kl_max:
                 self.kl_max, self.kl_max_where = float(kl[i]), Where(prompt, offset + i)
 
-    def _nll(self, la: np.ndarray, lb: np.ndarray, local: dict[str, Any]) -> None:
+    def _nll(self, la: np.ndarray, lb: np.ndarray, local: dict[str, Any], kl: np.ndarray, same: np.ndarray) -> None:
+        """Log-probabilities of the next token under A (``la``) and B (``lb``), with those rows' KL and top-1."""
         self.nll_a -= float(la.sum())
         self.nll_b -= float(lb.sum())
         self.nll_n += len(la)
@@ -517,6 +525,7 @@ class LogitAccumulator:
         local["nll_b"] -= float(lb.sum())
         local["nll_n"] += len(la)
         dp = np.exp(lb) - np.exp(la)
+        self.llama.add(llama_stats.TokenScores(-lb, -la, np.where(kl < 0, 0.0, kl), dp, same))
         self.dp.append(dp)
         self.dp_sum += float(dp.sum())
         self.dp_sq += float((dp * dp).sum())
@@ -570,6 +579,7 @@ class LogitAccumulator:
             position_profile={"all": profile_by_bucket(pos, kl, same),
                               "long": profile_by_bucket(pos[long], kl[long], same[long])},
             compact=self.compact,
+            llama=self.llama.stats().to_dict() if self.llama.count >= 2 else {},
         )
 
 

@@ -145,7 +145,7 @@ def _metrics(p: PairResult) -> list[str]:
         return []
     body = []
     for key, value in metric:
-        td = f"<td>{_e(value)}</td>" if key in rows.TOPK_KEYS else _num_td(value)
+        td = f"<td>{_e(value)}</td>" if key in rows.TOPK_KEYS or key.startswith("llama: ") else _num_td(value)
         body.append(f"<tr><th>{_e(key)}</th>{td}</tr>")
     return ['<table class="metrics">', *body, "</table>"]
 

@@ -366,11 +366,19 @@ def quality_line(p: PairResult) -> str | None:
     m = p.metrics or {}
     if m.get("ppl_a") is None or m.get("ppl_b") is None:
         return None
-    parts = [f"PPL ratio {fmt(m['ppl_b'] / m['ppl_a']) if m['ppl_a'] else 'n/a'}", f"KL mean {fmt(m.get('kl_mean'))}"]
-    top = m.get("topk_ordered") or {}
-    t1 = top.get("1", top.get(1)) if isinstance(top, dict) else None
-    if finite(t1):
-        parts.append(f"same top-1 {100 * t1:.1f} %")
+    lp = m.get("llama") or {}
+    if lp:  # llama-perplexity's figures, each with its standard error, as people compare them
+        parts = [f"PPL ratio {fmt(lp['ppl_ratio'], 4)} ± {fmt(lp['ppl_ratio_err'], 2)}",
+                 f"KLD {fmt(lp['kld_mean'])} ± {fmt(lp['kld_err'], 2)}",
+                 f"RMS Δp {fmt(100 * lp['rms_p_diff'])} ± {fmt(100 * lp['rms_p_diff_err'], 2)} %",
+                 f"same top p {100 * lp['same_top']:.1f} ± {100 * lp['same_top_err']:.1f} %"]
+    else:
+        parts = [f"PPL ratio {fmt(m['ppl_b'] / m['ppl_a']) if m['ppl_a'] else 'n/a'}",
+                 f"KL mean {fmt(m.get('kl_mean'))}"]
+        top = m.get("topk_ordered") or {}
+        t1 = top.get("1", top.get(1)) if isinstance(top, dict) else None
+        if finite(t1):
+            parts.append(f"same top-1 {100 * t1:.1f} %")
     cost = costliest_module(p)
     if cost:
         parts.append(f"costliest {cost}")
@@ -385,4 +393,25 @@ def metric_rows(p: PairResult) -> list[tuple[str, str]]:
         d = m.get(key)
         if isinstance(d, dict) and d:
             rows.append((key, ", ".join(f"K={k}: {fmt(v, 4)}" for k, v in d.items())))
-    return rows
+    return rows + llama_rows(m.get("llama") or {})
+
+
+# llama-perplexity's statistics: (row name, value key, error key, scale to its printed unit, unit)
+LLAMA_ROWS = (("llama: PPL(Q)/PPL(base)", "ppl_ratio", "ppl_ratio_err", 1, ""),
+              ("llama: ln(PPL(Q)/PPL(base))", "ln_ppl_ratio", "ln_ppl_ratio_err", 1, ""),
+              ("llama: mean KLD", "kld_mean", "kld_err", 1, ""),
+              ("llama: mean Δp", "p_diff_mean", "p_diff_err", 100, " %"),
+              ("llama: RMS Δp", "rms_p_diff", "rms_p_diff_err", 100, " %"),
+              ("llama: same top p", "same_top", "same_top_err", 100, " %"))
+
+
+def llama_rows(lp: dict[str, Any]) -> list[tuple[str, str]]:
+    """llama-perplexity's final statistics as ``(name, "value ± error")`` rows, in its units, and its percentiles."""
+    if not lp:
+        return []
+    out = [(name, f"{fmt(scale * lp[v], 6)} ± {fmt(scale * lp[e], 3)}{unit}") for name, v, e, scale, unit in LLAMA_ROWS]
+    out.append(("llama: KLD percentiles", ", ".join(f"{k}: {fmt(v, 4)}" for k, v in lp["kld_quantiles"].items())))
+    out.append(("llama: Δp percentiles", ", ".join(f"{k}: {fmt(100 * v, 4)} %"
+                                                   for k, v in lp["p_diff_quantiles"].items())))
+    out.append(("llama: scored tokens", str(lp["count"])))
+    return out

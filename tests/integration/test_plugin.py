@@ -39,7 +39,10 @@ def test_bf16_conversion_passes_with_every_check_kind(pytester, tiny_models, sha
     assert nmse["outcome"] == "passed" and nmse["threshold"] is None and 0 < nmse["value"] < 1e-2
     assert nmse["details"]["reported"] is True and nmse["details"]["default_bound"] == 1e-2
     assert "convdiff summary" in out and "PASS  tiny-llama-vs-tiny-llama-bf16" in out
-    assert "quality: PPL ratio " in out and "same top-1 " in out
+    # ... in llama-perplexity's terms, each figure with its standard error, also in the JSON
+    assert "quality: PPL ratio " in out and " ± " in out and "same top p " in out
+    lp = rep["pairs"][0]["metrics"]["llama"]
+    assert lp["count"] > 1000 and 0 < lp["kld_mean"] < 1e-2 and lp["kld_err"] > 0 and 0.9 < lp["same_top"] <= 1
 
 
 def test_perturbed_layer_fails_from_that_layer_on(pytester, tiny_models, shared_cache):

@@ -296,3 +296,24 @@ def test_the_reports_say_where_each_model_ran():
     assert "(transformers on cuda:0)" in page and "(llama.cpp on gpu 0 (all layers offloaded))" in page
     bare = _pair([_check("kl", "mean", 0.001)])  # a report written before devices were recorded
     assert "[transformers -> llama.cpp," in terminal.summary_lines([bare])[0]
+
+
+def test_quality_is_stated_in_llama_perplexitys_terms_with_errors_when_the_pair_has_them():
+    import numpy as np
+
+    from pytest_convdiff.core import llama_stats
+    from pytest_convdiff.reporting import rows
+
+    sums = llama_stats.Sums()
+    n = 400
+    sums.add(llama_stats.TokenScores(np.full(n, 2.1) + np.linspace(0, 0.4, n), np.full(n, 2.0) + np.linspace(0, 0.2, n),
+                                     np.linspace(0.0, 0.02, n), np.linspace(-0.01, 0.01, n), np.arange(n) % 5 != 0))
+    p = _failing_pair()
+    p.metrics = dict(p.metrics or {}, ppl_a=2.0, ppl_b=2.2, llama=sums.stats().to_dict())
+    line = rows.quality_line(p)
+    # exp(mean nll_Q - mean nll_base) = exp(0.2); RMS of a uniform ramp over ±1 % = 1 % * sqrt(401 / 1197)
+    assert line.startswith("quality: PPL ratio 1.221 ± ") and "KLD 0.01 ± 0.00029" in line
+    assert "RMS Δp 0.579 ± 0.013 %" in line and "same top p 80.0 ± 2.0 %" in line and line.endswith("(adds 0.499 rfn)")
+    table = dict(rows.metric_rows(p))
+    assert table["llama: same top p"] == "80 ± 2 %" and table["llama: scored tokens"] == "400"
+    assert table["llama: KLD percentiles"].startswith("max: 0.02, 99.9: 0.01998")

@@ -399,7 +399,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pair",),
     ("runner",),
     ("checks",),
-    ("comparison",),
+    ("comparison", "perplexity"),
     ("manifest", "options", "zoo", "reporting", "plugin", "__main__"),
 )
 
