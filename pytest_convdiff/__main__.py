@@ -39,26 +39,20 @@ def merge(reports: list[Path]) -> list[PairResult]:
     return sorted(pairs, key=lambda p: p.id)
 
 
-def _option_pairs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConvdiffError(f"--option {item!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def kld(args: argparse.Namespace) -> int:
     """``kld base`` / ``kld score``: llama-perplexity's KL-divergence files and statistics (``perplexity``)."""
     from . import perplexity
+    from .backends.options import parse_option_items
     from .store.atomic import write_json
 
     def progress(what: str) -> None:
         print(f"convdiff kld: {args.model}: {what}", file=sys.stderr)
 
     try:
-        options = _option_pairs(args.option)
+        try:
+            options = parse_option_items(args.option)
+        except ValueError as exc:
+            raise ConvdiffError(f"--option: {exc}") from None
         if args.kld_command == "base":
             from .store.reference import is_reference
 

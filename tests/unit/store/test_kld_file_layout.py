@@ -63,3 +63,11 @@ def test_a_writer_that_fails_leaves_no_file(tmp_path):
     assert not p.exists() and not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="expected"):
         write_kld(p, np.zeros((1, 8), dtype=np.int32), 5, lambda i: np.zeros((2, 10), dtype=np.uint16))
+
+
+def test_the_kld_command_refuses_a_backend_option_that_is_not_key_value_before_loading_anything(tmp_path, capsys):
+    from pytest_convdiff.__main__ import main
+
+    assert main(["kld", "score", str(tmp_path / "model.gguf"), "--base", str(tmp_path / "b.kld"), "--option",
+                 "n_threads"]) == 2
+    assert "--option: expected KEY=VALUE, got 'n_threads'" in capsys.readouterr().err
