@@ -117,6 +117,12 @@ def write_base(model_path: str | os.PathLike[str], text: str, out: str | os.Path
     return read_kld(out)
 
 
+def _same_vocab(kld: KldFile, model_path: str | os.PathLike[str], size: int | None) -> None:
+    if size and size != kld.n_vocab:
+        raise KldFileError(f"{kld.path}: written for a vocabulary of {kld.n_vocab} entries, but "
+                           f"{Path(model_path).name} has {size}; score a model with the base model's vocabulary.")
+
+
 def score(model_path: str | os.PathLike[str], base: str | os.PathLike[str] | KldFile, *,
           backend: str | None = None, options: dict[str, Any] | None = None,
           progress: Progress | None = None) -> PerplexityStats:
@@ -125,18 +131,12 @@ def score(model_path: str | os.PathLike[str], base: str | os.PathLike[str] | Kld
     model = open_backend(model_path, backend, options)
     sums = Sums()
     try:
-        size = model.info.vocab_size
-        if size and size != kld.n_vocab:
-            raise KldFileError(f"{kld.path}: written for a vocabulary of {kld.n_vocab} entries, but "
-                               f"{Path(model_path).name} has {size}; score a model with the base model's vocabulary.")
+        _same_vocab(kld, model_path, model.info.vocab_size)  # before any forward pass, where the model says
         for i in range(kld.n_chunk):
             if progress:
                 progress(f"chunk {i + 1}/{kld.n_chunk}")
             logits = _scored_logits(model, np.asarray(kld.tokens[i]))
-            if logits.shape[1] != kld.n_vocab:
-                raise KldFileError(f"{kld.path}: written for a vocabulary of {kld.n_vocab} entries, but "
-                                   f"{Path(model_path).name} has {logits.shape[1]}; score a model with the base "
-                                   "model's vocabulary.")
+            _same_vocab(kld, model_path, logits.shape[1])  # the logits' width is what the rows must match
             sums.add(score_rows(np.asarray(kld.rows[i]), logits, kld.targets(i)))
     finally:
         model.close()
