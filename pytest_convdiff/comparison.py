@@ -139,8 +139,8 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
                       (lambda: pm) if pm is not None else (lambda: pair_metrics(a, b, corpus, cache)),
                       baseline=baseline, plan=plan, plan_families=plan_families, spec_a=a.spec, spec_b=b.spec,
                       measurements=measurements if measurements is not None else {},
-                      measure_with=lambda f, c: measure(f, c, cache), quality_reported=quality_reported(b.spec),
-                      cache=cache)
+                      measure_with=lambda f, c: measure(f, c, cache), cache=cache,
+                      **quality_policy(a.spec, b.spec))
     res.checks = checks.evaluate_all(ctx, plan, done=static)
     return res
 
@@ -158,6 +158,25 @@ def quality_reported(spec_b: ModelSpec) -> bool:
         return spec_b.resolved_backend() in TWIN_BACKENDS
     except Exception:  # noqa: BLE001 - an unrecognisable B errors elsewhere
         return False
+
+
+BASE_FILE_WHY = ("A is a llama-perplexity base file, which holds no weights to make twins from, so no bound comes "
+                 "from the files; these are llama-perplexity's figures, to read against published ones")
+
+
+def quality_policy(spec_a: Any, spec_b: ModelSpec) -> dict[str, Any]:
+    """``EvalContext``'s ``quality_reported`` and ``quality_why`` for a pair: a base file as A has no twins
+    either, so whatever B is, its quality budgets are reported unless the user sets them."""
+    if spec_a is not None and getattr(spec_a, "is_base_file", lambda: False)():
+        return {"quality_reported": True, "quality_why": BASE_FILE_WHY}
+    return {"quality_reported": quality_reported(spec_b)}
+
+
+def base_file_settings(settings: RunSettings) -> RunSettings:
+    """What a run against a base file can produce: B's logits on the file's chunks; nothing that needs A's
+    text, tokenizer or hidden states (tokenizer cases, causality probe, greedy continuations, layers)."""
+    return replace(settings, hidden_states=False, tokenizer_cases=False, causality=False, greedy_tokens=0,
+                   layer_swap=0, runtime_twin="off", max_tokens=None)
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -211,6 +230,14 @@ class Comparison:
         self._stage = "starting"
         self._label = f"[{self.pair_id}] "
         self.static_only = False  # set when only checks that need no model outputs were selected
+        if self.a.is_base_file():  # its chunks are the corpus, and only B's logits are compared with it
+            from .store.kld_run import kld_corpus
+
+            try:
+                self.corpus = kld_corpus(self.a.path)
+            except ConvdiffError as exc:
+                self._error = str(exc)
+            self.settings = base_file_settings(self.settings)
 
     # -- planning: no model is loaded
     def _probe(self, spec: ModelSpec) -> dict[str, Any]:
@@ -243,7 +270,7 @@ class Comparison:
             self._stage = "recognising the models"
             for spec in (self.a, self.b):  # a mistyped path fails now, not after A has run
                 spec.resolved_backend()
-            self.settings = self._fit_context(self.settings)
+            self.settings = self._fit_context(self.settings) if not self.a.is_base_file() else self._fits_chunks()
             self._stage = f"running model A ({self.a.path})"
             run_a = runner.run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
                               label=self._label + "A ", producers=checks.producers())
@@ -268,6 +295,14 @@ class Comparison:
             return settings
         return replace(settings, max_tokens=min(limits))
 
+    def _fits_chunks(self) -> RunSettings:
+        """B must take a base file's chunks whole: llama-perplexity scores each chunk's second half in context."""
+        n_ctx, limit = self._probe(self.a).get("context_length"), self._probe(self.b).get("context_length")
+        if isinstance(n_ctx, int) and isinstance(limit, int) and 1 < limit < n_ctx:
+            raise ConvdiffError(f"{self.b.path}: its context is {limit} tokens, shorter than the chunks of "
+                                f"{self.a.path} ({n_ctx} tokens); write the base file with a smaller -c.")
+        return self.settings
+
     def metrics(self) -> PairMetrics:
         if self._metrics is None:
             run_a, run_b = self.runs()
@@ -279,8 +314,8 @@ class Comparison:
         return EvalContext(run_a, run_b, self.corpus, bounds, self.settings, res, self.metrics,
                            baseline=self.baseline, plan=self.plan(), plan_families=self.plan_by_family(),
                            spec_a=self.a, spec_b=self.b, measurements=self._measurements,
-                           measure_with=lambda f, c: measure(f, c, self.cache), quality_reported=quality_reported(self.b),
-                           cache=self.cache)
+                           measure_with=lambda f, c: measure(f, c, self.cache), cache=self.cache,
+                           **quality_policy(self.a, self.b))
 
     def _static(self, merged: dict[str, float]) -> tuple[PairResult, Bounds]:
         """The families that need no model outputs, with the bounds of the classes the files declare (the

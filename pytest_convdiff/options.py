@@ -36,8 +36,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option(("--model-a",), "convdiff_model_a", "reference model: transformers checkpoint dir, .gguf, EXL2 dir, or "
-           "saved convdiff reference", metavar="PATH"),
+    Option(("--model-a",), "convdiff_model_a", "reference model: transformers checkpoint dir, .gguf, EXL2 dir, "
+           "saved convdiff reference, or llama-perplexity --kl-divergence-base file", metavar="PATH"),
     Option(("--model-b",), "convdiff_model_b", "converted model to check against --model-a; repeat for several "
            "(one pair each)", "linelist", "append", "PATH", parse="texts"),
     Option(("--convdiff-backend-a", "--backend-a"), "convdiff_backend_a",
@@ -319,6 +319,14 @@ def build_zoo(v: dict[str, Any], cache_root: Callable[[], Path], worker_id: str 
                 check_model(path, backend)  # before any model loads: a typo costs a second, not a model run
             except ConvdiffError as exc:
                 raise OptionError(flag, f"{flag} {path}: {exc}".replace(f"{path}: {path}:", f"{path}:")) from None
+            stored = ModelSpec(path, backend)
+            if flag == "--model-b" and (stored.is_saved_reference() or stored.is_base_file()):
+                raise OptionError(flag, f"--model-b {path}: a saved reference or llama-perplexity base file holds "
+                                        "model A's outputs, not a model that can be run; give it as --model-a and "
+                                        "the converted model as --model-b.")
+        if v["convdiff_save_reference"] and ModelSpec(model_a, backend_a).is_base_file():
+            raise OptionError("--convdiff-save-reference", f"--model-a {model_a} is a llama-perplexity base file, "
+                              "already a stored reference; --convdiff-save-reference needs the reference model.")
         try:
             (options_a,) = backend_options("--convdiff-option-a", v["convdiff_options_a"] or {}, [model_a], backend_a)
             options_b = backend_options("--convdiff-option-b", v["convdiff_options_b"] or {}, model_bs, backend_b)

@@ -106,6 +106,11 @@ class PairReducer:
                 self._layers = metrics.LayerAccumulator(dims[0])
                 if hidden_swap is not None:
                     self._swap = metrics.LayerAccumulator(dims[0])
+        if a.base_file:  # B's logits at each chunk's second half against a llama-perplexity base file's rows
+            if self._logits is not None and logits is not None:
+                rows, targets, first = a.base_rows(pid)
+                self._logits.update_base(pid, rows, logits[first:first + rows.shape[0]], targets, first)
+            return
         if a.compact:  # B against A's compact form (core.compact); A has no states to swap in
             cfg = a.compact_config()
             if self._logits is not None:

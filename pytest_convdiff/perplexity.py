@@ -24,7 +24,7 @@ import numpy as np
 from .backends import open_backend
 from .backends.base import Backend
 from .core.llama_stats import PerplexityStats, Sums, encode_rows, score_rows
-from .store.kld_file import KldFile, KldFileError, read_kld, scored_rows, write_kld
+from .store.kld_file import KldFile, KldFileError, evaluated_chunk, read_kld, scored_rows, write_kld
 
 DEFAULT_CTX = 512  # llama-perplexity's default
 Progress = Callable[[str], None]
@@ -44,10 +44,7 @@ def chunk_tokens(tokens: list[int], n_ctx: int, n_chunks: int | None = None) -> 
 
 def _scored_logits(model: Backend, chunk: np.ndarray) -> np.ndarray:
     """The chunk's logits at its scored positions, run as llama-perplexity runs a chunk."""
-    special = model.special_tokens()
-    seq = [int(t) for t in chunk]
-    if special.get("adds_bos") and special.get("bos_id") is not None:
-        seq[0] = int(special["bos_id"])
+    seq = evaluated_chunk(chunk, model.special_tokens())
     logits = model.forward(seq, hidden_states=False).logits
     first = len(seq) // 2
     return np.asarray(logits[first:first + scored_rows(len(seq))], dtype=np.float32)

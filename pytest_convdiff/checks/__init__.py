@@ -86,9 +86,16 @@ def parse_bound_mapping(values: Mapping[str, Any], where: str) -> dict[str, floa
     return bound_table().parse_mapping(values, where)
 
 
+def applies(family: CheckFamily, spec_a: Any) -> bool:
+    """Whether the family has anything to judge against this model A: a llama-perplexity base file holds
+    only log-probabilities, so only the families that declare ``reads_base_file`` are run against one."""
+    is_base_file = getattr(spec_a, "is_base_file", None)
+    return family.reads_base_file or not (is_base_file is not None and is_base_file())
+
+
 def plan_by_family(ctx: PlanContext) -> dict[str, list[CheckId]]:
-    """Each family's items, families in report order."""
-    return {f.name: f.plan(ctx) for f in families()}
+    """Each family's items, families in report order (those that apply to this A)."""
+    return {f.name: f.plan(ctx) for f in families() if applies(f, ctx.spec_a)}
 
 
 def plan_all(ctx: PlanContext) -> list[CheckId]:
@@ -106,7 +113,7 @@ def evaluate_all(ctx: EvalContext, plan: list[CheckId] | None = None, *,
     ctx.specs = bound_table().specs
     out: list[CheckResult] = []
     ctx.result.checks = out  # filled as families run: a later family may read an earlier one's results
-    chosen = [f for f in families() if outputs is None or f.needs_outputs == outputs]
+    chosen = [f for f in families() if (outputs is None or f.needs_outputs == outputs) and applies(f, ctx.spec_a)]
     for f in chosen:
         if done is not None and not f.needs_outputs:
             out += [c for c in done if c.name == f.name]

@@ -87,9 +87,11 @@ class EvalContext:
     spec_b: Any = None
     measurements: dict[str, Any] = field(default_factory=dict)
     measure_with: Callable[[CheckFamily, EvalContext], Any] | None = None  # cached measurement (Comparison)
-    # True where B's correctness is judged against twins (a GGUF or transformers B): quality budgets that
-    # the user did not set are reported, not judged. False for a backend without twins (EXL2).
+    # True where B's correctness is judged against twins (a GGUF or transformers B), or where A is a base file
+    # (no twin can be made from one): quality budgets that the user did not set are reported, not judged, and
+    # ``quality_why`` says why. False for a backend without twins (EXL2) against a model A.
     quality_reported: bool = False
+    quality_why: str = "correctness is judged against the twins"
     cache: Any = None  # store.cache.Cache: where a family that runs models itself (runtime) keeps their outputs
     _metrics: PairMetrics | None = None
 
@@ -177,6 +179,9 @@ class CheckFamily:
     produce: Callable[[Any], Any] | None = None
     produce_key: str = ""
     produce_when: Callable[[Any], bool] = lambda settings: True
+    # whether the family can be judged when A is a llama-perplexity base file (store.kld_run), which holds only
+    # the log-probabilities of each chunk's second half: no config, weights, tokenizer or hidden states
+    reads_base_file: bool = False
 
 
 def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:
@@ -215,7 +220,7 @@ def judge(ctx: EvalContext, cid: CheckId, bound: str, value: float, what: str, e
     rel = "<=" if spec.direction == UPPER else ">="
     # a NaN or Inf is never quality: it is judged (and fails) whoever set the bound
     if kind == BUDGET and ctx.quality_reported and not ctx.bounds.is_user_set(bound) and math.isfinite(value):
-        msg = (f"{what}: {fmt(value)} (quality, reported: correctness is judged against the twins; a "
+        msg = (f"{what}: {fmt(value)} (quality, reported: {ctx.quality_why}; a "
                f"bound set with --convdiff-bound {bound}=VALUE judges it; the default row's {fmt(limit)} is "
                f"not applied)" + (f"\n{extra}" if extra else ""))
         return CheckResult(cid.name, cid.param, value, None, PASSED, msg, {**(details or {}), "reported": True,

@@ -59,6 +59,9 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
         return [skipped(cid, why, kind=BUDGET) for cid in ALL]
     worst_prompt = max(m.per_prompt.items(), key=lambda kv: (math.isnan(kv[1]["nmse"]), kv[1]["nmse"]))
     shape = f"{m.positions} positions of {len(ctx.corpus)} prompts, A's token ids fed to both"
+    if m.base_file:
+        shape = (f"{m.positions} positions: the second half of {len(ctx.corpus)} chunks of the base file, "
+                 "as llama-perplexity scores them")
     out = []
     if m.nonfinite_a or m.nonfinite_b:
         out.append(result(FINITE, float(m.nonfinite_a + m.nonfinite_b), False,
@@ -66,15 +69,12 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
                           f"{m.nonfinite_where}. NaN or Inf never satisfies a bound."))
     else:
         out.append(result(FINITE, 0.0, True, f"all logits finite ({shape})"))
-    out.append(judge(
-        ctx, NMSE, "nmse", m.nmse, f"NMSE of B's logits against A's ({shape})",
-        f"NMSE {fmt(m.nmse)} = {fmt(m.nmse_db)} dB ({m.nmse_label}); max abs difference {fmt(m.max_abs)} at "
-        f"{m.max_abs_where}; mean abs difference {fmt(m.mean_abs)}"
-        + (" (A stored compact: NMSE from a sketch, within 1 %; the max over A's top 256 logits and a sample of "
-           "positions, the mean over that sample; --convdiff-store full for exact values)" if m.compact else "")
-        + ".\n"
-        f"Worst prompt: {worst_prompt[0]!r} (NMSE {fmt(worst_prompt[1]['nmse'])}).",
-        details={"nmse_db": m.nmse_db, "label": m.nmse_label, "max_abs": m.max_abs, "mean_abs": m.mean_abs}))
+    if m.base_file:
+        out.append(skipped(NMSE, f"A is a llama-perplexity base file: it holds log-probabilities rounded to 16 bits "
+                                 f"within 16 nats of each row's top, not logits, so NMSE of the logits is not "
+                                 f"defined against it; KL, top-K and PPL are ({shape}).", kind=BUDGET))
+    else:
+        out.append(_nmse(ctx, m, shape, worst_prompt))
     for cid, bound, value in ((TOP1, "top1", m.topk_ordered[1]), (TOP5, "top5", m.topk_overlap[5])):
         k = int(cid.param)
         wp, wv = m.topk_worst_prompt.get(k, ("", math.nan))
@@ -86,7 +86,9 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
                  f"worst prompt {wp!r} ({fmt(wv)} ordered agreement).\n"
                  f"Ordered top-K agreement K=1..5: {', '.join(fmt(v) for v in m.topk_ordered.values())}.")
         out.append(judge(ctx, cid, bound, value, what, extra))
-    out.append(judge(ctx, KL_MEAN, "kl_mean", m.kl_mean, f"Mean KL(P_A || P_B) over {m.positions} positions",
+    over = (" (over the base entries within 16 nats of each row's top, as llama-perplexity sums it)"
+            if m.base_file else "")
+    out.append(judge(ctx, KL_MEAN, "kl_mean", m.kl_mean, f"Mean KL(P_A || P_B) over {m.positions} positions{over}",
                      f"max {fmt(m.kl_max)} at {m.kl_max_where}; percentiles (as llama-perplexity reports them): "
                      f"{_percentiles(m.kl_percentiles)}.\nKL mean by position: {_profile(m)}."))
     out.append(judge(ctx, KL_P99, "kl_p99", m.kl_p99, "99th percentile of per-position KL(P_A || P_B)",
@@ -96,6 +98,18 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
                      f"(delta p): mean {fmt(m.delta_p_mean)}, RMS {fmt(m.delta_p_rms)}, percentiles "
                      f"{_percentiles(m.delta_p_percentiles)}.{_llama_errors(m.llama)}"))
     return Findings(out, metrics=m.to_dict())
+
+
+def _nmse(ctx: EvalContext, m, shape: str, worst_prompt: tuple[str, dict[str, float]]) -> CheckResult:
+    return judge(
+        ctx, NMSE, "nmse", m.nmse, f"NMSE of B's logits against A's ({shape})",
+        f"NMSE {fmt(m.nmse)} = {fmt(m.nmse_db)} dB ({m.nmse_label}); max abs difference {fmt(m.max_abs)} at "
+        f"{m.max_abs_where}; mean abs difference {fmt(m.mean_abs)}"
+        + (" (A stored compact: NMSE from a sketch, within 1 %; the max over A's top 256 logits and a sample of "
+           "positions, the mean over that sample; --convdiff-store full for exact values)" if m.compact else "")
+        + ".\n"
+        f"Worst prompt: {worst_prompt[0]!r} (NMSE {fmt(worst_prompt[1]['nmse'])}).",
+        details={"nmse_db": m.nmse_db, "label": m.nmse_label, "max_abs": m.max_abs, "mean_abs": m.mean_abs})
 
 
 def _llama_errors(lp: dict) -> str:
@@ -109,4 +123,5 @@ def _llama_errors(lp: dict) -> str:
             f"{100 * lp['same_top']:.3f} ± {100 * lp['same_top_err']:.3f} %.")
 
 
-FAMILY = CheckFamily("logits", 30, plan, evaluate, BOUNDS, doc="numeric agreement of the logits")
+FAMILY = CheckFamily("logits", 30, plan, evaluate, BOUNDS, doc="numeric agreement of the logits",
+                     reads_base_file=True)

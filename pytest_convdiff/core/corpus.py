@@ -34,6 +34,8 @@ class Prompt:
 class Corpus:
     prompts: tuple[Prompt, ...]
     source: str = "built-in"
+    # a corpus given as token ids rather than texts (a llama-perplexity base file's chunks): their digest
+    tokens_digest: str = ""
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -57,6 +59,7 @@ class Corpus:
         for p in self.prompts:
             h.update(json.dumps([p.id, p.text], ensure_ascii=False).encode("utf-8"))
             h.update(b"\n")
+        h.update(self.tokens_digest.encode())
         return h.hexdigest()[:16]
 
 

@@ -233,6 +233,9 @@ class LogitMetrics:
     # llama-perplexity's final statistics (``core.llama_stats.PerplexityStats.to_dict``), Q = B and base = A,
     # over the positions that predict a next token; KL here is exact over the whole vocabulary
     llama: dict[str, Any] = field(default_factory=dict)
+    # against a llama-perplexity base file (A's log-probabilities at each chunk's second half, 16-bit, within
+    # 16 nats of the top): KL over the entries it keeps, top-K from its rows; no NMSE or |B - A| (no logits)
+    base_file: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -292,6 +295,7 @@ class LogitAccumulator:
         self.compact = False  # A compact (core.compact): NMSE from a sketch, mean |B - A| over sampled positions
         self.llama = llama_stats.Sums()
         self.abs_n = 0  # elements behind abs_err when compact
+        self.base_file = False  # A a llama-perplexity base file (update_base)
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
                chunk: int | None = None) -> None:
@@ -319,6 +323,44 @@ class LogitAccumulator:
         self._prompt(prompt, t, ref.vocab, tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows_compact(
                          prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local))
+
+    def update_base(self, prompt: str, rows: np.ndarray, test: np.ndarray, targets: np.ndarray, first: int,
+                    chunk: int | None = None) -> None:
+        """B's logits at a chunk's scored positions ``[T, V]`` against a llama-perplexity base file's rows
+        ``[T, W]`` (row t at position ``first + t`` predicts ``targets[t]``). The file decides what can be
+        measured: KL, same top and delta p as llama-perplexity scores them (``llama_stats.score_rows``),
+        top-K from the decoded rows, PPL; not NMSE or |B - A|, as it holds rounded log-probabilities, not logits."""
+        t, v = test.shape
+        if rows.shape[0] != t or len(targets) != t:
+            raise ValueError(f"prompt {prompt!r}: {rows.shape[0]} base rows and {len(targets)} targets for {t} rows "
+                             "of logits")
+        self.base_file = True
+        local = {"kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0, "nll_n": 0,
+                 "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
+        chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, v))
+        for start in range(0, t, chunk):
+            stop = min(t, start + chunk)
+            b32 = np.asarray(test[start:stop], dtype=np.float32)
+            r = np.asarray(rows[start:stop])
+            with np.errstate(invalid="ignore", over="ignore"):
+                s = llama_stats.score_rows(r, b32, targets[start:stop])
+            if not np.isfinite(b32).all():
+                self._nonfinite(prompt, first + start, np.zeros(stop - start), b32)
+            self.positions += stop - start
+            self._topk(topk_indices(llama_stats.decode_rows(r, v), self.topk_max),
+                       topk_indices(b32, self.topk_max), local)
+            self._kl(prompt, first + start, s.kld, local)
+            self._nll(-s.nll_base, -s.nll, local, s.kld, s.same_top)
+            self.kl_pos.append(np.arange(first + start, first + stop, dtype=np.int32))
+            self.kl_prompt_len.append(np.full(stop - start, first + t + 1, dtype=np.int32))
+        pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t, "nmse": math.nan,
+                                "top1": local["top1"] / t}
+        if local["nll_n"]:
+            pp["ppl_a"] = math.exp(local["nll_a"] / local["nll_n"])
+            pp["ppl_b"] = math.exp(local["nll_b"] / local["nll_n"])
+        for k, count in local["ordered"].items():
+            self.topk_by_prompt[k].append((prompt, count / t))
+        self.per_prompt[prompt] = pp
 
     def _prompt(self, prompt: str, t: int, v: int, tokens: Sequence[int] | None, chunk: int | None,
                 rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None]) -> None:
@@ -533,10 +575,10 @@ class LogitAccumulator:
     def result(self) -> LogitMetrics:
         if self.positions == 0:
             raise ValueError("no positions were compared (empty corpus?)")
-        var = self.m2_a / self.n
-        mse = self.sq_err / self.n
+        var = self.m2_a / self.n if self.n else math.nan
+        mse = self.sq_err / self.n if self.n else math.nan  # no elements: A was a base file (no logits)
         value = _safe_ratio(mse, var)
-        if self.nonfinite_a or self.nonfinite_b:
+        if self.nonfinite_a or self.nonfinite_b or self.base_file:
             value = math.nan
         kl = np.concatenate(self.kl) if self.kl else np.zeros(0)
         kl_bad = bool(np.isnan(kl).any())
@@ -553,9 +595,9 @@ class LogitAccumulator:
             nmse_db=nmse_db(value),
             nmse_label=nmse_label(value),
             mse=mse,
-            max_abs=self.max_abs,
+            max_abs=math.nan if self.base_file else self.max_abs,
             max_abs_where=self.max_abs_where,
-            mean_abs=self.abs_err / (self.abs_n if self.compact else self.n) if (self.abs_n or not self.compact)
+            mean_abs=self.abs_err / (self.abs_n if self.compact else self.n) if (self.abs_n if self.compact else self.n)
             else math.nan,
             nonfinite_a=self.nonfinite_a,
             nonfinite_b=self.nonfinite_b,
@@ -580,6 +622,7 @@ class LogitAccumulator:
                               "long": profile_by_bucket(pos[long], kl[long], same[long])},
             compact=self.compact,
             llama=self.llama.stats().to_dict() if self.llama.count >= 2 else {},
+            base_file=self.base_file,
         )
 
 

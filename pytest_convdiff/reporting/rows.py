@@ -370,8 +370,8 @@ def quality_line(p: PairResult) -> str | None:
     if lp:  # llama-perplexity's figures, each with its standard error, as people compare them
         parts = [f"PPL ratio {fmt(lp['ppl_ratio'], 4)} ± {fmt(lp['ppl_ratio_err'], 2)}",
                  f"KLD {fmt(lp['kld_mean'])} ± {fmt(lp['kld_err'], 2)}",
-                 f"RMS Δp {fmt(100 * lp['rms_p_diff'])} ± {fmt(100 * lp['rms_p_diff_err'], 2)} %",
-                 f"same top p {100 * lp['same_top']:.1f} ± {100 * lp['same_top_err']:.1f} %"]
+                 f"RMS Δp {fmt(scaled(lp['rms_p_diff'], 100))} ± {fmt(scaled(lp['rms_p_diff_err'], 100), 2)} %",
+                 f"same top p {100 * lp['same_top']:.1f} ± {100 * lp['same_top_err']:.1f} %"]  # never NaN
     else:
         parts = [f"PPL ratio {fmt(m['ppl_b'] / m['ppl_a']) if m['ppl_a'] else 'n/a'}",
                  f"KL mean {fmt(m.get('kl_mean'))}"]
@@ -405,13 +405,19 @@ LLAMA_ROWS = (("llama: PPL(Q)/PPL(base)", "ppl_ratio", "ppl_ratio_err", 1, ""),
               ("llama: same top p", "same_top", "same_top_err", 100, " %"))
 
 
+def scaled(x: Any, scale: float) -> Any:
+    """``scale * x``, or None for a statistic that was NaN (a NaN in B): JSON brings NaN back as None."""
+    return None if x is None else scale * x
+
+
 def llama_rows(lp: dict[str, Any]) -> list[tuple[str, str]]:
     """llama-perplexity's final statistics as ``(name, "value ± error")`` rows, in its units, and its percentiles."""
     if not lp:
         return []
-    out = [(name, f"{fmt(scale * lp[v], 6)} ± {fmt(scale * lp[e], 3)}{unit}") for name, v, e, scale, unit in LLAMA_ROWS]
+    out = [(name, f"{fmt(scaled(lp[v], scale), 6)} ± {fmt(scaled(lp[e], scale), 3)}{unit}")
+           for name, v, e, scale, unit in LLAMA_ROWS]
     out.append(("llama: KLD percentiles", ", ".join(f"{k}: {fmt(v, 4)}" for k, v in lp["kld_quantiles"].items())))
-    out.append(("llama: Δp percentiles", ", ".join(f"{k}: {fmt(100 * v, 4)} %"
+    out.append(("llama: Δp percentiles", ", ".join(f"{k}: {fmt(scaled(v, 100), 4)} %"
                                                    for k, v in lp["p_diff_quantiles"].items())))
     out.append(("llama: scored tokens", str(lp["count"])))
     return out

@@ -109,3 +109,23 @@ def write_kld(path: str | os.PathLike[str], tokens: np.ndarray, n_vocab: int,
                 raise ValueError(f"chunk {i}: rows of shape {rows.shape}, expected {(per_chunk, width)}")
             f.write(rows.tobytes())
     return Path(path)
+
+
+def is_kld(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a base-logit file, by its first 8 bytes (whatever it is called)."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            return False
+        with open(p, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def evaluated_chunk(tokens: np.ndarray | list[int], special: dict) -> list[int]:
+    """A chunk as llama-perplexity evaluates it: its first token replaced by BOS where the model adds one."""
+    seq = [int(t) for t in tokens]
+    if seq and special.get("adds_bos") and special.get("bos_id") is not None:
+        seq[0] = int(special["bos_id"])
+    return seq

@@ -25,6 +25,7 @@ from .entry import Entry
 
 STORE_FULL_HINT = ("Run with --convdiff-store full (ini convdiff_store = full; RunSettings(store='full') in the library) "
                    "to store them; the plugin turns it on by itself when a test uses the convdiff_pair fixture.")
+BASE_FILE_FORM = "kld"  # ``meta["store"]["form"]`` of model A served from a llama-perplexity base file (store.kld_run)
 KEEP_B_HINT = ("Run with --convdiff-keep-b (ini convdiff_keep_b; RunSettings(keep_b=True) in the library) to store "
                "them; the plugin turns it on by itself when a test uses the convdiff_pair fixture.")
 
@@ -62,6 +63,18 @@ class ModelRun:
     def compact(self) -> bool:
         """A's outputs stored compact: what the metrics need of them, not the arrays (``core.compact``)."""
         return (self.meta.get("store") or {}).get("form") == "compact"
+
+    @property
+    def base_file(self) -> bool:
+        """A served from a llama-perplexity base file: per chunk, log-probabilities of its second half only."""
+        return (self.meta.get("store") or {}).get("form") == BASE_FILE_FORM
+
+    def base_rows(self, pid: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """A base file's encoded rows of a chunk, the token each row predicts, and the first scored position."""
+        store = self.meta["store"]
+        first = int(store["first"])
+        return (self.entry.array(self._name(pid, "base_rows")),
+                np.asarray(self.inputs(pid)[first + 1:], dtype=np.int64), first)
 
     def compact_config(self) -> compact.CompactConfig:
         return compact.CompactConfig.from_dict(self.meta["store"])
@@ -102,6 +115,10 @@ class ModelRun:
             raise ConvdiffError(
                 f"model B ({self.spec.path}) was streamed: its outputs were reduced into the pair's metrics while "
                 f"it ran and its {what} were not stored. {KEEP_B_HINT}")
+        if self.base_file:
+            raise ConvdiffError(
+                f"model A ({self.spec.path}) is a llama-perplexity base file: it holds the log-probabilities of "
+                f"each chunk's second half, not {what}. Pass the reference model itself as --model-a to get them.")
         if self.compact:
             raise ConvdiffError(
                 f"model A ({self.spec.path}) is stored compact (--convdiff-store compact, the default): its {what} "
@@ -144,7 +161,7 @@ class ModelRun:
 
     def vocab_width(self) -> int | None:
         """The width of the logits (the vocabulary they cover): from the arrays, or as a streamed run recorded it."""
-        if self.streamed or self.compact:
+        if self.streamed or self.compact or self.base_file:
             return (self.meta.get("shapes") or {}).get("vocab")
         first = self.prompt_ids[0] if self.meta.get("prompts") else None
         return int(self.logits(first).shape[-1]) if first is not None else None
@@ -154,7 +171,7 @@ class ModelRun:
         first = self.prompt_ids[0] if self.meta.get("prompts") else None
         if self.compact and (first is None or self.state_summary(first) is None):
             return None
-        if self.streamed or self.compact:
+        if self.streamed or self.compact or self.base_file:
             dims = (self.meta.get("shapes") or {}).get("hidden")
             return (int(dims[0]), int(dims[1])) if dims else None
         h = self.hidden(first) if first is not None else None

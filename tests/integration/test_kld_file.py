@@ -2,8 +2,8 @@
 
 The tool is built once from the llama.cpp sources in llama-cpp-python's sdist (fixtures/llama_tools.py,
 ~6 min on 2 cores, cached under fixtures/models/_tools/). Both directions: a base file the tool wrote is
-scored here, and one written here (from the transformers checkpoint, which llama.cpp cannot run) is
-scored by the tool; the statistics must agree to 3 significant digits.
+scored here (and read as the plugin's --model-a), and one written here (from the transformers checkpoint,
+which llama.cpp cannot run) is scored by the tool; the statistics must agree to 3 significant digits.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _agree(ours: dict[str, float], theirs: dict[str, float]) -> None:
         assert math.isclose(ours[key], value, rel_tol=5e-4), (key, ours[key], value)  # 3 significant digits
 
 
-def test_a_base_file_written_by_llama_perplexity_is_scored_here_with_its_statistics(tool, smol, tmp_path):
+def test_a_base_file_written_by_llama_perplexity_is_scored_here_with_its_statistics(tool, smol, tmp_path,
+                                                                                   subprocess_env):
     base = tmp_path / "f16.kld"
     _tool(tool, "-m", str(smol["f16"]), "-f", str(TEXT), "--kl-divergence-base", str(base))
     theirs = _tool_stats(_tool(tool, "-m", str(smol["q4_0"]), "--kl-divergence-base", str(base), "--kl-divergence"))
@@ -88,6 +89,15 @@ def test_a_base_file_written_by_llama_perplexity_is_scored_here_with_its_statist
     assert ours["count"] == 3 * (256 - 1 - 128)
     _agree(ours, theirs)
     assert theirs["kld_mean"] > 0.01  # a Q4_0 of a 135M model: the statistics compared are not all ~0
+    # the same file as the plugin's model A: its pair items report the tool's figures
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "-q",
+         f"--model-a={base}", f"--model-b={smol['q4_0']}", "--convdiff-json=r.json",
+         f"--convdiff-cache-dir={tmp_path / 'cache'}"], capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (pair,) = json.loads((tmp_path / "r.json").read_text())["pairs"]
+    assert pair["backend_a"] == "llama-perplexity base" and pair["metrics"]["llama"]["count"] == ours["count"]
+    _agree(pair["metrics"]["llama"], theirs)
 
 
 def test_a_base_file_written_here_from_the_transformers_checkpoint_is_read_by_llama_perplexity(tool, smol, tmp_path):

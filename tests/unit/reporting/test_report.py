@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -317,3 +318,27 @@ def test_quality_is_stated_in_llama_perplexitys_terms_with_errors_when_the_pair_
     table = dict(rows.metric_rows(p))
     assert table["llama: same top p"] == "80 ± 2 %" and table["llama: scored tokens"] == "400"
     assert table["llama: KLD percentiles"].startswith("max: 0.02, 99.9: 0.01998")
+
+
+def test_a_nan_statistic_back_from_json_renders_as_missing_not_a_crash():
+    """A NaN in B makes llama-perplexity's statistics NaN; JSON (the xdist and merge path) brings them back as
+    None, and the rows and the HTML page still render, with '-' for them."""
+    import numpy as np
+
+    from pytest_convdiff.core import llama_stats
+    from pytest_convdiff.reporting import html, rows
+
+    sums = llama_stats.Sums()
+    n = 40
+    sums.add(llama_stats.TokenScores(np.full(n, np.nan), np.full(n, 2.0), np.full(n, np.nan), np.full(n, np.nan),
+                                     np.arange(n) % 2 == 0))
+    lp = sums.stats().to_dict()
+    back = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in lp.items()}
+    back["p_diff_quantiles"] = {k: None for k in lp["p_diff_quantiles"]}
+    assert any(v is None for v in back.values())
+    table = dict(rows.llama_rows(back))
+    assert table["llama: RMS Δp"].startswith("- ± ") and table["llama: same top p"] == "50 ± 8.01 %"
+    p = _failing_pair()
+    p.metrics = dict(p.metrics or {}, ppl_a=2.0, ppl_b=3.0, llama=back)
+    assert "RMS Δp - ± " in rows.quality_line(p)
+    assert "llama: mean KLD" in html.render([p])
