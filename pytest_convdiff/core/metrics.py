@@ -353,14 +353,7 @@ class LogitAccumulator:
             self._nll(-s.nll_base, -s.nll, local, s.kld, s.same_top)
             self.kl_pos.append(np.arange(first + start, first + stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, first + t + 1, dtype=np.int32))
-        pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t, "nmse": math.nan,
-                                "top1": local["top1"] / t}
-        if local["nll_n"]:
-            pp["ppl_a"] = math.exp(local["nll_a"] / local["nll_n"])
-            pp["ppl_b"] = math.exp(local["nll_b"] / local["nll_n"])
-        for k, count in local["ordered"].items():
-            self.topk_by_prompt[k].append((prompt, count / t))
-        self.per_prompt[prompt] = pp
+        self._finish_prompt(prompt, t, local, math.nan)
 
     def _prompt(self, prompt: str, t: int, v: int, tokens: Sequence[int] | None, chunk: int | None,
                 rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None]) -> None:
@@ -375,8 +368,11 @@ class LogitAccumulator:
             rows(start, stop, targets, local)
             self.kl_pos.append(np.arange(start, stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, t, dtype=np.int32))
-        pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t,
-                                "nmse": _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]),
+        self._finish_prompt(prompt, t, local, _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]))
+
+    def _finish_prompt(self, prompt: str, t: int, local: dict[str, Any], nmse: float) -> None:
+        """A prompt's own figures (``per_prompt``, top-K by prompt) from its ``local`` sums over ``t`` positions."""
+        pp: dict[str, float] = {"positions": float(t), "kl_mean": local["kl"] / t, "nmse": nmse,
                                 "top1": local["top1"] / t}
         if local["nll_n"]:
             pp["ppl_a"] = math.exp(local["nll_a"] / local["nll_n"])
