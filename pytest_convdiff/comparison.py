@@ -274,7 +274,10 @@ class Comparison:
             self._stage = f"running model A ({self.a.path})"
             run_a = runner.run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
                               label=self._label + "A ", producers=checks.producers())
-            if self.save_reference is not None:
+            if self.save_reference is not None and run_a.base_file:  # a manifest's pair can get here too
+                self.progress(f"{self._label}not saving a reference to {self.save_reference}: A is a llama-perplexity "
+                              "base file, already a stored reference")
+            elif self.save_reference is not None:
                 from .store.reference import save_reference
 
                 self._stage = f"saving the reference to {self.save_reference}"

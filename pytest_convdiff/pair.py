@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import compact, kernels, metrics
+from .core import compact, kernels, llama_stats, metrics
 from .core.code_version import code_digest
 from .core.corpus import Corpus
 from .errors import ConvdiffError
@@ -50,7 +50,8 @@ class PairMetrics:
 def _metrics_code_digest() -> str:
     """Stored pair metrics are reused only by the code that computed them: this module's reduction and the
     metric, summary and kernel modules it calls."""
-    return code_digest((__name__, metrics.__name__, compact.__name__, kernels.__name__))
+    return code_digest((__name__, metrics.__name__, compact.__name__, kernels.__name__, llama_stats.__name__,
+                        "pytest_convdiff.store.run", "pytest_convdiff.store.kld_file", "pytest_convdiff.store.kld_run"))
 
 
 def reduced_against(a: ModelRun) -> dict[str, Any]:
@@ -99,7 +100,12 @@ class PairReducer:
         a = self.a
         if not self._started:
             self._started = True
-            if _pairable_logits(a, logits.shape[-1] if logits is not None else None):
+            vocab_b = logits.shape[-1] if logits is not None else None
+            if a.base_file and not _pairable_logits(a, vocab_b):  # nothing else would be compared: an error
+                raise ConvdiffError(f"{a.spec.path}: a llama-perplexity base file written for a vocabulary of "
+                                    f"{a.vocab_width()} entries, but model B's logits have {vocab_b}; score it "
+                                    "against a base file of a model with B's vocabulary.")
+            if _pairable_logits(a, vocab_b):
                 self._logits = metrics.LogitAccumulator()
             dims = (hidden.shape[0], hidden.shape[-1]) if hidden is not None else None
             if _pairable_layers(a, dims):

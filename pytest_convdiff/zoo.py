@@ -93,7 +93,7 @@ def on_gpu(spec: ModelSpec, gpu: int) -> ModelSpec:
     from .backends import device_options
 
     backend = resolve_backend(spec.path, spec.backend)
-    if backend is None or backend == "reference":
+    if backend is None or backend == "reference" or spec.is_base_file():  # stored outputs: nothing runs
         return spec
     return ModelSpec(spec.path, spec.backend, device_options(backend, gpu, dict(spec.options)))
 
@@ -141,9 +141,10 @@ def backend_options(option: str, raw: dict[str, Any], paths: list[str], backend:
     (else a ConvdiffError naming ``option`` and listing the valid keys); each model gets the keys its own
     backend knows."""
     from .backends.options import validate_options
+    from .store.kld_run import BACKEND as BASE_FILE
 
     resolved = [resolve_backend(p, backend) for p in paths]
-    known = {b for b in resolved if b and b != "reference"}
+    known = {b for b in resolved if b and b not in ("reference", BASE_FILE)}  # stored outputs take no options
     errors: dict[str, str] = {}
     typed: dict[str, dict[str, Any]] = {}
     for b in known:

@@ -57,4 +57,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
     return Findings(out, baseline_rfn=stored.get("rfn"))
 
 
-FAMILY = CheckFamily("baseline", ORDER, plan, evaluate, doc="no regression against stored metrics")
+FAMILY = CheckFamily("baseline", ORDER, plan, evaluate, doc="no regression against stored metrics",
+                     reads_base_file=True)

@@ -79,6 +79,9 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
         k = int(cid.param)
         wp, wv = m.topk_worst_prompt.get(k, ("", math.nan))
         what = "Top-1 agreement (same argmax)" if k == 1 else "Top-5 overlap (mean |top5(A) & top5(B)| / 5)"
+        if k > 1 and m.base_file:  # the rows keep 16 nats: below that, A's order is the file's rounding
+            what += (", A's top 5 from the base file's rows (where fewer than 5 entries lie within 16 nats of the "
+                     "top, the rest of A's top 5 is arbitrary)")
         failing = round((1 - m.topk_ordered[k]) * m.positions)
         same = (f"Same top-1: {100 * m.topk_ordered[1]:.2f} ± {100 * m.top1_stderr:.2f} % (binomial standard "
                 f"error).\n") if k == 1 and not math.isnan(m.top1_stderr) else ""

@@ -344,13 +344,15 @@ class LogitAccumulator:
             r = np.asarray(rows[start:stop])
             with np.errstate(invalid="ignore", over="ignore"):
                 s = llama_stats.score_rows(r, b32, targets[start:stop])
-            if not np.isfinite(b32).all():
-                self._nonfinite(prompt, first + start, np.zeros(stop - start), b32)
+            base = llama_stats.decode_rows(r, v)
+            bad_a = (~np.isfinite(base)).sum(axis=1)  # a damaged row of the file is A's non-finite output
+            if bad_a.any() or not np.isfinite(b32).all():
+                self._nonfinite(prompt, first + start, bad_a, b32)
             self.positions += stop - start
-            self._topk(topk_indices(llama_stats.decode_rows(r, v), self.topk_max),
-                       topk_indices(b32, self.topk_max), local)
-            self._kl(prompt, first + start, s.kld, local)
-            self._nll(-s.nll_base, -s.nll, local, s.kld, s.same_top)
+            self._topk(topk_indices(base, self.topk_max), topk_indices(b32, self.topk_max), local)
+            del base
+            self._kl(prompt, first + start, s.kld, local, clamp=False)
+            self._nll(-s.nll_base, -s.nll, local, s.kld, s.same_top, clamp=False)
             self.kl_pos.append(np.arange(first + start, first + stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, first + t + 1, dtype=np.int32))
         self._finish_prompt(prompt, t, local, math.nan)
@@ -542,8 +544,11 @@ class LogitAccumulator:
         local["top1"] += float(np.sum(same))
         return same
 
-    def _kl(self, prompt: str, offset: int, kl: np.ndarray, local: dict[str, Any]) -> None:
-        kl = np.where(kl < 0, 0.0, kl)
+    def _kl(self, prompt: str, offset: int, kl: np.ndarray, local: dict[str, Any], clamp: bool = True) -> None:
+        """``clamp``: a KL below 0 is rounding (KL over the whole vocabulary is never negative), so 0; against a
+        base file's rounded, truncated rows it is llama-perplexity's own value, kept as the tool keeps it."""
+        if clamp:
+            kl = np.where(kl < 0, 0.0, kl)
         self.kl.append(kl)
         local["kl"] += float(np.sum(kl))
         if np.isnan(kl).any():
@@ -554,8 +559,10 @@ class LogitAccumulator:
             if kl[i] > self.kl_max:
                 self.kl_max, self.kl_max_where = float(kl[i]), Where(prompt, offset + i)
 
-    def _nll(self, la: np.ndarray, lb: np.ndarray, local: dict[str, Any], kl: np.ndarray, same: np.ndarray) -> None:
-        """Log-probabilities of the next token under A (``la``) and B (``lb``), with those rows' KL and top-1."""
+    def _nll(self, la: np.ndarray, lb: np.ndarray, local: dict[str, Any], kl: np.ndarray, same: np.ndarray,
+             clamp: bool = True) -> None:
+        """Log-probabilities of the next token under A (``la``) and B (``lb``), with those rows' KL and top-1
+        (``clamp`` as for ``_kl``)."""
         self.nll_a -= float(la.sum())
         self.nll_b -= float(lb.sum())
         self.nll_n += len(la)
@@ -563,7 +570,7 @@ class LogitAccumulator:
         local["nll_b"] -= float(lb.sum())
         local["nll_n"] += len(la)
         dp = np.exp(lb) - np.exp(la)
-        self.llama.add(llama_stats.TokenScores(-lb, -la, np.where(kl < 0, 0.0, kl), dp, same))
+        self.llama.add(llama_stats.TokenScores(-lb, -la, np.where(kl < 0, 0.0, kl) if clamp else kl, dp, same))
         self.dp.append(dp)
         self.dp_sum += float(dp.sum())
         self.dp_sq += float((dp * dp).sum())

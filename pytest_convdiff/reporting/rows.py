@@ -332,10 +332,11 @@ def layer_curve(p: PairResult, key: str = "rfn") -> str | None:
 def metrics_line(p: PairResult) -> str | None:
     """``NMSE 1.6e-05 (-47.9 dB, excellent match), KL mean 7.4e-06, PPL A 817 B 817``."""
     m = p.metrics or {}
-    if m.get("nmse") is None:
+    if m.get("nmse") is None and not m.get("base_file"):
         return None
-    return (f"NMSE {fmt(m['nmse'])} ({fmt(m.get('nmse_db'))} dB, {m.get('nmse_label')}), "
-            f"KL mean {fmt(m.get('kl_mean'))}, PPL A {fmt(m.get('ppl_a'))} B {fmt(m.get('ppl_b'))}")
+    nmse = f"NMSE {fmt(m['nmse'])} ({fmt(m.get('nmse_db'))} dB, {m.get('nmse_label')}), " if m.get("nmse") is not None \
+        else ""  # none against a llama-perplexity base file (it holds no logits)
+    return f"{nmse}KL mean {fmt(m.get('kl_mean'))}, PPL A {fmt(m.get('ppl_a'))} B {fmt(m.get('ppl_b'))}"
 
 
 def costliest_module(p: PairResult) -> str | None:

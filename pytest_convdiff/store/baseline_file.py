@@ -58,9 +58,10 @@ def parse_tolerances(text: str, where: str = "--convdiff-baseline-tolerance") ->
 
 def snapshot(pair: PairResult) -> dict[str, Any] | None:
     """The metrics a baseline keeps for this pair, JSON-safe (NaN becomes null, which ``regressions``
-    counts as worse); None when the pair has neither logit metrics nor layers to keep."""
+    counts as worse); None when the pair has neither logit metrics nor layers to keep. Against a
+    llama-perplexity base file there is no NMSE and no layers, but KL, top-K and PPL are kept."""
     m = pair.metrics or {}
-    if m.get("nmse") is None and not pair.layers:
+    if m.get("nmse") is None and not pair.layers and not m.get("base_file"):
         return None
 
     def at(d: dict[Any, Any] | None, k: int) -> Any:

@@ -54,6 +54,16 @@ def test_compare_against_a_base_file_is_llama_perplexitys_scoring(files, tmp_pat
     assert ours["kld_mean"] > 1e-3  # a Q4_K_M of a random-weight model: not a comparison of zeros
 
 
+def test_a_model_of_another_vocabulary_errors_its_pair_saying_so(files, tmp_path):
+    other = next(Path(e["path"]) for e in pipeline.load_manifest() if e["model"] == "tiny-gemma3") \
+        if any(e["model"] == "tiny-gemma3" for e in pipeline.load_manifest()) else None
+    if other is None:
+        pytest.skip("the tiny-gemma3 pipeline files are not built")
+    res = compare(files["base"], other, cache_dir=tmp_path / "cache")
+    assert res.verdict == "error" and "base file written for a vocabulary of" in res.error
+    assert all(c.outcome == "error" for c in res.checks)  # never a pass made of skips
+
+
 def test_bounds_the_user_sets_judge_a_pair_and_the_rest_is_reported(pytester, files):
     """No bound comes from a base file's contents (it holds no weights to make twins from): the figures are
     reported, and a bound the user sets (as with ``kld score --max-kld``) gates. Under xdist the same."""

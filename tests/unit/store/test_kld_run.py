@@ -125,8 +125,73 @@ def test_only_the_families_that_read_a_base_file_are_planned_against_one(tmp_pat
     spec_a = ModelSpec(str(tmp_path / "a.kld"))
     ctx = PlanContext(kld_corpus(tmp_path / "a.kld"), None, RunSettings(), spec_a=spec_a, spec_b=ModelSpec("b.gguf"))
     planned = plan_by_family(ctx)
-    assert set(planned) == {f.name for f in families() if f.reads_base_file} == {"logits"}
+    assert set(planned) == {f.name for f in families() if f.reads_base_file} == {"logits", "baseline"}
+    assert planned["baseline"] == []  # planned only in regression mode
     assert [str(c) for c in planned["logits"]] == ["finite", "nmse", "topk[1]", "topk[5]", "kl[mean]", "kl[p99]",
                                                    "ppl[ratio]"]
     weights = next(f for f in families() if f.name == "weights")
     assert applies(weights, ModelSpec("ref-dir")) and not applies(weights, spec_a)
+
+
+def test_near_lossless_b_keeps_llama_perplexitys_negative_kl_values(tmp_path):
+    """Against rounded, truncated rows a per-token KL can be slightly negative; the tool keeps it, so the
+    pair's KL mean and statistics do too (clamping them at 0 would make a Q8_0's figures differ from the tool's)."""
+    tokens, logits_a = _base(tmp_path / "a.kld", spread=1.0)
+    run = open_kld_run(tmp_path / "a.kld", ModelSpec(str(tmp_path / "a.kld")))
+    reducer = PairReducer(run)
+    for i, pid in enumerate(run.prompt_ids):
+        reducer.add(pid, logits_a[i])
+    m = reducer.result().logits
+    first, n = N_CTX // 2, scored_rows(N_CTX)
+    kld = np.concatenate([llama_stats.score_rows(encode_rows(logits_a[i, first:first + n]),
+                                                 logits_a[i, first:first + n], tokens[i, first + 1:]).kld
+                          for i in range(N_CHUNK)])
+    assert (kld < 0).any()  # the case in question exists here
+    assert m.kl_mean == pytest.approx(float(kld.mean()), rel=1e-9, abs=1e-15)
+    assert m.llama["kld_mean"] == pytest.approx(float(kld.mean()), rel=1e-9, abs=1e-15)
+    assert m.llama["kld_quantiles"]["min"] < 0
+
+
+def test_b_with_another_vocabulary_errors_instead_of_skipping_every_item(tmp_path):
+    _, logits_a = _base(tmp_path / "a.kld")
+    run = open_kld_run(tmp_path / "a.kld", ModelSpec(str(tmp_path / "a.kld")))
+    with pytest.raises(ConvdiffError, match=f"vocabulary of {N_VOCAB} entries, but model B's logits have 12"):
+        PairReducer(run).add("chunk-1", np.zeros((N_CTX, 12), dtype=np.float32))
+
+
+def test_a_damaged_row_is_non_finite_output_of_a(tmp_path):
+    _, logits_a = _base(tmp_path / "a.kld")
+    raw = bytearray((tmp_path / "a.kld").read_bytes())
+    row0 = 20 + 4 * N_CHUNK * N_CTX  # the first row's float32 scale
+    raw[row0:row0 + 4] = np.float32(np.nan).tobytes()
+    (tmp_path / "a.kld").write_bytes(bytes(raw))
+    run = open_kld_run(tmp_path / "a.kld", ModelSpec(str(tmp_path / "a.kld")))
+    reducer = PairReducer(run)
+    for i, pid in enumerate(run.prompt_ids):
+        reducer.add(pid, logits_a[i])
+    m = reducer.result().logits
+    assert m.nonfinite_a == N_VOCAB and m.nonfinite_b == 0 and m.nonfinite_where.prompt == "chunk-1"
+
+
+def test_a_baseline_keeps_what_a_base_file_pair_measures():
+    from pytest_convdiff.core.results import PairResult
+    from pytest_convdiff.store import baseline_file
+
+    pair = PairResult("p", "a.kld", "b.gguf", "llama-perplexity base", "llama.cpp")
+    pair.metrics = {"nmse": None, "kl_mean": 0.02, "kl_p99": 0.1, "ppl_ratio": 1.01, "base_file": True,
+                    "topk_ordered": {"1": 0.9}, "topk_overlap": {"5": 0.8}}
+    snap = baseline_file.snapshot(pair)
+    assert snap is not None and snap["kl_mean"] == 0.02 and snap["top1"] == 0.9 and snap["nmse"] is None
+    worse = dict(snap, kl_mean=0.05)
+    found = baseline_file.regressions(worse, snap, {name: ("rel", 0.1) for name in baseline_file.METRICS})
+    assert found["kl_mean"]["worse"] and not found["nmse"]["worse"] and not found["rfn"]["worse"]
+
+
+def test_gpu_placement_leaves_a_base_file_alone(tmp_path):
+    """--convdiff-gpus sets each model's device option; a base file runs nothing and takes none."""
+    from pytest_convdiff.zoo import backend_options, on_gpu
+
+    _base(tmp_path / "a.kld")
+    spec = ModelSpec(str(tmp_path / "a.kld"))
+    assert on_gpu(spec, 1) is spec
+    assert backend_options("--convdiff-option-a", {"n_threads": "2"}, [spec.path], None) == [{"n_threads": "2"}]
