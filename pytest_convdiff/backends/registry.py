@@ -158,7 +158,8 @@ def detect_backend(path: str | os.PathLike[str]) -> str:
     if not p.exists():
         raise ModelLoadError(
             f"{p}: no such file or directory. Pass a transformers checkpoint directory, "
-            "a .gguf file, an EXL2 directory or a saved convdiff reference."
+            "a .gguf file, an EXL2 directory, or (as model A) a saved convdiff reference or a llama-perplexity "
+            "base file."
         )
     spec = claimant(p)
     if spec is not None:
@@ -190,4 +191,5 @@ def _not_recognised(p: Path) -> str:
     if p.name == "config.json":
         return f"{p}: pass the checkpoint directory ({p.parent}), not its config.json."
     return (f"{p}: not a model this plugin recognises. Pass a transformers checkpoint directory "
-            "(with config.json), a .gguf file, an EXL2 directory, or a saved convdiff reference.")
+            "(with config.json), a .gguf file, an EXL2 directory, or (as model A) a saved convdiff reference or a "
+            "llama-perplexity base file.")
