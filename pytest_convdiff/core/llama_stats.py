@@ -85,14 +85,19 @@ class TokenScores:
 
 def score_rows(base_rows: np.ndarray, logits: np.ndarray, next_tokens: np.ndarray) -> TokenScores:
     """Q's logits ``[T, V]`` against the base rows ``[T, W]``; row t predicts ``next_tokens[t]``."""
-    x = np.ascontiguousarray(logits, dtype=np.float32)
-    t, v = x.shape
+    t, v = logits.shape
     if base_rows.shape[0] != t:
         raise ValueError(f"{base_rows.shape[0]} base rows for {t} rows of logits")
+    return score_log_probs(decode_rows(base_rows, v), logits, next_tokens)
+
+
+def score_log_probs(base: np.ndarray, logits: np.ndarray, next_tokens: np.ndarray) -> TokenScores:
+    """``score_rows`` against rows already decoded (``decode_rows``), for a caller that uses them again."""
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    t, v = x.shape
     tok = np.asarray(next_tokens, dtype=np.int64)
     if tok.size and (tok.min() < 0 or tok.max() >= v):
         raise ValueError(f"a scored token id lies outside the vocabulary of {v}")
-    base = decode_rows(base_rows, v)
     mx, lse = _lse(x)
     rows = np.arange(t)
     nll = (mx + lse - x[rows, tok]).astype(np.float32)

@@ -342,9 +342,9 @@ class LogitAccumulator:
             stop = min(t, start + chunk)
             b32 = np.asarray(test[start:stop], dtype=np.float32)
             r = np.asarray(rows[start:stop])
+            base = llama_stats.decode_rows(r, v)  # once: scored, then A's top K
             with np.errstate(invalid="ignore", over="ignore"):
-                s = llama_stats.score_rows(r, b32, targets[start:stop])
-            base = llama_stats.decode_rows(r, v)
+                s = llama_stats.score_log_probs(base, b32, targets[start:stop])
             bad_a = (~np.isfinite(base)).sum(axis=1)  # a damaged row of the file is A's non-finite output
             if bad_a.any() or not np.isfinite(b32).all():
                 self._nonfinite(prompt, first + start, bad_a, b32)
