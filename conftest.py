@@ -28,8 +28,16 @@ def tiny_ref(tiny_models: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache for plugin runs that only read results, so each model runs once per test session."""
-    return tmp_path_factory.mktemp("convdiff-cache")
+    """One cache for every run that only reads results, so each model runs once per test session.
+
+    Its entries are keyed by content, as in production (the models' fingerprints, corpus, settings and code),
+    so any test may share it; under xdist the workers share it too (their base temp folders are siblings),
+    and its writes are atomic, so two workers that compute the same entry at once both store a whole one."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "convdiff-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture

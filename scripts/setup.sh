@@ -29,5 +29,8 @@ tools=$!
 # Real conversions (llama.cpp's own converter and quantizer; ~5 min cold, a no-op when current), which
 # tests/integration/test_pipeline_*.py and bench/pipeline_table.py use; the tests would build them on first use.
 "$VPY" -m fixtures.pipeline >/dev/null
+# SmolLM2's hand-made defect GGUFs (seconds; the tests build them too, but a test that finds them missing must not
+# depend on which test ran first).
+"$VPY" -m fixtures.smollm2 >/dev/null
 wait "$tools"
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

@@ -74,7 +74,12 @@ def subset(corpus: Corpus) -> Corpus:
 
 
 def measure(ctx: EvalContext) -> dict[str, Any]:
-    """Run T, T8 (fed T's tokens) and B (fed T's tokens) on the subset; B's and T8's metrics against T."""
+    """Run T, T8 (fed T's tokens) and B (fed T's tokens) on the subset; B's and T8's metrics against T.
+
+    Nothing runs when the twin is off: no item of this family is planned then, and its three runs would be
+    the pair's most expensive work, thrown away."""
+    if ctx.settings.runtime_twin == "off":
+        return {"status": "skipped", "reason": "the runtime twin is off (--convdiff-runtime-twin=off)"}
     why = _applies(ctx.spec_a, ctx.spec_b)
     if why:
         return {"status": "skipped", "reason": why}

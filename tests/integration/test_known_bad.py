@@ -37,8 +37,9 @@ def ggufs(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("known-bad")
+def cache(shared_cache):
+    """The session's cache: the tiny reference's default-corpus run is shared with the other modules."""
+    return shared_cache
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

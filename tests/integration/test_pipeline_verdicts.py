@@ -69,9 +69,10 @@ def _manifest(model: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def verdict_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache per module: A (the fp32 checkpoint) runs once per model; each B is streamed against it."""
-    return tmp_path_factory.mktemp("verdict-cache")
+def verdict_cache(shared_cache: Path) -> Path:
+    """The session's cache (keyed by content, shared with the other modules and xdist workers): A (the fp32
+    checkpoint) runs once per model and session; each B is streamed against it."""
+    return shared_cache
 
 
 def _ids(result: Any, outcomes: tuple[str, ...]) -> dict[str, Any]:

@@ -30,8 +30,9 @@ def smol(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def smol_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("smollm2-cache")
+def smol_cache(shared_cache):
+    """The session's cache: the reference's run is shared with the other SmolLM2 modules."""
+    return shared_cache
 
 
 @pytest.mark.usefixtures("subprocess_env")
