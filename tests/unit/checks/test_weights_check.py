@@ -23,6 +23,7 @@ from pytest_convdiff import checks
 from pytest_convdiff.backends import dequant
 from pytest_convdiff.checks import weights
 from pytest_convdiff.checks.base import EvalContext, PlanContext
+from pytest_convdiff.comparison import measure
 from pytest_convdiff.core.bounds import Bounds
 from pytest_convdiff.core.results import ERROR, PASSED, SKIPPED, CheckResult, PairResult
 from pytest_convdiff.core.weight_errors import (
@@ -38,6 +39,7 @@ from pytest_convdiff.core.weight_errors import (
     sample_error,
 )
 from pytest_convdiff.runner import ModelSpec, RunSettings
+from pytest_convdiff.store.cache import Cache
 
 ROOT = Path(__file__).resolve().parents[3]
 PIPELINE = ROOT / "fixtures" / "models" / "pipeline"
@@ -47,8 +49,9 @@ gguf = pytest.importorskip("gguf")
 
 
 def run_family(a: Path | str, b: Path | str, overrides: dict[str, float] | None = None, *,
-               backend_a: str | None = None) -> dict[str, CheckResult]:
-    """The family's items for a pair, as the comparison evaluates them before any model loads."""
+               backend_a: str | None = None, cache_dir: Path | None = None) -> dict[str, CheckResult]:
+    """The family's items for a pair, as the comparison evaluates them before any model loads (``cache_dir``:
+    its measurement read from / stored in that cache, under the key a comparison uses)."""
     spec_a, spec_b = ModelSpec(str(a), backend_a), ModelSpec(str(b))
     n_layers = None
     try:
@@ -61,6 +64,9 @@ def run_family(a: Path | str, b: Path | str, overrides: dict[str, float] | None 
     ctx = EvalContext(None, None, None, bounds, RunSettings(), PairResult("p", str(a), str(b), None, None),  # type: ignore[arg-type]
                       lambda: None, plan=plan, plan_families={"weights": plan}, spec_a=spec_a, spec_b=spec_b,
                       specs=table.specs)
+    if cache_dir is not None:
+        cache = Cache(cache_dir)
+        ctx.measure_with = lambda family, c: measure(family, c, cache)
     return {c.id: c for c in weights.evaluate(ctx)}
 
 
@@ -446,7 +452,7 @@ def _pipeline_cases(model: str) -> list[Any]:
     return [pytest.param(f, id=Path(f["file"]).name, marks=marks) for f in files if f["model"] == model]
 
 
-def _check_pipeline_file(f: dict[str, Any] | None) -> None:
+def _check_pipeline_file(f: dict[str, Any] | None, cache_dir: Path | None = None) -> None:
     if f is None:
         _manifest()
         pytest.skip("no manifest")
@@ -454,7 +460,7 @@ def _check_pipeline_file(f: dict[str, Any] | None) -> None:
     ref = _reference(f["model"])
     if not path.is_file() or not (ref / "model.safetensors").is_file():
         pytest.skip(f"{path.name} or its reference is not built")
-    items = run_family(ref, path)
+    items = run_family(ref, path, cache_dir=cache_dir)
     expect = f.get("expect") or {}
     if f["kind"] == "correct" or not ({"tensors", "tensors_prefix"} & set(expect)):
         # a correct file, or a bug in the metadata only: every tensor is what its type gives
@@ -492,8 +498,9 @@ def test_tiny_pipeline_file(f: dict[str, Any] | None) -> None:
 
 
 @pytest.mark.parametrize("f", _pipeline_cases("smollm2"))
-def test_smollm2_pipeline_file(f: dict[str, Any] | None) -> None:
-    _check_pipeline_file(f)
+def test_smollm2_pipeline_file(f: dict[str, Any] | None, shared_cache: Path) -> None:
+    # The session's cache: test_pipeline_verdicts judges the same files, and the measurement is made once.
+    _check_pipeline_file(f, shared_cache)
 
 
 # --------------------------------------------------------------------------- the type table
