@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -187,10 +186,9 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+    from ..core.threads import default_threads
+
+    return default_threads()
 
 
 def _pool(n: int) -> ThreadPoolExecutor:

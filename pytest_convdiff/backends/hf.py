@@ -11,6 +11,7 @@ final norm's input, so index i is always "output of decoder layer i".
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -133,6 +134,15 @@ def _check_device(torch: Any, path: Path, device: str) -> None:
                              f"{torch.cuda.device_count()} CUDA GPU(s) (0..{torch.cuda.device_count() - 1}).")
 
 
+def _share_cores(torch: Any) -> None:
+    """Under xdist, torch's intra-op threads take this worker's share of the cores (``core.threads``), unless
+    the user set OMP_NUM_THREADS; outside xdist torch keeps its own default."""
+    from ..core.threads import default_threads, workers
+
+    if workers() > 1 and not os.environ.get("OMP_NUM_THREADS") and torch.get_num_threads() > default_threads():
+        torch.set_num_threads(default_threads())
+
+
 class TransformersBackend:
     """A causal LM from transformers, in eval mode, on one device."""
 
@@ -143,6 +153,7 @@ class TransformersBackend:
         except ImportError as exc:
             raise MissingDependencyError("transformers", "transformers and torch", "transformers") from exc
         self._torch = torch
+        _share_cores(torch)
         self.path = path
         self.options = opts = _options(path, options)
         device = opts["device"]

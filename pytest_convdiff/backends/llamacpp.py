@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.threads import default_threads
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
 from .base import HIDDEN_STATES, INCREMENTAL_DECODE, SUBBLOCKS, ForwardOutput, ModelInfo, installed_version
 from .gguf_header import (
@@ -59,7 +60,8 @@ OPTIONS: tuple[BackendOption, ...] = (
     BackendOption("n_ubatch", "int", None,
                   f"physical micro-batch: tokens per compute step; default min(n_batch, {DEFAULT_MAX_UBATCH})",
                   minimum=1),
-    BackendOption("n_threads", "int", None, "CPU threads; default all cores", minimum=1),
+    BackendOption("n_threads", "int", None, "CPU threads; default all cores (under xdist, each worker's share)",
+                  minimum=1),
     BackendOption("n_gpu_layers", "int", None, "layers offloaded to the GPU (-1: all); default all when "
                   "llama-cpp-python was built with a GPU backend, else 0", minimum=-1),
     BackendOption("main_gpu", "int", None, "GPU index holding the whole model (single-GPU split mode)", minimum=0),
@@ -274,7 +276,7 @@ class LlamaCppBackend:
         self._ctx = None
         self._console = _ConsoleCapture(lc)
         self.n_ctx = n_ctx
-        n_threads = int(opts["n_threads"] or os.cpu_count() or 1)
+        n_threads = int(opts["n_threads"] or default_threads())
         self._ggml = _ggml_lib(lc)
         self._wanted: set[str] = set()
         self._captured: dict[str, list[np.ndarray]] = {}

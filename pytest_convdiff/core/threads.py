@@ -1,0 +1,36 @@
+"""How many CPU threads one process of a run may use: the cores it may run on, shared among xdist workers.
+
+Under ``pytest -n N`` each worker is a process that runs its own models. llama.cpp's thread pool and torch's
+intra-op threads both wait for each other by spinning, so N workers each taking every core run N times as many
+threads as there are cores and spend much of their time waiting on a descheduled peer. Each worker therefore
+takes its share: ``cores // N`` (at least 1). xdist tells its workers (and the processes they start) how many
+there are in ``PYTEST_XDIST_WORKER_COUNT``. A thread count the user sets (the llama.cpp ``n_threads`` option,
+``OMP_NUM_THREADS`` for torch) always wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["cores", "default_threads", "workers"]
+
+
+def cores() -> int:
+    """The cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def workers() -> int:
+    """How many xdist workers share this machine (1 outside xdist, or for a value that is not a count)."""
+    try:
+        return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    except ValueError:
+        return 1
+
+
+def default_threads() -> int:
+    """This process's share of the cores."""
+    return max(1, cores() // workers())
