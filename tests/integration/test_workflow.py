@@ -48,3 +48,13 @@ def test_the_workflow_passes_zizmor_and_the_workflow_schema():
     schema = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.github-workflows", str(WORKFLOW)],
                             capture_output=True, text=True)
     assert schema.returncode == 0, schema.stdout + schema.stderr
+
+
+def test_ci_runs_the_readmes_setup_and_test_commands_word_for_word():
+    """What CI runs is what a reader of the README runs: its two commands are the setup script and the suite."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    assert block, "the README starts with a bash block of its two commands"
+    main_job, tests = block.group(1).strip().splitlines()
+    assert main_job.startswith("bash scripts/setup.sh && ")
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert "bash scripts/setup.sh" in ci and tests in ci, (tests, ci)
