@@ -26,6 +26,7 @@ import numpy as np
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
 from .backends.base import LAYER_SWAP, ModelInfo
 from .core import compact, metrics
+from .core.code_version import code_digest
 from .core.corpus import Corpus
 from .core.settings import (
     LAYER_SWAP_NEEDS_FULL,
@@ -169,8 +170,15 @@ def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[s
     }
 
 
+# The modules that bring B's tensors into A's architecture for a runtime twin (names, conventions, placement).
+TWIN_LOADING = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
+                "pytest_convdiff.backends.conventions")
+
+
 def _key(parts: dict[str, Any], feed: ModelRun | None, settings: RunSettings) -> str:
     extra: dict[str, Any] = {"settings": settings.key(fed=feed is not None)}
+    if (parts.get("options") or {}).get("weights_from"):  # a runtime twin: which of B's values it runs is this code's
+        extra["twin_loading"] = code_digest(TWIN_LOADING)
     if feed is None and settings.store == "compact":  # what A's compact entry holds depends on this code
         extra["compact"] = [compact.CompactConfig().to_dict(), compact.code_digest()]
     if _streams(feed, settings):

@@ -35,7 +35,8 @@ from ..core.weight_errors import (
     rope_unpermute,
     sample_error,
 )
-from . import ggml, gguf_header, twin
+from . import conventions, ggml, gguf_header, twin
+from .conventions import HF_ARCH, PRIORS, Convention
 from .imatrix import ImportanceMatrix
 from .twin import TwinStats
 
@@ -50,30 +51,7 @@ class WeightsUnreadable(Exception):
     """This side's weights cannot be compared here; the message says why (the items skip with it)."""
 
 
-@dataclass(frozen=True)
-class Convention:
-    """What llama.cpp's converter does to an architecture's tensors beyond renaming them."""
-
-    permute_qk: bool = False  # q/k rows reordered for llama.cpp's rope (LlamaModel.permute)
-    norm_offset: float = 0.0  # GGUF norm weight = HF norm weight + offset (Gemma's RMSNorm computes x * (1 + w))
-
-
-# GGUF architecture -> convention, from convert_hf_to_gguf.py (LlamaModel and its subclasses with
-# undo_permute, GemmaModel/Gemma2Model/Gemma3Model's norm shift) and transformers' GGUF loader, which
-# undoes the same (LlamaTensorProcessor, Gemma2TensorProcessor). Others are not guessed.
-CONVENTIONS: dict[str, Convention] = {
-    "llama": Convention(permute_qk=True),
-    "arcee": Convention(permute_qk=True),
-    "smollm3": Convention(permute_qk=True),
-    "qwen2": Convention(),
-    "qwen3": Convention(),
-    "gemma": Convention(norm_offset=1.0),
-    "gemma2": Convention(norm_offset=1.0),
-    "gemma3": Convention(norm_offset=1.0),
-}
-# transformers model_type -> GGUF architecture, for comparing two transformers checkpoints of these
-HF_ARCH = {"llama": "llama", "mistral": "llama", "arcee": "arcee", "smollm3": "smollm3", "qwen2": "qwen2",
-           "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+CONVENTIONS = PRIORS  # the converter's known conventions: a prior that backends.conventions verifies
 # GGUF tensors that a transformers checkpoint does not store (its config describes them)
 _CONFIG_TENSORS = {n: "llama.cpp's rope frequency factors; transformers computes them from the config (the config "
                       "check compares the rope settings)"
@@ -289,6 +267,7 @@ class Pair:
     unpermute: tuple[bool, bool] = (False, False)  # whether A's / B's rows must be rope-unpermuted
     norm_offset: tuple[float, float] = (0.0, 0.0)  # subtracted from A's / B's values
     note: str = ""
+    gguf_name: str = ""  # the GGUF side's tensor name (its role decides which transforms are candidates)
 
 
 @dataclass
@@ -300,6 +279,7 @@ class Plan:
     heads: tuple[int | None, int | None] = (None, None)
     unmatched_b: list[str] = field(default_factory=list)
     not_compared: list[dict[str, str]] = field(default_factory=list)
+    conventions: dict[str, conventions.RoleConvention] = field(default_factory=dict)  # role -> established
 
 
 def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]:
@@ -319,6 +299,8 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
         g = name_map.get_name(base)
         if g is not None:
             out[f"{g}.{suffix}"] = hf
+        elif (stacked := conventions.expert_name(base, name_map.get_name)) is not None:
+            out[f"{stacked[0]}.{suffix}[{stacked[1]}]"] = hf  # one expert of a stacked tensor
     return out
 
 
@@ -348,12 +330,7 @@ def plan_pairs(a: Source, b: Source) -> Plan:
     hf, gg = (a, b) if isinstance(a, SafetensorsWeights) else (b, a)
     assert isinstance(gg, GGUFWeights) and isinstance(hf, SafetensorsWeights)
     arch = gg.arch
-    if arch not in CONVENTIONS:
-        raise WeightsUnreadable(
-            f"GGUF architecture {arch!r}: which transforms llama.cpp's converter applies to its tensors (beyond "
-            f"renaming) is not known to this check, so its tensors cannot be brought back into transformers' "
-            f"convention (known: {', '.join(sorted(CONVENTIONS))})")
-    conv = CONVENTIONS[arch]
+    prior = PRIORS.get(arch)
     hf_names = list(hf.tensors)
     g2h = _gguf_to_hf(arch, _n_blocks(gg), hf_names)
     head = "lm_head.weight"
@@ -361,10 +338,11 @@ def plan_pairs(a: Source, b: Source) -> Plan:
         g2h["output.weight"] = head  # the HF side ties its head: compared with its embedding below
     h2g = {h: g for g, h in g2h.items()}
     a_is_hf = hf is a
-    plan = Plan("hf-gguf" if a_is_hf else "gguf-hf", arch, [], conv.permute_qk, gg.heads(None))
+    plan = Plan("hf-gguf" if a_is_hf else "gguf-hf", arch, [], False, gg.heads(None))
     gside = 1 if a_is_hf else 0  # which side is the GGUF
     gname = "B" if a_is_hf else "A"
     embed_hf = g2h.get("token_embd.weight")
+    stacked_used: set[str] = set()
     for name in hf_names:
         g = h2g.get(name)
         if g is None:
@@ -373,21 +351,18 @@ def plan_pairs(a: Source, b: Source) -> Plan:
             else:
                 plan.unmatched_b.append(name)
             continue
-        layer, _ = layer_and_role(name)
-        pair = Pair(name, None, None)
-        gg_t = gg.tensors.get(g)
+        pair = Pair(name, None, None, gguf_name=g)
+        gg_t = _gguf_tensor(gg, g, stacked_used)
         if gg_t is None and g == "output.weight" and "token_embd.weight" in gg.tensors:
             gg_t = gg.tensors["token_embd.weight"]
             pair.note = f"{gname} has no output.weight: llama.cpp uses its token_embd.weight as the output layer (tied)"
-        kind = _qk_kind(g)
-        if kind and conv.permute_qk:
-            n_head, n_kv = gg.heads(layer)
-            pair.qk, pair.groups = kind, {"q": n_head or 0, "k": n_kv or 0}
-            pair.unpermute = (gside == 0, gside == 1)
-        if conv.norm_offset and g.endswith("norm.weight"):
-            pair.norm_offset = (conv.norm_offset, 0.0) if gside == 0 else (0.0, conv.norm_offset)
         pair.a, pair.b = (hf.tensors[name], gg_t) if a_is_hf else (gg_t, hf.tensors[name])
         plan.pairs.append(pair)
+    plan.conventions = conventions.establish([q for q in plan.pairs if q.a is not None and q.b is not None],
+                                             lambda q: _sample(hf, gg, q, gside), prior)
+    for pair in plan.pairs:
+        _apply_convention(pair, plan.conventions.get(layer_and_role(pair.gguf_name)[1]), gg, gside)
+    plan.permute_arch = any(c.transform == conventions.ROPE_PERMUTE for c in plan.conventions.values())
     if head not in hf.tensors and "output.weight" in gg.tensors and embed_hf in hf.tensors:
         hname = "A" if a_is_hf else "B"
         p = Pair(head, None, None, note=f"{hname} ties its output layer to {embed_hf}, so {gname}'s output.weight "
@@ -395,7 +370,7 @@ def plan_pairs(a: Source, b: Source) -> Plan:
         hf_t, gg_t = hf.tensors[embed_hf], gg.tensors["output.weight"]
         p.a, p.b = (hf_t, gg_t) if a_is_hf else (gg_t, hf_t)
         plan.pairs.append(p)
-    unmapped = [n for n in gg.tensors if n not in g2h]
+    unmapped = [n for n in gg.tensors if n not in g2h and n not in stacked_used]
     if a_is_hf:
         plan.unmatched_b = sorted(unmapped)
     else:  # A is the GGUF: a tensor of it that B lacks is missing, unless transformers derives it from the config
@@ -407,6 +382,54 @@ def plan_pairs(a: Source, b: Source) -> Plan:
     for name, why in hf.skipped.items():
         plan.not_compared.append({"name": name, "why": why})
     return plan
+
+
+def _gguf_tensor(gg: GGUFWeights, name: str, stacked_used: set[str]) -> StoredTensor | None:
+    """The GGUF tensor of a name, or one expert's slice of a stacked tensor (``blk.1.ffn_gate_exps.weight[3]``)."""
+    if name in gg.tensors or not name.endswith("]"):
+        return gg.tensors.get(name)
+    stacked, _, expert = name[:-1].rpartition("[")
+    t = gg.tensors.get(stacked)
+    if t is None:
+        return None
+    stacked_used.add(stacked)
+    return conventions.expert_slice(t, int(expert))
+
+
+def _sample(hf: SafetensorsWeights, gg: GGUFWeights, pair: Pair, gside: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """A small sample of both sides of a pair whose transform is in doubt, for ``conventions.establish``: the
+    first head's rows of q/k (the rope permutation acts within each head), a norm vector whole."""
+    t_hf, t_gg = (pair.a, pair.b) if gside == 1 else (pair.b, pair.a)
+    assert t_hf is not None and t_gg is not None
+    if (t_hf.rows, t_hf.cols) != (t_gg.rows, t_gg.cols):
+        return None
+    rows = t_hf.rows
+    kind = _qk_kind(pair.gguf_name)
+    if kind:
+        n_head, n_kv = gg.heads(layer_and_role(pair.gguf_name)[0])
+        n = (n_head if kind == "q" else n_kv) or 0
+        if not _check_groups(rows, n):
+            return None
+        rows = rows // n
+    elif t_hf.rows * t_hf.cols > CHUNK_ELEMENTS:
+        return None
+    try:
+        return (hf.read(t_hf, 0, rows).reshape(rows, -1), gg.read(t_gg, 0, rows).reshape(rows, -1), 1)
+    except (WeightsUnreadable, ggml.GGMLUnavailable, ValueError):
+        return None
+
+
+def _apply_convention(pair: Pair, role: conventions.RoleConvention | None, gg: GGUFWeights, gside: int) -> None:
+    """Set the pair's transforms from its role's established convention."""
+    if role is None or pair.a is None or pair.b is None:
+        return
+    kind = _qk_kind(pair.gguf_name)
+    if kind and role.transform == conventions.ROPE_PERMUTE:
+        n_head, n_kv = gg.heads(layer_and_role(pair.gguf_name)[0])
+        pair.qk, pair.groups = kind, {"q": n_head or 0, "k": n_kv or 0}
+        pair.unpermute = (gside == 0, gside == 1)
+    if role.transform == conventions.NORM_PLUS_ONE:
+        pair.norm_offset = (1.0, 0.0) if gside == 0 else (0.0, 1.0)
 
 
 def _plan_same(a: Source, b: Source, mode: str) -> Plan:
@@ -744,6 +767,7 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
             "imatrix_file": None if matrix is None else {"path": matrix.path, "layout": matrix.layout,
                                                          "entries": len(matrix.weights), "datasets": matrix.datasets},
             "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
+            "conventions": [c.to_dict() for c in plan.conventions.values()],
             "n_layers": n_layers, "seconds": time.perf_counter() - t0}
 
 

@@ -134,6 +134,41 @@ def _check_device(torch: Any, path: Path, device: str) -> None:
                              f"{torch.cuda.device_count()} CUDA GPU(s) (0..{torch.cuda.device_count() - 1}).")
 
 
+class TwinUnavailable(ModelLoadError):
+    """B's weights cannot all be loaded into A's architecture: no runtime twin for this pair (its items skip)."""
+
+
+_LAYER_PREFIX = re.compile(r"^(.*?\.layers\.\d+\.)")
+
+
+def _place(torch: Any, params: dict[str, Any], name: str, a: Any) -> tuple[str, Any] | None:
+    """Where the checkpoint's matrix ``name`` lives in the loaded model when transformers keeps it under another
+    name (Mixtral's ``block_sparse_moe.gate`` is ``mlp.gate``) or inside a bigger parameter (transformers 5 stacks
+    a layer's experts into one (expert, rows, columns) parameter and joins gate and up along the rows): found by
+    value, from A's own copy of the tensor, which the model was loaded from. No layout is assumed, so none can be
+    assumed wrongly: a matrix found nowhere, or in more than one place, is None."""
+    t = a.tensors.get(name)
+    if t is None or len(t.shape) != 2:
+        return None
+    mine = torch.from_numpy(np.array(a.read(t, 0, t.rows).reshape(t.shape)))
+    prefix = _LAYER_PREFIX.match(name)
+    found: list[tuple[str, Any]] = []
+    for pname, p in params.items():
+        if prefix and not pname.startswith(prefix.group(1)):
+            continue
+        want = mine.to(p.dtype)
+        if p.dim() == 2 and tuple(p.shape) == tuple(t.shape) and torch.equal(p, want):
+            found.append((pname, Ellipsis))
+        if p.dim() != 3 or p.shape[-1] != t.shape[1] or p.shape[1] % t.shape[0]:
+            continue
+        for e in range(p.shape[0]):
+            for r0 in range(0, p.shape[1], t.shape[0]):
+                index = (e, slice(r0, r0 + t.shape[0]))
+                if torch.equal(p[index], want):
+                    found.append((pname, index))
+    return found[0] if len(found) == 1 else None
+
+
 def _share_cores(torch: Any) -> None:
     """Under xdist, torch's intra-op threads take this worker's share of the cores (``core.threads``), unless
     the user set OMP_NUM_THREADS; outside xdist torch keeps its own default."""
@@ -238,11 +273,21 @@ class TransformersBackend:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         loaded = 0
         types: dict[str, str] = {}
+        unplaced: list[str] = []
         with torch.no_grad():
             try:
                 for name, _shape, values, stored in dequant.tensors_in_a_convention(a, b):
                     p = params.get(name)
-                    if p is None:
+                    if p is None:  # stored under another name in the loaded model: a fused or stacked parameter
+                        slot = _place(torch, params, name, a)
+                        if slot is None:
+                            unplaced.append(name)
+                            continue
+                        pname, index = slot
+                        params[pname][index].copy_(torch.from_numpy(np.ascontiguousarray(values)).to(
+                            params[pname].dtype).reshape(params[pname][index].shape))
+                        types[name] = stored
+                        loaded += 1
                         continue
                     types[name] = stored
                     src = torch.from_numpy(np.ascontiguousarray(values)).to(p.dtype)
@@ -261,6 +306,12 @@ class TransformersBackend:
                 b.close()
         if not loaded:
             raise ModelLoadError(f"{self.path}: no tensor of {other} matches a parameter of this checkpoint")
+        if unplaced:
+            raise TwinUnavailable(
+                f"{len(unplaced)} of B's tensors have no place in the model transformers loads from {self.path} "
+                f"({', '.join(unplaced[:4])}{' ...' if len(unplaced) > 4 else ''}): transformers keeps them under "
+                "other names, in a layout this twin could not find by value, so a twin would run A's own values "
+                "for them")
         return types
 
     def _check_open(self) -> None:

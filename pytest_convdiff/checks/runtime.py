@@ -95,16 +95,21 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     base = {k: v for k, v in (a.options or {}).items() if k not in ("weights_from", "emulate")}
     twin = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path)})
     twin8 = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path), "emulate": "llama.cpp"})
-    if ctx.cache is not None:
-        run_t, run_8, run_b = _runs(ctx.cache, twin, twin8, b, corpus, settings)
-    else:  # a library call without a cache: the three runs meet in a scratch cache, removed afterwards
-        import tempfile
-        from pathlib import Path
+    from ..backends.hf import TwinUnavailable
 
-        from ..store.cache import Cache
+    try:
+        if ctx.cache is not None:
+            run_t, run_8, run_b = _runs(ctx.cache, twin, twin8, b, corpus, settings)
+        else:  # a library call without a cache: the three runs meet in a scratch cache, removed afterwards
+            import tempfile
+            from pathlib import Path
 
-        with tempfile.TemporaryDirectory(prefix="convdiff-twin-") as tmp:
-            run_t, run_8, run_b = _runs(Cache(Path(tmp)), twin, twin8, b, corpus, settings)
+            from ..store.cache import Cache
+
+            with tempfile.TemporaryDirectory(prefix="convdiff-twin-") as tmp:
+                run_t, run_8, run_b = _runs(Cache(Path(tmp)), twin, twin8, b, corpus, settings)
+    except TwinUnavailable as exc:  # not a verdict on B: the other checks judge the pair, and say so
+        return {"status": "skipped", "reason": f"no runtime twin for this pair: {exc}"}
     pm_b = PairMetrics.from_dict(run_b.meta["pair_metrics"])
     pm_8 = PairMetrics.from_dict(run_8.meta["pair_metrics"])
     out: dict[str, Any] = {"status": "ok", "prompts": [p.id for p in corpus], "max_tokens": settings.max_tokens,
@@ -213,5 +218,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
 
 FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,
                      doc="B's runtime against A's architecture run with B's weights", measure=measure,
-                     code=("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant", "pytest_convdiff.pair"),
+                     code=("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
+                           "pytest_convdiff.backends.conventions", "pytest_convdiff.pair"),
                      libraries=("transformers", "torch", "llama-cpp-python"))

@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..backends import dequant, ggml, gguf_header, imatrix, registry, replay, twin
+from ..backends import conventions, dequant, ggml, gguf_header, imatrix, registry, replay, twin
 from ..core import weight_errors
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
@@ -445,6 +445,55 @@ def _notes(m: dict[str, Any], layer: int | None, layers: set[int]) -> list[str]:
     return notes
 
 
+_TRANSFORM_TEXT = {conventions.NONE: "stored as transformers stores it",
+                   conventions.ROPE_PERMUTE: "rows permuted for llama.cpp's rope",
+                   conventions.NORM_PLUS_ONE: "stored as 1 + w"}
+
+
+def convention_notes(m: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(what the files established, role by role; the findings about it that need a judge): a role whose
+    files contradict the converter's known convention in every layer, or that no candidate explains."""
+    roles = m.get("conventions") or []
+    if not roles:
+        return [], []
+    est = "; ".join(f"{r['role']} {_TRANSFORM_TEXT.get(r['transform'], r['transform'])} ({r['agree']}/{r['layers']} "
+                    "layers)" for r in roles)
+    notes = [f"What the converter did, established from the files: {est}."]
+    findings = []
+    for r in roles:
+        if r["contradicts_prior"]:
+            findings.append(f"{r['role']}: every layer of B is {_TRANSFORM_TEXT.get(r['transform'])}, but llama.cpp's "
+                            f"converter is known to write this architecture's {r['role']} "
+                            f"{_TRANSFORM_TEXT.get(r['prior'])}: either the converter changed or it was not applied "
+                            "to this file. B's tensors are compared in the convention its files show; only a run "
+                            "decides which is right (the runtime twin runs A's code with B's tensors brought back "
+                            "this way).")
+        elif not r["explained"]:
+            errs = ", ".join(f"{_TRANSFORM_TEXT.get(c, c)}: {fmt(e)}" for c, e in r["errors"].items())
+            findings.append(f"{r['role']}: not verified: no transform the converter is known to apply reproduces B "
+                            f"(relative error of each candidate, median over layers: {errs}); the runtime twin and "
+                            "the other checks judge this pair.")
+    return notes, findings
+
+
+def _judge_conventions(out: list[CheckResult], m: dict[str, Any], runtime_planned: bool) -> None:
+    """Add the established conventions to ``weights[other]``; a contradicted known convention fails it unless
+    the runtime twin is planned to judge the pair (a role no candidate explains is reported, never failed here:
+    its tensors already fail their layers if they differ from A)."""
+    other = next((c for c in out if c.param == OTHER), None)
+    notes, findings = convention_notes(m)
+    if other is None or not notes:
+        return
+    other.details["conventions"] = m.get("conventions")
+    other.message += "\n" + "\n".join(notes + findings)
+    contradicted = [r for r in m.get("conventions") or [] if r["contradicts_prior"]]
+    if contradicted and not runtime_planned and other.outcome == PASSED:
+        other.outcome, other.value = FAILED, math.inf
+        other.message += ("\nNo runtime twin is planned for this pair (--convdiff-runtime-twin=off, or B does not "
+                          "run on llama.cpp), so nothing else would judge it: this item fails. Turn the runtime twin "
+                          "on to have a run decide.")
+
+
 def evaluate(ctx: EvalContext) -> list[CheckResult]:
     planned = ctx.planned(NAME) if ctx.plan is not None else None
     if planned is not None and not planned:
@@ -480,11 +529,13 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
             i = int(cid.param.split("-", 1)[1])
             out.append(_item(cid, f"of decoder layer {i}", i, [e for e in tensors if e["layer"] == i], ctx.bounds,
                              _notes(m, i, layer_items)))
+    _judge_conventions(out, m, any(c.name == "runtime" for c in ctx.plan or ()))
     return out
 
 
 FAMILY = CheckFamily(NAME, 7, plan, evaluate, BOUNDS,
                      doc="every tensor of B against A's, against the error its storage type gives",
                      needs_outputs=False, measure=measure,
-                     code=tuple(m.__name__ for m in (dequant, weight_errors, twin, replay, imatrix, ggml, gguf_header)),
+                     code=tuple(m.__name__ for m in (dequant, conventions, weight_errors, twin, replay, imatrix, ggml,
+                                                   gguf_header)),
                      libraries=("llama-cpp-python", "gguf"))

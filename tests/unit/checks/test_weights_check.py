@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pytest_convdiff import checks
-from pytest_convdiff.backends import dequant
+from pytest_convdiff.backends import conventions, dequant
 from pytest_convdiff.checks import weights
 from pytest_convdiff.checks.base import EvalContext, PlanContext
 from pytest_convdiff.comparison import measure
@@ -399,11 +399,30 @@ def test_unreadable_sides_skip_with_the_reason(tiny_models: Path, tmp_path: Path
     items = run_family(tiny_models / "tiny-llama", tiny_models / "gguf" / "tiny-f16.gguf", backend_a="reference")
     assert {c.outcome for c in items.values()} == {SKIPPED}
     assert "given as a saved convdiff reference but cannot be read as one" in items["weights[other]"].message
+
+
+@pytest.mark.parametrize("permute", [True, False])
+def test_an_architecture_no_table_knows_is_judged_from_its_files(tmp_path: Path, permute: bool) -> None:
+    """No allowlist: 'granite' is in no table of conventions here, so what its converter did to q/k rows is
+    established from the files, whichever it was; one layer that breaks the convention fails, and is named."""
+    assert "granite" not in conventions.PRIORS
     ta = _llama_arrays()
-    odd = _save_gguf(tmp_path / "odd.gguf", ta, arch="falcon", permute=False)
-    items = run_family(_save_hf(tmp_path / "a", ta), odd)
-    assert {c.outcome for c in items.values()} == {SKIPPED}
-    assert "'falcon'" in items["weights[layer-0]"].message
+    a = _save_hf(tmp_path / "a", ta)
+    items = run_family(a, _save_gguf(tmp_path / "good.gguf", ta, arch="granite", permute=permute))
+    assert failing(items) == [], {k: items[k].message for k in failing(items)}
+    roles = {r["role"]: r for r in items["weights[other]"].details["conventions"]}
+    want = conventions.ROPE_PERMUTE if permute else conventions.NONE
+    assert roles["attn_q.weight"]["transform"] == roles["attn_k.weight"]["transform"] == want
+    assert roles["attn_q.weight"]["prior"] is None and roles["attn_q.weight"]["agree"] == 3
+    assert roles["attn_norm.weight"]["transform"] == conventions.NONE
+    assert "established from the files" in items["weights[other]"].message
+    if not permute:
+        return
+    tb = dict(ta)  # layer 1's q rows left in transformers' order by a converter that permuted the others
+    tb["model.layers.1.self_attn.q_proj.weight"] = rope_unpermute(ta["model.layers.1.self_attn.q_proj.weight"], HEADS)
+    items = run_family(a, _save_gguf(tmp_path / "bad.gguf", tb, arch="granite"))
+    assert failing(items) == ["weights[layer-1]"]
+    assert "without llama.cpp's rope permutation" in items["weights[layer-1]"].message
 
 
 def test_a_damaged_gguf_errors_the_items(tiny_models: Path, tmp_path: Path) -> None:
@@ -470,6 +489,15 @@ def _check_pipeline_file(f: dict[str, Any] | None, cache_dir: Path | None = None
         i, j = expect["swap"]
         assert failing(items) == sorted([f"weights[layer-{i}]", f"weights[layer-{j}]"])
         assert f"layers {i} and {j} swapped" in items[f"weights[layer-{i}]"].message
+        return
+    if f["bug"]["name"] == "qk-permute-all":
+        # One convention in every layer is what the files establish (backends/conventions.py), so no layer fails;
+        # that it contradicts what llama.cpp's converter is known to do for llama fails weights[other] here, where
+        # no runtime twin is planned to decide (test_pipeline_verdicts shows the runtime twin catching it).
+        assert failing(items) == ["weights[other]"], {k: items[k].message for k in failing(items)}
+        msg = items["weights[other]"].message
+        assert "attn_q.weight: every layer of B is stored as transformers stores it" in msg
+        assert "rows permuted for llama.cpp's rope" in msg and "No runtime twin is planned" in msg
         return
     layers = sorted({int(t.split(".")[1]) for t in expect["tensors"] if t.startswith("blk.")})
     want = [f"weights[layer-{i}]" for i in layers] or ["weights[other]"]
