@@ -154,7 +154,9 @@ def establish(pairs: list[Any], sample: Sampler, prior: Convention | None) -> di
             # the prior (else no transform) wins an exact tie, e.g. a norm that is 0 on both sides
             order = sorted(cands, key=lambda c: (errs[c], c != (pri or NONE)))
             best.append((p, order[0]))
-        if not best:
+        if not best:  # nothing readable (a saved reference keeps only sketches of A): the prior, unverified
+            if pri is not None:
+                out[role] = RoleConvention(role, pri, pri, 0, 0, explained=False)
             continue
         votes = Counter(c for _, c in best)
         top = max(votes.values())

@@ -415,7 +415,7 @@ def _sample(hf: SafetensorsWeights, gg: GGUFWeights, pair: Pair, gside: int) -> 
         return None
     try:
         return (hf.read(t_hf, 0, rows).reshape(rows, -1), gg.read(t_gg, 0, rows).reshape(rows, -1), 1)
-    except (WeightsUnreadable, ggml.GGMLUnavailable, ValueError):
+    except (WeightsUnreadable, ggml.GGMLUnavailable, ValueError, RuntimeError):  # RuntimeError: sketches only
         return None
 
 

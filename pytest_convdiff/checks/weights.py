@@ -461,7 +461,10 @@ def convention_notes(m: dict[str, Any]) -> tuple[list[str], list[str]]:
     notes = [f"What the converter did, established from the files: {est}."]
     findings = []
     for r in roles:
-        if r["contradicts_prior"]:
+        if not r["layers"]:
+            findings.append(f"{r['role']}: taken as llama.cpp's converter is known to write it "
+                            f"({_TRANSFORM_TEXT.get(r['transform'])}), not verified: no sample of it could be read.")
+        elif r["contradicts_prior"]:
             findings.append(f"{r['role']}: every layer of B is {_TRANSFORM_TEXT.get(r['transform'])}, but llama.cpp's "
                             f"converter is known to write this architecture's {r['role']} "
                             f"{_TRANSFORM_TEXT.get(r['prior'])}: either the converter changed or it was not applied "
