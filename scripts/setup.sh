@@ -32,5 +32,7 @@ tools=$!
 # SmolLM2's hand-made defect GGUFs (seconds; the tests build them too, but a test that finds them missing must not
 # depend on which test ran first).
 "$VPY" -m fixtures.smollm2 >/dev/null
+# Tiny Qwen3-MoE and Mixtral through the same converter (fixtures/moe.py, ~20 s; tests/integration/test_moe.py).
+"$VPY" -m fixtures.moe >/dev/null
 wait "$tools"
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

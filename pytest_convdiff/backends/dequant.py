@@ -19,7 +19,7 @@ import math
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +357,7 @@ def plan_pairs(a: Source, b: Source) -> Plan:
             gg_t = gg.tensors["token_embd.weight"]
             pair.note = f"{gname} has no output.weight: llama.cpp uses its token_embd.weight as the output layer (tied)"
         pair.a, pair.b = (hf.tensors[name], gg_t) if a_is_hf else (gg_t, hf.tensors[name])
+        _same_view(pair)
         plan.pairs.append(pair)
     plan.conventions = conventions.establish([q for q in plan.pairs if q.a is not None and q.b is not None],
                                              lambda q: _sample(hf, gg, q, gside), prior)
@@ -382,6 +383,21 @@ def plan_pairs(a: Source, b: Source) -> Plan:
     for name, why in hf.skipped.items():
         plan.not_compared.append({"name": name, "why": why})
     return plan
+
+
+def _same_view(pair: Pair) -> None:
+    """Read a tensor that only gained or lost dimensions of size 1 (Qwen2-MoE's shared-expert gate, (1, n) in
+    transformers, (n,) once quantised) in the other side's 2-D view: the same values in the same order. Only a
+    float type's bytes can be re-viewed; a quantised one's blocks run along its stored rows."""
+    a, b = pair.a, pair.b
+    if a is None or b is None or (a.rows, a.cols) == (b.rows, b.cols) or a.shape == b.shape:
+        return
+    if tuple(d for d in a.shape if d != 1) != tuple(d for d in b.shape if d != 1):
+        return
+    if b.type in twin.FLOAT_TYPES:
+        pair.b = replace(b, shape=a.shape, rows=a.rows, cols=a.cols)
+    elif a.type in twin.FLOAT_TYPES:
+        pair.a = replace(a, shape=b.shape, rows=b.rows, cols=b.cols)
 
 
 def _gguf_tensor(gg: GGUFWeights, name: str, stacked_used: set[str]) -> StoredTensor | None:

@@ -626,3 +626,18 @@ def test_a_layer_whose_weights_fail_is_the_first_divergent_even_under_loose_budg
     # an rfn divergence before the bad tensor's layer stays the first
     early = _layer_metrics([0.01, 0.9, 0.9, 0.9, 0.9, 0.9])
     assert layers._localise(early, 0.6, 5.0, res)[0] == 1
+
+
+def test_a_tensor_that_only_lost_a_unit_dimension_is_read_in_the_other_sides_view() -> None:
+    """Qwen2-MoE's shared-expert gate is (1, n) in transformers and (n,) in a quantised GGUF: the same values in
+    the same order, compared as such (``dequant._same_view``, private: the one rule, tested where it is made)."""
+    path = Path("x")
+    hf = dequant.StoredTensor("model.layers.0.mlp.shared_expert_gate.weight", (1, 256), "F32", path, 0, 1024, 1, 256)
+    gg = dequant.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (256,), "F32", path, 0, 1024, 256, 1)
+    pair = dequant.Pair(hf.name, hf, gg)
+    dequant._same_view(pair)
+    assert pair.b is not None and (pair.b.rows, pair.b.cols, pair.b.shape) == (1, 256, (1, 256))
+    other = dequant.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (128, 2), "F32", path, 0, 1024, 128, 2)
+    pair = dequant.Pair(hf.name, hf, other)
+    dequant._same_view(pair)
+    assert pair.b is other  # another shape, not a unit dimension: left for the shape check to report
