@@ -233,9 +233,9 @@ def read_gguf(path: Path) -> dict[str, Any]:
         if kv.get(f"{arch}.{sub}") is not None and hf_key not in data:
             data[hf_key] = kv[f"{arch}.{sub}"]
             labels[hf_key] = f"GGUF {arch}.{sub}"
-    if "head_dim" not in data and kv.get(f"{arch}.rope.dimension_count") is not None:
-        data["head_dim"] = kv[f"{arch}.rope.dimension_count"]
-        labels["head_dim"] = f"GGUF {arch}.rope.dimension_count"
+    # No head size from {arch}.rope.dimension_count: that is how many of a head's dimensions are rotated, the
+    # whole head only without partial rotary embeddings (StableLM, Phi-2, GPT-NeoX rotate a quarter). llama.cpp
+    # takes the head size from attention.key_length, else embedding_length / head_count, as the config check does.
     tf, why = _transformers_gguf(path, hdr)
     if tf is not None:
         tmap = _transformers_labels(arch)

@@ -821,3 +821,19 @@ def test_a_gguf_template_is_rendered_as_llama_cpp_python_renders_it():
     with_date = "{{ strftime_now('%d %b %Y') }}" + TOOL_TEMPLATE
     m = cf.compare_templates(_tool_side(with_date), _tool_side(with_date.replace("{{m", "{{ m"), kind="gguf"))
     assert all(r["a"] == r["b"] for r in m["renders"])  # the same fixed date on both sides
+
+
+def test_the_rope_dimension_count_is_not_the_head_size(tiny_ref, tiny_ggufs, monkeypatch, tmp_path):
+    """Partial rotary embeddings (StableLM, Phi-2, GPT-NeoX rotate part of each head): the GGUF's rope dimension
+    count is then smaller than the head, and the head size comes from the embedding and head counts, as llama.cpp
+    takes it. Read from the header alone, as for an architecture transformers' GGUF loader does not know."""
+    monkeypatch.setattr(gguf_config, "_transformers_gguf",
+                        lambda path, hdr=None: (None, "transformers' GGUF loader is not available"))
+    src = _base_gguf(tiny_ggufs)
+    partial = write_variant(src, tmp_path / "partial-rope.gguf",  # no key_length: a converter writes it only
+                            drop=("llama.rope.dimension_count", "llama.attention.key_length",  # when the
+                                  "llama.attention.value_length"),  # checkpoint's config has head_dim
+                            edit=lambda w: w.add_rope_dimension_count(8))
+    res = run_config(tiny_ref, partial)
+    assert "head_dim" not in failing(res), res["head_dim"].message
+    assert "rope.dimension_count" not in res["head_dim"].message
