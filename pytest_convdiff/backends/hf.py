@@ -164,7 +164,8 @@ def _place(torch: Any, params: dict[str, Any], name: str, a: Any) -> tuple[str, 
         for e in range(p.shape[0]):
             for r0 in range(0, p.shape[1], t.shape[0]):
                 index = (e, slice(r0, r0 + t.shape[0]))
-                if torch.equal(p[index], want):
+                # the first row rules out nearly every slot at the cost of one row (a 128-expert layer has 256)
+                if torch.equal(p[e, r0], want[0]) and torch.equal(p[index], want):
                     found.append((pname, index))
     return found[0] if len(found) == 1 else None
 
