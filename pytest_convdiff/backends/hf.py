@@ -285,11 +285,7 @@ class TransformersBackend:
                             unplaced.append(name)
                             continue
                         pname, index = slot
-                        params[pname][index].copy_(torch.from_numpy(np.ascontiguousarray(values)).to(
-                            params[pname].dtype).reshape(params[pname][index].shape))
-                        types[name] = stored
-                        loaded += 1
-                        continue
+                        p = params[pname][index]  # a view: copying into it writes the parameter
                     types[name] = stored
                     src = torch.from_numpy(np.ascontiguousarray(values)).to(p.dtype)
                     if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
