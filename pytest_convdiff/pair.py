@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import compact, kernels, llama_stats, metrics
+from .core import compact, kernels, llama_stats, metrics, routing
 from .core.code_version import code_digest
 from .core.corpus import Corpus
 from .errors import ConvdiffError
@@ -33,24 +33,26 @@ class PairMetrics:
     logits: metrics.LogitMetrics | None = None  # None: the vocabularies differ
     layers: metrics.LayerMetrics | None = None  # None: no hidden states, or shapes that do not pair
     swap_rfn: list[float] | None = None  # per-layer rfn of the layer-swap run, when there is one
+    routing: routing.RoutingMetrics | None = None  # a mixture of experts: where B's routers chose otherwise
 
     def to_dict(self) -> dict[str, Any]:
         layers = None
         if self.layers is not None:  # LayerMetrics.to_dict leaves the position profile out; a stored copy needs it
             layers = {**self.layers.to_dict(), "position_profile": self.layers.position_profile}
         return {"logits": self.logits.to_dict() if self.logits else None, "layers": layers,
-                "swap_rfn": self.swap_rfn}
+                "swap_rfn": self.swap_rfn, "routing": self.routing.to_dict() if self.routing else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PairMetrics:
         return cls(metrics.LogitMetrics.from_dict(d["logits"]) if d.get("logits") else None,
-                   metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"))
+                   metrics.LayerMetrics.from_dict(d["layers"]) if d.get("layers") else None, d.get("swap_rfn"),
+                   routing.RoutingMetrics.from_dict(d["routing"]) if d.get("routing") else None)
 
 
 def _metrics_code_digest() -> str:
     """Stored pair metrics are reused only by the code that computed them: this module's reduction and the
     metric, summary and kernel modules it calls."""
-    return code_digest((__name__, metrics.__name__, compact.__name__, kernels.__name__, llama_stats.__name__,
+    return code_digest((__name__, metrics.__name__, routing.__name__, compact.__name__, kernels.__name__, llama_stats.__name__,
                         "pytest_convdiff.store.run", "pytest_convdiff.store.kld_file", "pytest_convdiff.store.kld_run"))
 
 
@@ -91,12 +93,15 @@ class PairReducer:
         self._logits: metrics.LogitAccumulator | None = None
         self._layers: metrics.LayerAccumulator | None = None
         self._swap: metrics.LayerAccumulator | None = None
+        self._router: routing.RouterAccumulator | None = None
         self._started = False
 
     def add(self, pid: str, logits: np.ndarray | None, hidden: np.ndarray | None = None,
-            sublayers: dict[str, np.ndarray] | None = None, hidden_swap: np.ndarray | None = None) -> None:
+            sublayers: dict[str, np.ndarray] | None = None, hidden_swap: np.ndarray | None = None,
+            router: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """One prompt of B, each array as stored: logits ``[T, V]``, hidden ``[L, T, H]``, sub-block outputs
-        (the cache dtype), and the layer-swap run's hidden states (float32); None for what B lacks."""
+        (the cache dtype), the layer-swap run's hidden states (float32), and a mixture of experts' kept router
+        logits (``core.routing.summarise``); None for what B lacks."""
         a = self.a
         if not self._started:
             self._started = True
@@ -112,6 +117,14 @@ class PairReducer:
                 self._layers = metrics.LayerAccumulator(dims[0])
                 if hidden_swap is not None:
                     self._swap = metrics.LayerAccumulator(dims[0])
+            k = (a.meta.get("router") or {}).get("k")
+            if k and router is not None and a.router(pid) is not None:
+                self._router = routing.RouterAccumulator(int(k))
+        rerouted = None
+        if self._router is not None and router is not None:
+            mine = a.router(pid)
+            if mine is not None and mine[0].shape[:2] == router[0].shape[:2]:
+                rerouted = self._router.update(pid, mine[0], mine[1], router[0], router[1]).rerouted
         if a.base_file:  # B's logits at each chunk's second half against a llama-perplexity base file's rows
             if self._logits is not None and logits is not None:
                 rows, targets, first = a.base_rows(pid)
@@ -120,23 +133,24 @@ class PairReducer:
         if a.compact:  # B against A's compact form (core.compact); A has no states to swap in
             cfg = a.compact_config()
             if self._logits is not None:
-                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid))
+                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid), rerouted=rerouted)
             if self._layers is not None:
                 self._layers.update_compact(pid, a.state_summary(pid), hidden, cfg, a.sub_summaries(pid),
-                                            sublayers or {})
+                                            sublayers or {}, rerouted)
             return
         if self._logits is not None:
-            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid))
+            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid), rerouted=rerouted)
         if self._layers is not None:
             hidden_a = a.hidden(pid)
-            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {})
+            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {}, rerouted)
             if self._swap is not None:
                 self._swap.update(pid, hidden_a, hidden_swap)
 
     def result(self) -> PairMetrics:
         return PairMetrics(self._logits.result() if self._logits is not None else None,
                            self._layers.result() if self._layers is not None else None,
-                           self._swap.result().rfn if self._swap is not None else None)
+                           self._swap.result().rfn if self._swap is not None else None,
+                           self._router.result() if self._router is not None else None)
 
 
 def _streamed_metrics(a: ModelRun, b: ModelRun) -> PairMetrics:
@@ -168,7 +182,7 @@ def pair_metrics(a: ModelRun, b: ModelRun, corpus: Corpus, cache: Cache | None =
             return PairMetrics.from_dict(doc["metrics"])
     reducer = PairReducer(a)
     for p in corpus:  # memory maps: only what pairs with A is read
-        reducer.add(p.id, b.logits(p.id), b.hidden(p.id), b.sublayers(p.id), b.hidden_swap(p.id))
+        reducer.add(p.id, b.logits(p.id), b.hidden(p.id), b.sublayers(p.id), b.hidden_swap(p.id), b.router(p.id))
     out = reducer.result()
     if cache is not None:
         cache.put_json(key, {"metrics": out.to_dict(), "a": a.spec.path, "b": b.spec.path})

@@ -25,7 +25,7 @@ import numpy as np
 
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
 from .backends.base import LAYER_SWAP, ModelInfo
-from .core import compact, metrics
+from .core import compact, metrics, routing
 from .core.code_version import code_digest
 from .core.corpus import Corpus
 from .core.settings import (
@@ -167,8 +167,13 @@ def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[s
         "options": spec.options,
         "corpus": corpus.digest,
         "inputs": _digest_tokens(feed),
+        "outputs": OUTPUTS_VERSION,
     }
 
+
+# What a run records besides logits and states; raised when a run gains arrays (2: MoE routers), so that an
+# entry cached by an older version is recomputed rather than read without them.
+OUTPUTS_VERSION = 2
 
 # The modules that bring B's tensors into A's architecture for a runtime twin (names, conventions, placement).
 TWIN_LOADING = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
@@ -286,6 +291,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     pieces: dict[str, list[str]] = {}
     truncated: dict[str, int] = {}
     sub_names: set[str] = set()
+    routed = False
     shapes: dict[str, Any] = {}
     longest: tuple[str, list[int]] | None = None
     probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored (ProduceContext)
@@ -315,6 +321,12 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         hidden = np.asarray(out.hidden, dtype=store) if out.hidden is not None else None
         subs = {name: np.asarray(arr, dtype=store) for name, arr in out.sublayers.items()}
         sub_names.update(subs)
+        router = routing.summarise(out.router) if out.router is not None else None
+        if router is not None:  # small (KEPT per position and layer), so stored in every form
+            routed = True
+            if reducer is None:
+                writer.add(f"p{i}.router_ids", router[0])
+                writer.add(f"p{i}.router_logits", router[1])
         swap = None
         if feed is not None and settings.layer_swap and settings.hidden_states and swap_error is None:
             swap, swap_error = _layer_swap(backend, feed, prompt.id, inputs, settings.layer_swap)
@@ -322,7 +334,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
             shapes = {"vocab": int(logits.shape[-1]),
                       "hidden": [int(hidden.shape[0]), int(hidden.shape[-1])] if hidden is not None else None}
         if reducer is not None:
-            reducer.add(prompt.id, logits, hidden, subs, swap)
+            reducer.add(prompt.id, logits, hidden, subs, swap, router)
         elif cfg is not None:
             _write_compact(writer, i, prompt.id, logits, inputs, hidden, subs, cfg)
         else:
@@ -337,7 +349,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
             probe_rows = np.array(logits[:LEADING_ROWS])
-        del out, logits, hidden, subs, swap  # before the next forward: one prompt's outputs in memory at a time
+        del out, logits, hidden, subs, swap, router  # before the next forward: one prompt's outputs in memory at a time
         progress(f"{label}  [{i + 1}/{len(corpus)}] {prompt.id}: {len(inputs)} tokens")
 
     meta: dict[str, Any] = {
@@ -348,6 +360,8 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         "truncated": truncated,
         "max_tokens": settings.max_tokens,
         "sublayers": sorted(sub_names),
+        # a mixture of experts: how many experts each token is sent to (its routers' top k)
+        "router": {"k": int(backend.experts_used)} if routed and getattr(backend, "experts_used", None) else None,
         "special": special,
         "layer_swap": {"k": settings.layer_swap, "error": swap_error} if feed is not None and settings.layer_swap else None,
         "created": time.time(),

@@ -31,12 +31,15 @@ class ForwardOutput:
     """One sequence's outputs.
 
     logits: float32 ``[T, V]``; hidden: float32 ``[L, T, H]`` or None;
-    sublayers: optional per-layer sub-block outputs, e.g. ``{"attn": [L, T, H], "mlp": [L, T, H]}``.
+    sublayers: optional per-layer sub-block outputs, e.g. ``{"attn": [L, T, H], "mlp": [L, T, H]}``;
+    router: a mixture-of-experts model's router logits ``[L, T, E]`` (NaN rows for layers without a router),
+    from which the experts each token is sent to are read (``core.routing``); None for a dense model.
     """
 
     logits: np.ndarray
     hidden: np.ndarray | None = None
     sublayers: dict[str, np.ndarray] = field(default_factory=dict)
+    router: np.ndarray | None = None
 
 
 def info_from_hf_config(path: Any, backend: str, cfg: dict[str, Any], **fields: Any) -> ModelInfo:

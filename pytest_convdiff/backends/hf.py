@@ -179,6 +179,32 @@ def _share_cores(torch: Any) -> None:
         torch.set_num_threads(default_threads())
 
 
+# what transformers' MoE configs call the number of experts each token is sent to
+_EXPERTS_USED = ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk", "num_selected_experts",
+                 "n_activated_experts", "top_k")
+
+
+def _experts_used(cfg: Any) -> int | None:
+    for name in _EXPERTS_USED:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _stack_router(found: dict[int, Any], n_layers: int, n_tokens: int) -> np.ndarray | None:
+    """``[L, T, E]`` router logits (NaN rows for layers without a router), as ``ForwardOutput.router`` holds them."""
+    found = {li: v.cpu().numpy() for li, v in found.items() if v.shape[0] == n_tokens}
+    if not found:
+        return None
+    width = next(iter(found.values())).shape[1]
+    out = np.full((n_layers, n_tokens, width), np.nan, dtype=np.float32)
+    for li, v in found.items():
+        if v.shape[1] == width:
+            out[li] = v
+    return out
+
+
 class TransformersBackend:
     """A causal LM from transformers, in eval mode, on one device."""
 
@@ -226,6 +252,10 @@ class TransformersBackend:
         self.num_layers = int(text_cfg.num_hidden_layers)
         self.max_positions = getattr(text_cfg, "max_position_embeddings", None)
         self._final_norm = self._find_final_norm()
+        self._routers = self._find_routers()
+        self.experts_used = _experts_used(text_cfg) if self._routers else None
+        if self.experts_used is None:
+            self._routers = []
         self._n_ids = int(self.model.get_input_embeddings().weight.shape[0])
         self.info = ModelInfo(
             path=str(path), backend=NAME,
@@ -315,13 +345,26 @@ class TransformersBackend:
         if self.model is None:
             raise ModelLoadError(f"{self.path}: the transformers model was closed.")
 
+    def _find_routers(self) -> list[tuple[int, Any, int]]:
+        """(layer, module, output index) of each router: transformers declares which module's output holds a
+        mixture-of-experts model's router logits (``_can_record_outputs["router_logits"]``)."""
+        rec = (getattr(type(self.model), "_can_record_outputs", None) or {}).get("router_logits")
+        target = getattr(rec, "target_class", rec)
+        if not isinstance(target, type):
+            return []
+        index = int(getattr(rec, "index", 0) or 0)
+        return [(li, mod, index) for li, layer in enumerate(self._layers()) for mod in layer.modules()
+                if isinstance(mod, target)]
+
     def _find_final_norm(self):
+        """The module whose input is the last layer's pre-norm output; when the base model names its final norm
+        otherwise (LFM2's ``embedding_norm``), the last decoder layer itself, whose output that input is."""
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model
         for name in ("norm", "final_layernorm", "ln_f"):
             mod = getattr(base, name, None)
             if mod is not None:
                 return mod
-        raise ModelLoadError(f"{self.path}: cannot find the final norm module to read the last layer's pre-norm output.")
+        return None
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -350,10 +393,14 @@ class TransformersBackend:
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         captured: dict[str, Any] = {}
         handles = []
-        if hidden_states:
+        layers = self._layers()
+        if hidden_states and self._final_norm is not None:
             handles.append(self._final_norm.register_forward_pre_hook(
                 lambda _m, args: captured.__setitem__("last", args[0].detach())))
-        layers = self._layers()
+        elif hidden_states:
+            handles.append(layers[-1].register_forward_hook(
+                lambda _m, _args, output: captured.__setitem__(
+                    "last", (output[0] if isinstance(output, tuple) else output).detach())))
         subs: dict[str, list[Any]] = {"attn": [None] * len(layers), "mlp": [None] * len(layers)}
         if hidden_states:
             for li, layer in enumerate(layers):
@@ -376,6 +423,13 @@ class TransformersBackend:
                 return value.to(output.dtype).unsqueeze(0)
 
             handles.append(layers[idx].register_forward_hook(replace))
+        routers: dict[int, Any] = {}
+        for li, mod, index in (self._routers if hidden_states else []):
+            def route(_m, _args, output, li=li, index=index):
+                value = output[index] if isinstance(output, (tuple, list)) else output
+                routers[li] = value.detach().float().reshape(-1, value.shape[-1])
+
+            handles.append(mod.register_forward_hook(route))
         try:
             with hfdir.readable_oom(torch, self.path, f"on a {len(tokens)}-token prompt",
                                     "Lower --convdiff-max-tokens or use dtype=bfloat16."), torch.inference_mode():
@@ -397,7 +451,8 @@ class TransformersBackend:
             name: torch.stack([v[0].float() for v in values]).cpu().numpy()
             for name, values in subs.items() if hidden_states and all(v is not None for v in values)
         }
-        return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
+        return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers,
+                             router=_stack_router(routers, self.num_layers, len(tokens)))
 
     def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
                       pick: Callable[[int, np.ndarray], int]) -> None:

@@ -340,6 +340,30 @@ class LlamaCppBackend:
         self.info.vocab_size = self.n_vocab
         self.info.hidden_size = self.n_embd
         self.info.extra.update(n_ctx=self.n_ctx, n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+        arch = self._meta("general.architecture")
+        used = self._meta(f"{arch}.expert_used_count") if arch else None
+        # a mixture of experts: its router logits (``ffn_moe_logits-i``) say which experts each token went to
+        self.experts_used = int(used) if used and used.isdigit() and int(used) > 0 else None
+
+    def _meta(self, key: str) -> str | None:
+        """A GGUF metadata value as llama.cpp read it (None when the file has no such key)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._lc.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def _router(self, n_tokens: int) -> np.ndarray | None:
+        """``[L, T, E]`` router logits of the layers that have experts (NaN rows for those that do not)."""
+        found = {i: np.concatenate(c, axis=0) for i in range(self.n_layer)
+                 if (c := self._captured.get(f"ffn_moe_logits-{i}"))}
+        found = {i: a for i, a in found.items() if a.ndim == 2 and a.shape[0] == n_tokens}
+        if not found:
+            return None
+        width = next(iter(found.values())).shape[1]
+        out = np.full((self.n_layer, n_tokens, width), np.nan, dtype=np.float32)
+        for i, a in found.items():
+            if a.shape[1] == width:
+                out[i] = a
+        return out
 
     # ------------------------------------------------------------------ eval callback
     def _eval_callback(self, tensor: int, ask: bool, _user: Any) -> bool:
@@ -518,6 +542,8 @@ class LlamaCppBackend:
 
         self._wanted = ({f"{p}-{i}" for p in ("l_out", "attn_out", "ffn_out") for i in range(self.n_layer)}
                         if hidden_states else set())
+        if hidden_states and self.experts_used:
+            self._wanted |= {f"ffn_moe_logits-{i}" for i in range(self.n_layer)}
         self._captured = {}
         self._unreadable = {}
         try:
@@ -526,7 +552,7 @@ class LlamaCppBackend:
             logits = self._decode(toks, 0, True, f"on a {n}-token prompt")
         finally:
             self._wanted = set()
-        hidden = None
+        hidden = router = None
         sublayers: dict[str, np.ndarray] = {}
         try:
             self._raise_unreadable()
@@ -536,9 +562,10 @@ class LlamaCppBackend:
                     arr = self._stack(prefix, n, required=False)
                     if arr is not None:
                         sublayers[key] = arr
+                router = self._router(n)
         finally:
             self._captured = {}
-        return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers)
+        return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers, router=router)
 
     def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
                       pick: Callable[[int, np.ndarray], int]) -> None:

@@ -290,6 +290,9 @@ class LogitAccumulator:
         self.dp: list[np.ndarray] = []
         self.kl_pos: list[np.ndarray] = []  # the position of each KL value
         self.kl_prompt_len: list[np.ndarray] = []  # the length of its prompt
+        # whether a router sent the token to other experts in B than in A (core.routing): left out of the
+        # position profile, which judges growth with position, not near-tied routing decisions
+        self.kl_rerouted: list[np.ndarray] = []
         self.same_top1: list[np.ndarray] = []
         self.per_prompt: dict[str, dict[str, float]] = {}
         self.compact = False  # A compact (core.compact): NMSE from a sketch, mean |B - A| over sampled positions
@@ -298,7 +301,7 @@ class LogitAccumulator:
         self.base_file = False  # A a llama-perplexity base file (update_base)
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
-               chunk: int | None = None) -> None:
+               chunk: int | None = None, rerouted: np.ndarray | None = None) -> None:
         """Add one prompt's logits ``[T, V]``, ``chunk`` positions at a time, so the work arrays stay
         at ``chunk x V`` however long the prompt (memory-mapped inputs are read in slices). The
         default chunk holds about 2**22 elements (32 MiB per float64 work array) whatever V is."""
@@ -308,10 +311,12 @@ class LogitAccumulator:
             return
         self._prompt(prompt, ref.shape[0], ref.shape[1], tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows(
-                         prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local))
+                         prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local),
+                     rerouted)
 
     def update_compact(self, prompt: str, ref: compact.LogitSummary, test: np.ndarray, cfg: compact.CompactConfig,
-                       tokens: Sequence[int] | None = None, chunk: int | None = None) -> None:
+                       tokens: Sequence[int] | None = None, chunk: int | None = None,
+                       rerouted: np.ndarray | None = None) -> None:
         """``update`` against A's compact logits (``core.compact``): top-K/PPL exact, KL over A's top K plus
         a rest bucket, NMSE from the sketch, max |B - A| over A's top K and the sampled positions."""
         t = ref.stats.shape[0]
@@ -322,7 +327,8 @@ class LogitAccumulator:
         self.compact = True
         self._prompt(prompt, t, ref.vocab, tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows_compact(
-                         prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local))
+                         prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local),
+                     rerouted)
 
     def update_base(self, prompt: str, rows: np.ndarray, test: np.ndarray, targets: np.ndarray, first: int,
                     chunk: int | None = None) -> None:
@@ -355,10 +361,12 @@ class LogitAccumulator:
             self._nll(-s.nll_base, -s.nll, local, s.kld, s.same_top, clamp=False)
             self.kl_pos.append(np.arange(first + start, first + stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, first + t + 1, dtype=np.int32))
+            self.kl_rerouted.append(np.zeros(stop - start, dtype=bool))
         self._finish_prompt(prompt, t, local, math.nan)
 
     def _prompt(self, prompt: str, t: int, v: int, tokens: Sequence[int] | None, chunk: int | None,
-                rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None]) -> None:
+                rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None],
+                rerouted: np.ndarray | None = None) -> None:
         local = {"n": 0, "mean": 0.0, "m2": 0.0, "sq": 0.0, "kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0,
                  "nll_n": 0, "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
         chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, v))
@@ -370,6 +378,8 @@ class LogitAccumulator:
             rows(start, stop, targets, local)
             self.kl_pos.append(np.arange(start, stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, t, dtype=np.int32))
+            self.kl_rerouted.append(np.asarray(rerouted[start:stop], dtype=bool) if rerouted is not None
+                                    else np.zeros(stop - start, dtype=bool))
         self._finish_prompt(prompt, t, local, _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]))
 
     def _finish_prompt(self, prompt: str, t: int, local: dict[str, Any], nmse: float) -> None:
@@ -591,7 +601,8 @@ class LogitAccumulator:
         plen = np.concatenate(self.kl_prompt_len) if self.kl_prompt_len else np.zeros(0, dtype=np.int32)
         same = np.concatenate(self.same_top1) if self.same_top1 else np.zeros(0, dtype=bool)
         top1 = self.topk_ordered[1] / self.positions
-        long = plen > POSITION_BUCKETS[3][0]
+        rerouted = np.concatenate(self.kl_rerouted) if self.kl_rerouted else np.zeros(0, dtype=bool)
+        long = (plen > POSITION_BUCKETS[3][0]) & ~rerouted
         return LogitMetrics(
             positions=self.positions,
             nmse=value,
@@ -681,7 +692,10 @@ class LayerAccumulator:
         self.compact = False
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray,
-               sub_ref: dict[str, np.ndarray] | None = None, sub_test: dict[str, np.ndarray] | None = None) -> None:
+               sub_ref: dict[str, np.ndarray] | None = None, sub_test: dict[str, np.ndarray] | None = None,
+               rerouted: np.ndarray | None = None) -> None:
+        """``rerouted``: positions whose tokens B's routers sent to other experts than A's (``core.routing``);
+        they stay in every layer's rfn and are left out of the position profile."""
         if ref.shape != test.shape:
             raise ValueError(f"prompt {prompt!r}: hidden-state shape mismatch, A {ref.shape} vs B {test.shape}")
         if ref.shape[0] != self.num_layers:
@@ -691,7 +705,7 @@ class LayerAccumulator:
             b = np.asarray(test[layer])
             d = np.subtract(b, a, dtype=np.float64)
             self._rows(prompt, layer, np.einsum("ij,ij->i", d, d), np.einsum("ij,ij->i", a, a),
-                       int((~np.isfinite(a)).sum()), int((~np.isfinite(b)).sum()))
+                       int((~np.isfinite(a)).sum()), int((~np.isfinite(b)).sum()), rerouted)
         for name in (sub_ref or {}):
             if sub_test is None or name not in sub_test:
                 continue
@@ -708,9 +722,11 @@ class LayerAccumulator:
 
     def update_compact(self, prompt: str, ref: compact.StateSummary, test: np.ndarray, cfg: compact.CompactConfig,
                        sub_ref: dict[str, compact.StateSummary] | None = None,
-                       sub_test: dict[str, np.ndarray] | None = None) -> None:
+                       sub_test: dict[str, np.ndarray] | None = None, rerouted: np.ndarray | None = None) -> None:
         """``update`` against A's compact states: ||h_B - h_A||² from the flat sketch of each position segment
-        (the worst position from the row sketches), ||h_A||² exact."""
+        (the worst position from the row sketches), ||h_A||² exact. A long prompt with ``rerouted`` positions
+        takes its position profile from the row sketches of the other positions (a flat sketch cannot leave
+        one position out)."""
         n_layers, t = ref.norm2.shape
         if test.shape[:2] != (n_layers, t):
             raise ValueError(f"prompt {prompt!r}: hidden-state shape mismatch, A {(n_layers, t)} vs B {test.shape[:2]}")
@@ -735,15 +751,21 @@ class LayerAccumulator:
             self.bad_b[layer] += int((~np.isfinite(b)).sum())
             self.num[layer] += float(segs.sum())
             self.den[layer] += float(r2.sum())
-            if layer == self.num_layers - 1 and t > POSITION_BUCKETS[3][0]:  # a long prompt: segments are buckets
+            rows_d2 = None
+            if ref.rows is not None:
+                d = compact.sketch(b, keys, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer], np.float64)
+                rows_d2 = np.einsum("ij,ij->i", d, d)
+            if (layer == self.num_layers - 1 and t > POSITION_BUCKETS[3][0] and rerouted is not None
+                    and np.any(rerouted) and rows_d2 is not None):
+                self._profile(rows_d2, r2, rerouted)
+            elif layer == self.num_layers - 1 and t > POSITION_BUCKETS[3][0]:  # a long prompt: segments are buckets
                 for i, v in enumerate(segs):
                     lo, hi = POSITION_BUCKETS[i][0], POSITION_BUCKETS[i][1] or t
                     self.pos_num[i] += v
                     self.pos_den[i] += float(r2[lo:hi].sum())
                     self.pos_n[i] += min(hi, t) - lo
-            if ref.rows is not None:
-                d = compact.sketch(b, keys, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer], np.float64)
-                self._worst(prompt, layer, np.einsum("ij,ij->i", d, d), r2)
+            if rows_d2 is not None:
+                self._worst(prompt, layer, rows_d2, r2)
         for name, sa in (sub_ref or {}).items():
             sb = (sub_test or {}).get(name)
             if sb is None or sb.shape[:2] != sa.norm2.shape:
@@ -754,18 +776,24 @@ class LayerAccumulator:
                 num[layer] += float(seg_sq(sa.sketch[layer], np.asarray(sb[layer])).sum())
                 den[layer] += float(np.sum(sa.norm2[layer], dtype=np.float64))
 
-    def _rows(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray, bad_a: int, bad_b: int) -> None:
+    def _rows(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray, bad_a: int, bad_b: int,
+              rerouted: np.ndarray | None = None) -> None:
         """One layer of one prompt: ||h_B - h_A||² and ||h_A||² per position."""
         self.bad_a[layer] += bad_a
         self.bad_b[layer] += bad_b
         self.num[layer] += float(d2.sum())
         self.den[layer] += float(r2.sum())
         if layer == self.num_layers - 1 and d2.shape[0] > POSITION_BUCKETS[3][0]:  # a long prompt
-            idx = bucket_index(np.arange(d2.shape[0]))
-            self.pos_num += np.bincount(idx, weights=d2, minlength=len(POSITION_BUCKETS))
-            self.pos_den += np.bincount(idx, weights=r2, minlength=len(POSITION_BUCKETS))
-            self.pos_n += np.bincount(idx, minlength=len(POSITION_BUCKETS))
+            self._profile(d2, r2, rerouted)
         self._worst(prompt, layer, d2, r2)
+
+    def _profile(self, d2: np.ndarray, r2: np.ndarray, rerouted: np.ndarray | None) -> None:
+        """A long prompt's last layer into the position profile, by bucket, its rerouted positions left out."""
+        keep = np.ones(d2.shape[0], dtype=bool) if rerouted is None else ~np.asarray(rerouted, dtype=bool)
+        idx = bucket_index(np.arange(d2.shape[0]))[keep]
+        self.pos_num += np.bincount(idx, weights=d2[keep], minlength=len(POSITION_BUCKETS))
+        self.pos_den += np.bincount(idx, weights=r2[keep], minlength=len(POSITION_BUCKETS))
+        self.pos_n += np.bincount(idx, minlength=len(POSITION_BUCKETS))
 
     def _worst(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -159,6 +159,17 @@ class ModelRun:
                 out[sub] = self.entry.array(name)
         return out
 
+    def router(self, pid: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """A mixture of experts' kept router logits for the prompt (``core.routing.summarise``: expert ids
+        and logits ``[L, T, KEPT]``); stored in every form, so served for a compact A too. None for a dense
+        model, or a run made before routers were recorded."""
+        if not self.meta.get("router") or self.streamed or self.base_file:
+            return None
+        ids, logits = self._name(pid, "router_ids"), self._name(pid, "router_logits")
+        if not (self.entry.has(ids) and self.entry.has(logits)):
+            return None
+        return self.entry.array(ids), self.entry.array(logits)
+
     def vocab_width(self) -> int | None:
         """The width of the logits (the vocabulary they cover): from the arrays, or as a streamed run recorded it."""
         if self.streamed or self.compact or self.base_file:
