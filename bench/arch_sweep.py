@@ -157,12 +157,25 @@ def row(mt: str, keep: bool) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
+# The tokenizer is not the architecture's: a tiny checkpoint borrows the tiny Llama's BPE or a SentencePiece model
+# trained here, which transformers and llama.cpp may split differently. B is run on A's token ids whatever its
+# own tokenizer says, so every other item still compares the converted model; these items are listed, not counted.
+TOKENIZER_ITEMS = ("tokens[", "tokenizer[")
+
+
+def model_pass(c: dict[str, Any]) -> bool:
+    """The correct file passes every item but the tokenizer's, each correctness value within half its bound."""
+    if not c or c.get("error") and not c.get("failed") and not c.get("errors"):
+        return False
+    bad = [x for x in (c.get("failed") or []) + (c.get("errors") or []) if not x.startswith(TOKENIZER_ITEMS)]
+    return not bad and c.get("verdict") in ("pass", "fail", "error") and c.get("worst_rel", 1.0) <= HALF
+
+
 def goal_met(r: dict[str, Any]) -> bool | None:
     """None: not converted (outside the goal's denominator)."""
     if r.get("stage") != "converted":
         return None
-    correct = all(r.get(k, {}).get("verdict") == "pass" and r[k].get("worst_rel", 1.0) <= HALF
-                  for k in ("f16", "q4_k_m"))
+    correct = all(model_pass(r.get(k) or {}) for k in ("f16", "q4_k_m"))
     defects = [r[k] for k in ("scaled", "swap") if k in r]
     return correct and bool(defects) and all(d.get("at_layer") and d.get("named") for d in defects)
 
@@ -218,7 +231,7 @@ def render(rows: list[dict[str, Any]], left: dict[str, str]) -> str:
         paired = (f"{c.get('tensors')}" + (f" ({c['unpaired']} layers with unpaired)" if c.get("unpaired") else "")
                   if c.get("tensors") is not None else "—")
 
-        def caught(k: str) -> str:
+        def caught(k: str, r: dict[str, Any] = r) -> str:
             d = r.get(k)
             if d is None:
                 return "—"

@@ -187,6 +187,21 @@ def token_texts(path: str | os.PathLike[str], ids: list[int], hdr: _Header | Non
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
 
 
+TOKEN_TYPE_NAMES = {0: "UNDEFINED", 1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}
+
+
+def token_types(path: str | os.PathLike[str], ids: list[int], hdr: _Header | None = None) -> dict[int, int]:
+    """``tokenizer.ggml.token_type`` of a few ids (a direct read of the int32 array: no walk)."""
+    path = Path(path)
+    hdr = hdr if hdr is not None else read_header(path)
+    at, count = hdr.array_at.get("tokenizer.ggml.token_type"), hdr.array_len.get("tokenizer.ggml.token_type", 0)
+    wanted = sorted({i for i in ids if 0 <= i < count})
+    if at is None or not wanted:
+        return {}
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return {i: struct.unpack_from(f"{hdr.endian}i", buf, at + 4 * i)[0] for i in wanted}
+
+
 def special_tokens(path: str | os.PathLike[str], hdr: _Header | None = None) -> dict[str, int]:
     """``{text: id}`` of the tokens the file marks as control or user-defined (the ones llama.cpp parses as
     special in a prompt): one walk over the token texts and a read of the type array."""

@@ -508,8 +508,20 @@ class TransformersBackend:
                                  use_cache=True, **{cache_kw: kv_cache(out)})
 
     def _layers(self):
+        """The decoder layers: the base model's ``layers``, else the module list there with one entry per
+        hidden layer (``h`` in Bloom, GPT-2 and Falcon; found by shape, not by name)."""
         base = getattr(self.model, self.model.base_model_prefix, None) or self.model.model
-        return base.layers
+        layers = getattr(base, "layers", None)
+        if layers is not None:
+            return layers
+        torch = self._torch
+        found = [m for _, m in base.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == self.num_layers]
+        if not found:
+            raise ModelLoadError(f"{self.path}: no list of {self.num_layers} decoder layers in "
+                                 f"{type(base).__name__}; per-layer states cannot be read. Run it with "
+                                 "--convdiff-no-layers.")
+        return found[0]
 
     def close(self) -> None:
         torch = self._torch

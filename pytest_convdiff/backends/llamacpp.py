@@ -211,6 +211,17 @@ class _ConsoleCapture:
         self._file.close()
 
 
+@contextlib.contextmanager
+def quiet_console(llama_cpp: Any) -> Iterator[None]:
+    """llama.cpp's console output kept out of the test output for one call outside a backend (a vocabulary read)."""
+    capture = _ConsoleCapture(llama_cpp)
+    try:
+        with capture():
+            yield
+    finally:
+        capture.close()
+
+
 def _ggml_lib(llama_cpp: Any) -> ctypes.CDLL:
     libdir = Path(llama_cpp.__file__).resolve().parent / "lib"
     names = ["libggml-base.so", "libggml-base.dylib", "ggml-base.dll"]

@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..backends import registry
-from ..core.config_fields import FIELDS, Field, _reading
+from ..backends import gguf_header, registry
+from ..core.config_fields import DERIVED_WHEN_ABSENT, FIELDS, PER_LAYER_HEADS, Field, _reading
 from ..errors import ConvdiffError
 
-__all__ = ["CONVERSATIONS", "FIELDS", "Field", "compare_templates", "measure", "read_reference", "read_side",
+__all__ = ["CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
            "render_template"]
 
 
@@ -309,8 +309,103 @@ def compare_templates(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[st
 # --------------------------------------------------------------------------- the measurement
 
 
+# --------------------------------------------------------------------------- special tokens and stops
+
+_SPECIAL_TYPES = (gguf_header.TOKEN_CONTROL, gguf_header.TOKEN_USER_DEFINED)
+
+
+def _a_vocab(side_a: dict[str, Any]) -> dict[str, int]:
+    """A's token text -> id from its tokenizer.json (read only when B marks tokens A does not)."""
+    path = side_a.get("tokenizer_json")
+    if not path:
+        return {}
+    try:
+        tok = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    vocab = (tok.get("model") or {}).get("vocab")
+    return {str(k): int(v) for k, v in vocab.items()} if isinstance(vocab, dict) else {}
+
+
+def compare_specials(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[str, Any]:
+    """Every token A's tokenizer treats as special (its added tokens marked special) keeps its id in B and is
+    special there (a GGUF: CONTROL or USER_DEFINED); no token A treats as ordinary text is a control token in B."""
+    sa = side_a.get("special_tokens")
+    if not sa:
+        return {"skipped": "A lists no special tokens (no added tokens marked special in a tokenizer.json)"}
+    stops = set((side_a.get("stop_ids") or {}).get("value") or [])
+    problems: list[dict[str, Any]] = []
+    if side_b.get("kind") != "gguf":
+        sb = side_b.get("special_tokens")
+        if sb is None:
+            return {"skipped": "B lists no special tokens"}
+        for text, i in sorted(sa.items(), key=lambda kv: kv[1]):
+            if sb.get(text) != i:
+                problems.append({"token": text, "id": i, "b": sb.get(text), "effect": "missing or moved in B"})
+        problems += [{"token": t, "id": i, "b": i, "effect": "special in B only"} for t, i in sb.items() if t not in sa]
+        return {"checked": len(sa), "problems": problems}
+    path = Path(side_b["path"])
+    ids = sorted(set(sa.values()))
+    texts, types = gguf_header.token_texts(path, ids), gguf_header.token_types(path, ids)
+    for text, i in sorted(sa.items(), key=lambda kv: kv[1]):
+        tb, ty = texts.get(i), types.get(i)
+        if tb is None:
+            problems.append({"token": text, "id": i, "effect": "B has no token with this id"})
+        elif tb != text:
+            problems.append({"token": text, "id": i, "b_text": tb, "effect": f"B's id {i} is {tb!r}"})
+        elif ty not in _SPECIAL_TYPES:
+            effect = "typed " + gguf_header.TOKEN_TYPE_NAMES.get(ty, str(ty)) + " in B: its text in a prompt is " \
+                     "split as ordinary text, and it is printed when generated"
+            if i in stops:
+                effect += "; a stop token of A's, so B's turns never end where A's do"
+            problems.append({"token": text, "id": i, "type_b": gguf_header.TOKEN_TYPE_NAMES.get(ty, str(ty)),
+                             "effect": effect})
+    extra = {t: i for t, i in (side_b.get("special_tokens") or {}).items() if t not in sa}
+    if extra:
+        types_b = gguf_header.token_types(path, list(extra.values()))
+        control = {t: i for t, i in extra.items() if types_b.get(i) == gguf_header.TOKEN_CONTROL}
+        vocab = _a_vocab(side_a) if control else {}
+        for t, i in sorted(control.items(), key=lambda kv: kv[1]):
+            if vocab.get(t) == i:
+                problems.append({"token": t, "id": i, "type_b": "CONTROL",
+                                 "effect": "ordinary text in A, a control token in B: B never produces it from "
+                                           "text and does not print it"})
+    return {"checked": len(sa), "problems": problems}
+
+
+def compare_eog(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[str, Any]:
+    """A's stop ids (its tokenizer's EOS, config.json's and generation_config.json's eos_token_id, its end-of-turn
+    token) against the ids that end generation in B's runtime. A stop B does not stop on fails, and so does a
+    stop B adds on a token A treats as ordinary text; one B adds on a special token of A's (llama.cpp stops at
+    end-of-turn markers by their text) is listed."""
+    stops_a = (side_a.get("stop_ids") or {}).get("value")
+    if stops_a is None:
+        return {"skipped": "A's stop ids could not be read"}
+    if side_b.get("kind") == "gguf":
+        eog = side_b.get("eog") or {}
+        if eog.get("value") is None:
+            return {"skipped": eog.get("source") or "B's end-of-generation set could not be read"}
+        stops_b, source_b = set(eog["value"]), eog.get("source")
+    else:
+        sb = (side_b.get("stop_ids") or {})
+        if sb.get("value") is None:
+            return {"skipped": "B's stop ids could not be read"}
+        stops_b, source_b = set(sb["value"]), sb.get("source")
+    special_a = {i: t for t, i in (side_a.get("special_tokens") or {}).items()}
+    missing, extra = sorted(set(stops_a) - stops_b), sorted(stops_b - set(stops_a))
+    texts = dict(special_a)
+    if side_b.get("kind") == "gguf" and (missing or extra):
+        texts.update({i: t for i, t in gguf_header.token_texts(Path(side_b["path"]), missing + extra).items()
+                      if i not in texts})
+    return {"a": sorted(stops_a), "b": sorted(stops_b), "source_a": (side_a.get("stop_ids") or {}).get("source"),
+            "source_b": source_b,
+            "missing": [{"id": i, "token": texts.get(i)} for i in missing],
+            "extra": [{"id": i, "token": texts.get(i), "special_in_a": i in special_a} for i in extra]}
+
+
 def measure(ctx: Any) -> dict[str, Any]:
-    """Both sides' normalised configs and the chat-template renders: JSON, cached per pair."""
+    """Both sides' normalised configs, the chat-template renders, special tokens and stops: JSON, cached per pair."""
     a = read_side(ctx.spec_a)
     b = read_side(ctx.spec_b)
-    return {"a": a, "b": b, "chat": compare_templates(a, b)}
+    return {"a": a, "b": b, "chat": compare_templates(a, b), "specials": compare_specials(a, b),
+            "eog": compare_eog(a, b)}

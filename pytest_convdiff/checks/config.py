@@ -123,6 +123,14 @@ def same_value(field: cf.Field, va: Any, vb: Any) -> bool:
     if field.kind == "id" and isinstance(va, list) != isinstance(vb, list):  # config.json lists several EOS ids
         many, one = (va, vb) if isinstance(va, list) else (vb, va)
         return one in many
+    if field.name in cf.PER_LAYER_HEADS and (isinstance(va, list) or isinstance(vb, list)):
+        # a hybrid's attention layers: zeros mark layers without attention, which a scalar config leaves out
+        def attn(v: Any) -> set[Any]:
+            return {x for x in v if x} if isinstance(v, list) else {v}
+
+        if isinstance(va, list) and isinstance(vb, list):
+            return va == vb  # layer by layer: a layer whose heads went to 0 lost its attention
+        return attn(va) == attn(vb)
     return va == vb
 
 
@@ -295,6 +303,43 @@ def _template_text(cid: CheckId, ta: Any, tb: Any, sa: Any, sb: Any, chat: dict[
                   details={"differing": [f"{d['name']}/gen={d['add_generation_prompt']}" for d in differing]})
 
 
+def _specials(cid: CheckId, sp: dict[str, Any]) -> CheckResult:
+    if sp.get("skipped"):
+        return skipped(cid, sp["skipped"] + "; special tokens are not compared.")
+    problems = sp.get("problems") or []
+    if not problems:
+        return result(cid, 0.0, True, f"special_tokens: each of A's {sp.get('checked')} special tokens has its id in B "
+                                      "and is special there; B marks no ordinary text of A's as a control token")
+    lines = [f"  {p['token']!r} (id {p['id']}): {p['effect']}" for p in problems]
+    return result(cid, float(len(problems)), False,
+                  f"special_tokens: {len(problems)} of A's special tokens are not special in B, or B marks A's "
+                  "text as control:\n" + "\n".join(lines)
+                  + "\nllama.cpp reads each token's type from tokenizer.ggml.token_type; re-convert, or fix the types "
+                    "(gguf-py's gguf_new_metadata.py). llama.cpp overrides a few end-of-turn texts it knows, with "
+                    "a warning; other runtimes do not.", details={"problems": problems})
+
+
+def _eog(cid: CheckId, e: dict[str, Any]) -> CheckResult:
+    if e.get("skipped"):
+        return skipped(cid, e["skipped"] + "; the end-of-generation set is not compared.")
+
+    def name(x: dict[str, Any]) -> str:
+        return f"{x['token']!r} (id {x['id']})" if x.get("token") is not None else f"id {x['id']}"
+
+    bad = [f"A stops at {name(x)}, B's runtime does not: B's generation runs on past it" for x in e["missing"]]
+    bad += [f"B's runtime stops at {name(x)}, which A's tokenizer treats as ordinary text: B stops mid-text"
+            for x in e["extra"] if not x["special_in_a"]]
+    also = [name(x) for x in e["extra"] if x["special_in_a"]]
+    note = (f"; B also stops at {', '.join(also)} (special tokens of A's; llama.cpp ends generation at end-of-turn "
+            "markers by their text)") if also else ""
+    head = f"A's stop ids {e['a']} ({e['source_a']}), B's {e['b']} ({e['source_b']})"
+    if not bad:
+        return result(cid, 0.0, True, f"eog: {head}{note}")
+    return result(cid, float(len(bad)), False, "eog: " + head + ":\n" + "\n".join(f"  {b}" for b in bad) + note
+                  + "\nSet the end-of-turn or EOS id in the GGUF (tokenizer.ggml.eos_token_id / eot_token_id) to "
+                    "A's, or re-convert.", details=e)
+
+
 def check_field(field: cf.Field, m: dict[str, Any]) -> CheckResult:
     """One planned item from the measurement of both sides."""
     cid = CheckId(NAME, field.name)
@@ -308,6 +353,10 @@ def check_field(field: cf.Field, m: dict[str, Any]) -> CheckResult:
     rb = side_b["fields"].get(field.name) or missing
     if field.kind == "template":
         return _template(cid, field, ra, rb, m.get("chat") or {})
+    if field.kind == "specials":
+        return _specials(cid, m.get("specials") or {"skipped": "not measured (a cache entry of an older version)"})
+    if field.kind == "eog":
+        return _eog(cid, m.get("eog") or {"skipped": "not measured (a cache entry of an older version)"})
     if field.kind == "rows":
         return _rows(cid, field, ra, rb)
     if field.kind == "eot":
@@ -317,6 +366,14 @@ def check_field(field: cf.Field, m: dict[str, Any]) -> CheckResult:
         if diffs and (ra.get("value") is None or rb.get("value") is None):
             return _fail(cid, field, ra, rb)
         return _fail(cid, field, ra, rb, "; ".join(diffs), len(diffs)) if diffs else _ok(cid, field, ra, rb)
+    if field.name in cf.DERIVED_WHEN_ABSENT and (ra.get("value") is None) != (rb.get("value") is None):
+        silent, stated = ("A", rb) if ra.get("value") is None else ("B", ra)
+        other = "B" if silent == "A" else "A"
+        return skipped(cid, f"{silent}'s configuration does not state the {field.what} "
+                            f"({(ra if silent == 'A' else rb).get('source')}); {other}'s "
+                            f"{show(stated.get('value'), field)} ({stated.get('source')}) is "
+                            + ("what the converter derived" if silent == "A" else "one the converter did not write")
+                            + ", not compared. The tensors' shapes are compared by weights[*].")
     if same_value(field, ra.get("value"), rb.get("value")):
         return _ok(cid, field, ra, rb)
     return _fail(cid, field, ra, rb, side_b=side_b)

@@ -54,8 +54,17 @@ FIELDS: tuple[Field, ...] = (
     Field("add_bos", "BOS flag (whether the tokenizer adds BOS)", False, "bool"),
     Field("add_eos", "EOS flag (whether the tokenizer adds EOS)", False, "bool"),
     Field("chat_template", "chat template", None, "template"),
+    Field("special_tokens", "special tokens", None, "specials"),
+    Field("eog", "end-of-generation set", None, "eog"),
 )
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+# Fields a converter derives when the checkpoint's config leaves them out (Bloom's MLP size is 4 x hidden, an
+# ALiBi model has no position limit): A's silence there is "not stated", not "no such feature", so B's
+# value is not compared; the tensors' shapes are (weights[*]).
+DERIVED_WHEN_ABSENT = frozenset({"context_length", "n_heads", "n_kv_heads", "head_dim", "hidden_size",
+                                 "intermediate_size", "n_layers", "vocab_size"})
+# Per-layer head counts where 0 marks a layer without attention (a recurrent or convolution layer of a hybrid)
+PER_LAYER_HEADS = frozenset({"n_heads", "n_kv_heads"})
 
 
 def _reading(value: Any, source: str) -> dict[str, Any]:
@@ -193,8 +202,12 @@ def normalise_config(data: dict[str, Any], label: Callable[[str], str], where: s
     put("norm_eps", ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"))
     put("context_length", ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"), _int_or_list)
     window, wlabel = cfg.get("sliding_window")
+    types = cfg.get("layer_types")[0]
     if window is not None and cfg.get("use_sliding_window")[0] is False:
         out["sliding_window"] = _reading(None, f"{label('use_sliding_window')} false (sliding_window {window} unused)")
+    elif window is not None and isinstance(types, list) and types and not any("sliding" in str(t) for t in types):
+        out["sliding_window"] = _reading(None, f"{label('layer_types')} has no sliding layer (sliding_window "
+                                               f"{window} unused)")
     else:
         out["sliding_window"] = _reading(_none_if_zero(_int_or_list(window)) if window is not None else None,
                                          wlabel or missing("sliding_window"))

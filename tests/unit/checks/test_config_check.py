@@ -537,6 +537,10 @@ FIELD = {f.name: f for f in cf.FIELDS}
     ("sliding_window", None, 4096, False),
     ("n_kv_heads", 8, 8, True),
     ("n_kv_heads", [8, 8, 0], [8, 8, 8], False),
+    # a hybrid: llama.cpp writes 0 heads for its recurrent layers, the checkpoint one count for its attention layers
+    ("n_kv_heads", 2, [0, 0, 2, 0], True),
+    ("n_kv_heads", 4, [0, 0, 2, 0], False),
+    ("n_heads", [0, 4, 0, 4], 4, True),
     ("eos_id", [128001, 128009], 128009, True),  # config.json lists several EOS ids
     ("eos_id", 2, 0, False),
     ("add_bos", None, False, True),
@@ -837,3 +841,20 @@ def test_the_rope_dimension_count_is_not_the_head_size(tiny_ref, tiny_ggufs, mon
     res = run_config(tiny_ref, partial)
     assert "head_dim" not in failing(res), res["head_dim"].message
     assert "rope.dimension_count" not in res["head_dim"].message
+
+
+@pytest.mark.parametrize("name", ["intermediate_size", "context_length"])
+def test_a_shape_one_side_leaves_to_the_converter_is_not_compared(name):
+    """Bloom's config has no MLP size (4 x hidden) and no position limit (ALiBi): what the converter derived
+    is not contradicted by A's silence; a feature B adds where A states none (sliding_window) still fails."""
+    side = {"unknown": {}, "fields": {}}
+    m = {"a": {**side, "fields": {name: {"value": None, "source": "config.json: not set"}}},
+         "b": {**side, "fields": {name: {"value": 1024, "source": "GGUF x"}}}}
+    got = config.check_field(FIELD[name], m)
+    assert got.outcome == "skipped" and "converter derived" in got.message
+    m["a"]["fields"], m["b"]["fields"] = m["b"]["fields"], m["a"]["fields"]  # a MoE GGUF with no dense MLP size
+    got = config.check_field(FIELD[name], m)
+    assert got.outcome == "skipped" and "did not write" in got.message
+    m["a"]["fields"] = {"sliding_window": {"value": None, "source": "config.json: not set"}}
+    m["b"]["fields"] = {"sliding_window": {"value": 1024, "source": "GGUF x"}}
+    assert config.check_field(FIELD["sliding_window"], m).outcome == "failed"
