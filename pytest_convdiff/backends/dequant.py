@@ -14,6 +14,7 @@ project's own GGUF header reader; safetensors files are read from their (JSON) h
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
@@ -288,9 +289,7 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
 
     arch_id = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
-    if arch_id is None:
-        raise WeightsUnreadable(f"gguf-py does not know the architecture {arch!r}")
-    name_map = get_tensor_name_map(arch_id, n_blocks)
+    name_map = get_tensor_name_map(arch_id, n_blocks) if arch_id is not None else _any_arch_name_map(n_blocks)
     out: dict[str, str] = {}
     for hf in hf_names:
         base, dot, suffix = hf.rpartition(".")
@@ -302,6 +301,30 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
         elif (stacked := conventions.expert_name(base, name_map.get_name)) is not None:
             out[f"{stacked[0]}.{suffix}[{stacked[1]}]"] = hf  # one expert of a stacked tensor
     return out
+
+
+class _UnionNameMap:
+    """gguf-py's names for a GGUF architecture it does not know yet (an installed gguf older than the converter):
+    the union of its maps for every architecture it knows. gguf-py maps a transformers name to one GGUF name
+    whatever the architecture (each architecture only selects which tensors it has), and a name pairs only
+    with a tensor B has, so the union adds no wrong pair."""
+
+    def __init__(self, n_blocks: int) -> None:
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+        self.mapping: dict[str, Any] = {}
+        for arch_id in MODEL_ARCH_NAMES:
+            for key, value in get_tensor_name_map(arch_id, n_blocks).mapping.items():
+                self.mapping.setdefault(key, value)
+
+    def get_name(self, key: str) -> str | None:
+        hit = self.mapping.get(key)
+        return hit[1] if hit is not None else None
+
+
+@functools.lru_cache(maxsize=4)
+def _any_arch_name_map(n_blocks: int) -> _UnionNameMap:
+    return _UnionNameMap(n_blocks)
 
 
 def _n_blocks(src: Source) -> int:

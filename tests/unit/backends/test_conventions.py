@@ -68,3 +68,17 @@ def test_an_expert_is_named_and_sliced_from_its_stacked_tensor():
     assert one is not None and one.name == "blk.1.ffn_gate_exps.weight[2]"
     assert (one.shape, one.rows, one.offset, one.nbytes) == ((6, 32), 6, 1000 + 2 * 6 * 34, 6 * 34)
     assert conventions.expert_slice(stacked, 4) is None
+
+
+def test_an_architecture_the_installed_gguf_py_does_not_know_still_pairs_by_name():
+    """A converter newer than the installed gguf package writes an architecture name gguf-py lacks (cohere2moe
+    under gguf 0.19): transformers names still map through the union of gguf-py's maps."""
+    from pytest_convdiff.backends import dequant
+
+    got = dequant._gguf_to_hf("an-architecture-nobody-knows", 2, [  # private: the name pairing itself
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
+        "model.embed_tokens.weight", "model.layers.1.mlp.gate.weight", "model.layers.0.not_a_tensor.weight"])
+    assert got == {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+                   "blk.1.ffn_down_exps.weight[3]": "model.layers.1.mlp.experts.3.down_proj.weight",
+                   "token_embd.weight": "model.embed_tokens.weight",
+                   "blk.1.ffn_gate_inp.weight": "model.layers.1.mlp.gate.weight"}
