@@ -185,6 +185,7 @@ def token_texts(path: str | os.PathLike[str], ids: list[int], hdr: _Header | Non
 
 # llama.cpp's token types (tokenizer.ggml.token_type): CONTROL and USER_DEFINED are the special ones
 TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+TOKEN_UNKNOWN = 2  # a SentencePiece vocabulary's <unk>
 
 
 TOKEN_TYPE_NAMES = {0: "UNDEFINED", 1: "NORMAL", 2: "UNKNOWN", 3: "CONTROL", 4: "USER_DEFINED", 5: "UNUSED", 6: "BYTE"}

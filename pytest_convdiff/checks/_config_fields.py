@@ -311,7 +311,9 @@ def compare_templates(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[st
 
 # --------------------------------------------------------------------------- special tokens and stops
 
-_SPECIAL_TYPES = (gguf_header.TOKEN_CONTROL, gguf_header.TOKEN_USER_DEFINED)
+# the token types llama.cpp gives a special token: control and user-defined ones, and UNKNOWN for a SentencePiece
+# vocabulary's <unk> (it is not text either)
+_SPECIAL_TYPES = (gguf_header.TOKEN_CONTROL, gguf_header.TOKEN_USER_DEFINED, gguf_header.TOKEN_UNKNOWN)
 
 
 def _a_vocab(side_a: dict[str, Any]) -> dict[str, int]:
