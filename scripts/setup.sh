@@ -34,5 +34,7 @@ tools=$!
 "$VPY" -m fixtures.smollm2 >/dev/null
 # Tiny Qwen3-MoE and Mixtral through the same converter (fixtures/moe.py, ~20 s; tests/integration/test_moe.py).
 "$VPY" -m fixtures.moe >/dev/null
+# Tiny checkpoints of further architectures (fixtures/anyarch.py SUITE; tests/integration/test_any_architecture.py).
+"$VPY" -m fixtures.anyarch >/dev/null
 wait "$tools"
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

@@ -1,0 +1,71 @@
+"""Architectures none of pytest_convdiff's code names, through llama.cpp's own converter and quantiser
+(fixtures/anyarch.py: a tiny random checkpoint of the model type, its defaults with small sizes).
+
+For each: the correct F16 and Q4_K_M pass every item but the tokenizer's (the checkpoint borrows a tokenizer;
+docs/architectures.md says why those are set apart), each correctness value at most half its bound; one 2-D
+weight of the middle layer ×1.25 fails ``weights[layer-2]``, naming the tensor; for a mixture of experts, two
+experts of the middle layer swapped fail there too, naming both. The same judgement as bench/arch_sweep.py's,
+on the model types the suite carries (built by scripts/setup.sh).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fixtures.anyarch import SUITE as ARCHS  # the model types scripts/setup.sh builds
+
+pytestmark = pytest.mark.gguf
+
+TOKENIZER_ITEMS = ("tokens", "tokenizer")
+HALF = 0.5
+
+
+@pytest.fixture(scope="module")
+def arch_files() -> dict[str, dict[str, Any]]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'pytest-convdiff[llama-cpp]'")
+    from fixtures import anyarch, pipeline
+
+    pipeline.skip_without_tools()
+    return {mt: {"paths": anyarch.build(mt)} for mt in ARCHS}
+
+
+@pytest.mark.parametrize("key", ["f16", "q4_k_m"])
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_a_correct_file_passes(arch_files, shared_cache, model_type: str, key: str) -> None:
+    from pytest_convdiff import compare
+
+    paths = arch_files[model_type]["paths"]
+    result = compare(paths["hf"], paths[key], corpus="quick", cache_dir=shared_cache)
+    assert result.error is None, result.error
+    bad = {c.id: c.message for c in result.checks
+           if c.outcome in ("failed", "error") and c.name not in TOKENIZER_ITEMS}
+    assert not bad, bad
+    over = {c.id: (c.value, c.threshold) for c in result.checks
+            if c.kind == "correctness" and c.outcome == "passed" and c.threshold and c.value is not None
+            and c.value > HALF * c.threshold}
+    assert not over, over
+    weights = [c for c in result.checks if c.name == "weights"]
+    assert weights and sum(c.details.get("tensors", 0) for c in weights) > 0
+    assert {c.id for c in result.checks if c.name == "runtime"} == {"runtime[logits]", "runtime[layers]"}
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+@pytest.mark.parametrize("defect", ["scaled", "swap"])
+def test_a_defect_fails_at_its_layer_by_name(arch_files, shared_cache, model_type: str, defect: str) -> None:
+    from fixtures import anyarch
+    from pytest_convdiff import compare
+
+    paths = arch_files[model_type]["paths"]
+    if defect not in paths:
+        pytest.skip(f"{model_type} has no stacked experts to swap")
+    tensor = anyarch.defect_targets(paths["f16"])[defect][0]
+    result = compare(paths["hf"], paths[defect], corpus="quick", cache_dir=shared_cache, static_only=True)
+    failed = [c.id for c in result.checks if c.outcome == "failed"]
+    item = f"weights[layer-{anyarch.LAYERS // 2}]"
+    assert failed == [item], failed
+    message = result.check(item).message
+    assert tensor in message, message
+    if defect == "swap":
+        assert all(f"{tensor.removesuffix('.weight')}.weight[{e}]" in message for e in anyarch.SWAP), message
