@@ -286,10 +286,10 @@ class Plan:
 def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]:
     """GGUF tensor name -> transformers name, from gguf-py's name map for the architecture applied to the
     transformers names (as transformers' ``get_gguf_hf_weights_map`` does)."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from gguf import MODEL_ARCH_NAMES
 
     arch_id = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
-    name_map = get_tensor_name_map(arch_id, n_blocks) if arch_id is not None else _any_arch_name_map(n_blocks)
+    name_map = _tensor_name_map(arch_id, n_blocks) if arch_id is not None else _any_arch_name_map(n_blocks)
     out: dict[str, str] = {}
     for hf in hf_names:
         base, dot, suffix = hf.rpartition(".")
@@ -303,6 +303,20 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
     return out
 
 
+def _tensor_name_map(arch_id: Any, n_blocks: int) -> Any:
+    """gguf-py's name map for one architecture, leaving gguf-py's shared tables as they were: building a map
+    for an architecture with block overrides updates the class-wide block table in place (gguf 0.19), which
+    would change every later map in the process (another pair of the session, another architecture)."""
+    from gguf import TensorNameMap, get_tensor_name_map
+
+    shared = dict(TensorNameMap.block_mappings_cfg)
+    try:
+        return get_tensor_name_map(arch_id, n_blocks)
+    finally:
+        TensorNameMap.block_mappings_cfg.clear()
+        TensorNameMap.block_mappings_cfg.update(shared)
+
+
 class _UnionNameMap:
     """gguf-py's names for a GGUF architecture it does not know yet (an installed gguf older than the converter):
     the union of its maps for every architecture it knows. gguf-py maps a transformers name to one GGUF name
@@ -310,11 +324,11 @@ class _UnionNameMap:
     with a tensor B has, so the union adds no wrong pair."""
 
     def __init__(self, n_blocks: int) -> None:
-        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        from gguf import MODEL_ARCH_NAMES
 
         self.mapping: dict[str, Any] = {}
         for arch_id in MODEL_ARCH_NAMES:
-            for key, value in get_tensor_name_map(arch_id, n_blocks).mapping.items():
+            for key, value in _tensor_name_map(arch_id, n_blocks).mapping.items():
                 self.mapping.setdefault(key, value)
 
     def get_name(self, key: str) -> str | None:

@@ -82,3 +82,17 @@ def test_an_architecture_the_installed_gguf_py_does_not_know_still_pairs_by_name
                    "blk.1.ffn_down_exps.weight[3]": "model.layers.1.mlp.experts.3.down_proj.weight",
                    "token_embd.weight": "model.embed_tokens.weight",
                    "blk.1.ffn_gate_inp.weight": "model.layers.1.mlp.gate.weight"}
+
+
+def test_a_name_map_leaves_gguf_py_s_shared_tables_as_they_were():
+    """gguf-py updates its class-wide block table in place when it builds the map of an architecture with
+    overrides: a later pair of another architecture in the same session would pair by the wrong names."""
+    import gguf
+
+    from pytest_convdiff.backends import dequant
+
+    llama = gguf.MODEL_ARCH.LLAMA
+    before = dict(dequant._tensor_name_map(llama, 2).mapping)  # private: the name map every pairing uses
+    for arch in gguf.TensorNameMap.arch_block_mappings_cfg:
+        dequant._tensor_name_map(arch, 2)
+    assert dict(dequant._tensor_name_map(llama, 2).mapping) == before
