@@ -88,9 +88,10 @@ _REFERENCE_EXTRA = {"context_length": "context_length", "rope_freq_base": "rope_
 
 def read_reference(path: Path) -> dict[str, Any]:
     """A saved golden reference keeps the model info it was saved with, not the model's config files."""
-    from ..store.reference import reference_info
+    from ..store.reference import reference_info, reference_tokens
 
     info = reference_info(path)
+    tokens = reference_tokens(path)
     of = info.extra.get("reference_of") or "?"
     fields: dict[str, Any] = {}
     for attr, name in _REFERENCE_INFO.items():
@@ -103,8 +104,10 @@ def read_reference(path: Path) -> dict[str, Any]:
             fields[name] = _reading(v, f"reference info {key}")
     why = (f"{path} is a saved golden reference (of {of}); it records only the model info it was saved with "
            f"({', '.join(sorted(fields)) or 'nothing comparable'})")
-    unknown = {f.name: why for f in FIELDS if f.name not in fields}
-    return {"kind": "reference", "path": str(path), "fields": fields, "unknown": unknown, "stop_ids": None,
+    kept = {"special_tokens", "eog"} if tokens.get("special_tokens") is not None else set()
+    unknown = {f.name: why for f in FIELDS if f.name not in fields and f.name not in kept}
+    return {"kind": "reference", "path": str(path), "fields": fields, "unknown": unknown,
+            "stop_ids": tokens.get("stop_ids"), "special_tokens": tokens.get("special_tokens"),
             "special_text": {}, "tokenizer_json": None, "notes": []}
 
 

@@ -303,6 +303,33 @@ def _data_sha256(header: Header) -> str:
 # --------------------------------------------------------------------------- saving
 
 
+def _token_record(run: ModelRun) -> dict[str, Any] | None:
+    """A's special tokens and stop ids, as its backend's configuration reader gives them (None when there is
+    no reader, or the model's files are gone: a reference of a reference keeps the one it holds)."""
+    if run.meta.get("tokens") is not None:
+        return run.meta["tokens"]
+    from ..backends import registry
+
+    spec = getattr(run, "spec", None)
+    try:
+        backend = registry.get(spec.resolved_backend())
+        if backend.read_config is None:
+            return None
+        side = backend.read_config(Path(spec.path), spec.options or {})
+    except Exception:  # noqa: BLE001 - optional: without it those two items skip in a replay, saying why
+        return None
+    return {"special_tokens": side.get("special_tokens"), "stop_ids": side.get("stop_ids")}
+
+
+def reference_tokens(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The special tokens and stop ids a reference was saved with ({} for one saved before they were kept)."""
+    hdr = read_header(Path(path))
+    try:
+        return json.loads(hdr.metadata["meta"]).get("tokens") or {}
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return {}
+
+
 def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
                    settings: ReferenceSettings | None = None,
                    weights: tuple[dict[str, Any], np.ndarray] | str | None = None) -> Path:
@@ -335,6 +362,9 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
     if settings is not None:
         meta["settings"] = {k: getattr(settings, k, None) for k in (*_SETTING_OPTIONS, "max_tokens")}
     arrays: dict[str, Callable[[], np.ndarray]] = {n: (lambda n=n: entry.array(n)) for n in names}
+    tokens = _token_record(run)
+    if tokens is not None:  # so config[special_tokens] and config[eog] run in a replay as they do live
+        meta["tokens"] = tokens
     if isinstance(weights, tuple):
 
         table, sketches = weights

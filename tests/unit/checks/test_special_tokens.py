@@ -91,3 +91,26 @@ def test_a_control_token_that_a_reads_as_text_fails(no_template: Path, tmp_path:
     b = gguf_writer.write_gguf(no_template, tmp_path / "control.gguf", "f32", token_types={i: 3})
     msg = _items(no_template, b)["config[special_tokens]"].message
     assert f"{text!r} (id {i}): ordinary text in A, a control token in B" in msg
+
+
+def test_both_run_in_a_golden_reference_replay(no_template: Path, tmp_path: Path):
+    """A reference saved from A keeps A's special tokens and stop ids: against it (A's files gone), the end-of-turn
+    token typed NORMAL still fails by name, and the correct file passes."""
+    from fixtures import gguf_writer
+    from pytest_convdiff.comparison import Comparison
+    from pytest_convdiff.core.corpus import load_corpus
+    from pytest_convdiff.runner import ModelSpec, RunSettings
+    from pytest_convdiff.store.cache import Cache
+
+    ok = gguf_writer.write_gguf(no_template, tmp_path / "ok.gguf", "f32")
+    eot = _special_id(no_template, "<|im_end|>")
+    bad = gguf_writer.write_gguf(no_template, tmp_path / "eot-normal.gguf", "f32", token_types={eot: NORMAL})
+    ref = tmp_path / "a.reference.safetensors"
+    settings = RunSettings(runtime_twin="off")
+    Comparison(ModelSpec(str(no_template)), ModelSpec(str(ok)), load_corpus("quick"), Cache(tmp_path / "cache"),
+               settings, {}, "save", None, ref).result()
+    shutil.rmtree(no_template)
+    good, broken = _items(ref, ok), _items(ref, bad)
+    assert good["config[special_tokens]"].outcome == "passed" and good["config[eog]"].outcome == "passed"
+    assert broken["config[special_tokens]"].outcome == "failed"
+    assert f"'<|im_end|>' (id {eot}): typed NORMAL" in broken["config[special_tokens]"].message
