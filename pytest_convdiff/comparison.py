@@ -81,6 +81,21 @@ def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: Model
     return make_key(parts)
 
 
+def token_record(spec: ModelSpec) -> dict[str, Any] | None:
+    """A's special tokens and stop ids, as its backend's configuration reader gives them, for a golden reference to
+    keep (config[special_tokens] and config[eog] then run in a replay); None when there is no reader."""
+    from .backends import registry
+
+    try:
+        backend = registry.get(spec.resolved_backend())
+        if backend.read_config is None or spec.is_saved_reference():
+            return None
+        side = backend.read_config(Path(spec.path), spec.options or {})
+    except Exception:  # noqa: BLE001 - optional: without it those two items skip in a replay, saying why
+        return None
+    return {"special_tokens": side.get("special_tokens"), "stop_ids": side.get("stop_ids")}
+
+
 def weights_sketch(spec: ModelSpec) -> tuple[dict[str, Any], np.ndarray] | str:
     """What a golden reference keeps of A's weights for the weights check to replay (``backends.replay``), or
     why it keeps nothing: only a transformers checkpoint's safetensors are sketched."""
@@ -281,7 +296,8 @@ class Comparison:
                 from .store.reference import save_reference
 
                 self._stage = f"saving the reference to {self.save_reference}"
-                save_reference(run_a, self.save_reference, self.corpus, self.settings, weights_sketch(self.a))
+                save_reference(run_a, self.save_reference, self.corpus, self.settings, weights_sketch(self.a),
+                               token_record(self.a))
                 self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
             self._stage = f"running model B ({self.b.path})"
             run_b = runner.run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,

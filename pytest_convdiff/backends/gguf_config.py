@@ -217,33 +217,6 @@ def _rope_from_gguf(kv: dict[str, Any], arch: str, headers: list[tuple[Path, Any
     return _reading(out, "GGUF " + " + ".join(parts))
 
 
-def eog_ids(path: Path) -> dict[str, Any]:
-    """The end-of-generation set of llama.cpp's runtime: the file's EOS, EOT and EOM ids, and the tokens llama.cpp
-    adds by their text (``<|im_end|>``, ``<end_of_turn>``, ...), read from llama.cpp itself
-    (``llama_vocab_is_eog`` over a vocabulary-only load: no weights). ``{"value": [ids]}``, or
-    ``{"value": None, "source": why}`` without llama-cpp-python."""
-    try:
-        import llama_cpp as lc
-    except ImportError:
-        return {"value": None, "source": "llama-cpp-python is not installed: llama.cpp's end-of-generation set "
-                                         "cannot be read (pip install 'pytest-convdiff[llama-cpp]')"}
-    from . import llamacpp
-
-    with llamacpp.quiet_console(lc):
-        lc.llama_backend_init()
-        params = lc.llama_model_default_params()
-        params.vocab_only = True
-        model = lc.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        return {"value": None, "source": "llama.cpp could not load the file's vocabulary"}
-    try:
-        vocab = lc.llama_model_get_vocab(model)
-        ids = [i for i in range(int(lc.llama_vocab_n_tokens(vocab))) if lc.llama_vocab_is_eog(vocab, i)]
-    finally:
-        lc.llama_model_free(model)
-    return {"value": ids, "source": "llama.cpp's llama_vocab_is_eog (vocabulary-only load)"}
-
-
 def read_gguf(path: Path) -> dict[str, Any]:
     """A GGUF file: transformers' mapping for the model fields, the header for the rest."""
     hdr, headers = _gguf_headers(path)
@@ -325,7 +298,5 @@ def read_gguf(path: Path) -> dict[str, Any]:
         "tokenizer_json": None,
         # the tokens the template may emit as markers, as B's vocabulary marks them (config check)
         "special_tokens": gguf_header.special_tokens(path, hdr),
-        # the ids that end generation in llama.cpp's runtime, as llama.cpp itself decides (config[eog])
-        "eog": eog_ids(path),
         "notes": notes,
     }

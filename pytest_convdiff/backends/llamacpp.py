@@ -648,11 +648,38 @@ def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa
     return dequant.GGUFWeights(path)
 
 
+def eog_ids(path: Path) -> dict[str, Any]:
+    """The end-of-generation set of llama.cpp's runtime: the file's EOS, EOT and EOM ids, and the tokens llama.cpp
+    adds by their text (``<|im_end|>``, ``<end_of_turn>``, ...), read from llama.cpp itself
+    (``llama_vocab_is_eog`` over a vocabulary-only load: no weights). ``{"value": [ids]}``, or
+    ``{"value": None, "source": why}`` without llama-cpp-python."""
+    try:
+        import llama_cpp as lc
+    except ImportError:
+        return {"value": None, "source": "llama-cpp-python is not installed: llama.cpp's end-of-generation set "
+                                         "cannot be read (pip install 'pytest-convdiff[llama-cpp]')"}
+    with quiet_console(lc):
+        lc.llama_backend_init()
+        params = lc.llama_model_default_params()
+        params.vocab_only = True
+        model = lc.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return {"value": None, "source": "llama.cpp could not load the file's vocabulary"}
+    try:
+        vocab = lc.llama_model_get_vocab(model)
+        ids = [i for i in range(int(lc.llama_vocab_n_tokens(vocab))) if lc.llama_vocab_is_eog(vocab, i)]
+    finally:
+        lc.llama_model_free(model)
+    return {"value": ids, "source": "llama.cpp's llama_vocab_is_eog (vocabulary-only load)"}
+
+
 def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:  # noqa: ARG001 - same for every option
-    """The GGUF's metadata for the config check."""
+    """The GGUF's metadata for the config check, and the end-of-generation set llama.cpp gives it."""
     from .gguf_config import read_gguf
 
-    return read_gguf(Path(path))
+    side = read_gguf(Path(path))
+    side["eog"] = eog_ids(Path(path))  # the ids that end generation in llama.cpp's runtime (config[eog])
+    return side
 
 
 BACKEND = BackendSpec(NAME, __name__, aliases=("llamacpp", "llama-cpp", "llama_cpp", "gguf"), detect=_detect,

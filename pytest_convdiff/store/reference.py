@@ -303,24 +303,6 @@ def _data_sha256(header: Header) -> str:
 # --------------------------------------------------------------------------- saving
 
 
-def _token_record(run: ModelRun) -> dict[str, Any] | None:
-    """A's special tokens and stop ids, as its backend's configuration reader gives them (None when there is
-    no reader, or the model's files are gone: a reference of a reference keeps the one it holds)."""
-    if run.meta.get("tokens") is not None:
-        return run.meta["tokens"]
-    from ..backends import registry
-
-    spec = getattr(run, "spec", None)
-    try:
-        backend = registry.get(spec.resolved_backend())
-        if backend.read_config is None:
-            return None
-        side = backend.read_config(Path(spec.path), spec.options or {})
-    except Exception:  # noqa: BLE001 - optional: without it those two items skip in a replay, saying why
-        return None
-    return {"special_tokens": side.get("special_tokens"), "stop_ids": side.get("stop_ids")}
-
-
 def reference_tokens(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The special tokens and stop ids a reference was saved with ({} for one saved before they were kept)."""
     hdr = read_header(Path(path))
@@ -332,13 +314,15 @@ def reference_tokens(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
                    settings: ReferenceSettings | None = None,
-                   weights: tuple[dict[str, Any], np.ndarray] | str | None = None) -> Path:
+                   weights: tuple[dict[str, Any], np.ndarray] | str | None = None,
+                   tokens: dict[str, Any] | None = None) -> Path:
     """Write A's run (every array of its entry, and its meta) to one safetensors file; returns the path.
 
     ``settings``: the RunSettings the run was made with, recorded so that a later run with other
     settings (e.g. another --convdiff-max-tokens) is told instead of silently comparing other things.
     ``weights``: ``backends.replay.sketch_model``'s (table, sketches) of A's weights, kept so the weights check
     runs without A's files; or why there are none (a string, reported when a replay asks).
+    ``tokens``: A's special tokens and stop ids (``comparison.token_record``), kept for the config check.
     """
     path = Path(path)
     meta = dict(run.meta)
@@ -362,7 +346,7 @@ def save_reference(run: ModelRun, path: str | os.PathLike[str], corpus: Corpus,
     if settings is not None:
         meta["settings"] = {k: getattr(settings, k, None) for k in (*_SETTING_OPTIONS, "max_tokens")}
     arrays: dict[str, Callable[[], np.ndarray]] = {n: (lambda n=n: entry.array(n)) for n in names}
-    tokens = _token_record(run)
+    tokens = tokens if tokens is not None else run.meta.get("tokens")  # a reference of a reference keeps its own
     if tokens is not None:  # so config[special_tokens] and config[eog] run in a replay as they do live
         meta["tokens"] = tokens
     if isinstance(weights, tuple):
