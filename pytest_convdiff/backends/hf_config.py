@@ -167,8 +167,15 @@ def read_hf_dir(path: Path) -> dict[str, Any]:
             src = "not set (transformers adds nothing)"
         fields[f"add_{flag}"] = _reading(value, src)
     fields["chat_template"] = _hf_template(path, tc)
+    unknown: dict[str, str] = {}
+    if (cfg.get("text_config") or cfg).get("kv_lora_rank"):
+        # latent attention: keys and values come from one compressed latent per token, which llama.cpp stores as a
+        # single key/value head of the latent's width; the two configs describe the heads differently
+        why = ("latent attention (kv_lora_rank in config.json): the key/value heads and their size are not "
+               "described alike by transformers and llama.cpp; the tensors' shapes are compared by weights[*]")
+        unknown = {"n_kv_heads": why, "head_dim": why}
     return {
-        "kind": kind, "path": str(path), "fields": fields, "unknown": {},
+        "kind": kind, "path": str(path), "fields": fields, "unknown": unknown,
         "stop_ids": {"value": sorted(stops), "source": ", ".join(stop_sources)},
         "special_text": {"bos": specials["bos"]["text"], "eos": specials["eos"]["text"]},
         "tokenizer_json": str(path / "tokenizer.json") if tok else None,

@@ -213,7 +213,7 @@ def normalise_config(data: dict[str, Any], label: Callable[[str], str], where: s
                                          wlabel or missing("sliding_window"))
     heads = put("n_heads", ("num_attention_heads", "n_head", "n_heads", "num_heads"), _int_or_list)
     kv = put("n_kv_heads", ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "n_head_kv"), _int_or_list)
-    if kv is None and cfg.get("multi_query")[0] is True:
+    if cfg.get("multi_query")[0] is True:  # one key/value head whatever else the config says (GPT-BigCode)
         out["n_kv_heads"] = _reading(1, label("multi_query"))
     elif kv is None and heads is not None:
         out["n_kv_heads"] = _reading(heads, f"{out['n_heads']['source']} ({where} sets no kv head count)")

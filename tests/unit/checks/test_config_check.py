@@ -861,3 +861,18 @@ def test_a_shape_one_side_leaves_to_the_converter_is_not_compared(name):
     m["a"]["fields"] = {"sliding_window": {"value": None, "source": "config.json: not set"}}
     m["b"]["fields"] = {"sliding_window": {"value": 1024, "source": "GGUF x"}}
     assert config.check_field(FIELD["sliding_window"], m).outcome == "failed"
+
+
+def test_multi_query_means_one_key_value_head_whatever_else_the_config_says():
+    got = _norm({"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "multi_query": True})
+    assert got["n_kv_heads"] == 1
+
+
+def test_latent_attention_heads_are_not_compared(tmp_path):
+    """DeepSeek-style latent attention: llama.cpp stores one key/value head of the latent's width."""
+    from pytest_convdiff.backends import hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x", "hidden_size": 256, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 4, "kv_lora_rank": 64}))
+    side = hf_config.read_hf_dir(tmp_path)
+    assert set(side["unknown"]) == {"n_kv_heads", "head_dim"} and "latent attention" in side["unknown"]["head_dim"]
