@@ -359,7 +359,7 @@ def compare_specials(side_a: dict[str, Any], side_b: dict[str, Any]) -> dict[str
         elif tb != text:
             problems.append({"token": text, "id": i, "b_text": tb, "effect": f"B's id {i} is {tb!r}"})
         elif ty not in _SPECIAL_TYPES:
-            effect = "typed " + gguf_header.TOKEN_TYPE_NAMES.get(ty, str(ty)) + " in B: its text in a prompt is " \
+            effect = "special in A, typed " + gguf_header.TOKEN_TYPE_NAMES.get(ty, str(ty)) + " in B: its text in a prompt is " \
                      "split as ordinary text, and it is printed when generated"
             if i in stops:
                 effect += "; a stop token of A's, so B's turns never end where A's do"

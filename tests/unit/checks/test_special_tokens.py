@@ -62,7 +62,7 @@ def test_an_end_of_turn_token_typed_normal_fails_by_name_without_a_chat_template
     failed = {k for k, c in items.items() if c.outcome == "failed"}
     assert failed == {"config[special_tokens]"}, {k: items[k].message for k in failed}
     msg = items["config[special_tokens]"].message
-    assert f"'<|im_end|>' (id {eot}): typed NORMAL in B" in msg and "printed when generated" in msg
+    assert f"'<|im_end|>' (id {eot}): special in A, typed NORMAL in B" in msg and "printed when generated" in msg
 
 
 def test_a_stop_id_b_does_not_stop_on_fails_by_name(no_template: Path, tmp_path: Path):
@@ -113,4 +113,4 @@ def test_both_run_in_a_golden_reference_replay(no_template: Path, tmp_path: Path
     good, broken = _items(ref, ok), _items(ref, bad)
     assert good["config[special_tokens]"].outcome == "passed" and good["config[eog]"].outcome == "passed"
     assert broken["config[special_tokens]"].outcome == "failed"
-    assert f"'<|im_end|>' (id {eot}): typed NORMAL" in broken["config[special_tokens]"].message
+    assert f"'<|im_end|>' (id {eot}): special in A, typed NORMAL" in broken["config[special_tokens]"].message
