@@ -103,6 +103,7 @@ class PairReducer:
         (the cache dtype), the layer-swap run's hidden states (float32), and a mixture of experts' kept router
         logits (``core.routing.summarise``); None for what B lacks."""
         a = self.a
+        mine = a.router(pid) if router is not None else None  # A's kept router logits, read once
         if not self._started:
             self._started = True
             vocab_b = logits.shape[-1] if logits is not None else None
@@ -118,13 +119,11 @@ class PairReducer:
                 if hidden_swap is not None:
                     self._swap = metrics.LayerAccumulator(dims[0])
             k = (a.meta.get("router") or {}).get("k")
-            if k and router is not None and a.router(pid) is not None:
+            if k and mine is not None:
                 self._router = routing.RouterAccumulator(int(k))
         rerouted = None
-        if self._router is not None and router is not None:
-            mine = a.router(pid)
-            if mine is not None and mine[0].shape[:2] == router[0].shape[:2]:
-                rerouted = self._router.update(pid, mine[0], mine[1], router[0], router[1]).rerouted
+        if self._router is not None and mine is not None and mine[0].shape[:2] == router[0].shape[:2]:
+            rerouted = self._router.update(pid, mine[0], mine[1], router[0], router[1]).rerouted
         if a.base_file:  # B's logits at each chunk's second half against a llama-perplexity base file's rows
             if self._logits is not None and logits is not None:
                 rows, targets, first = a.base_rows(pid)

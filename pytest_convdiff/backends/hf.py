@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core import routing
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
 from . import gguf_header, hfdir
 from .base import (
@@ -190,19 +191,6 @@ def _experts_used(cfg: Any) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def _stack_router(found: dict[int, Any], n_layers: int, n_tokens: int) -> np.ndarray | None:
-    """``[L, T, E]`` router logits (NaN rows for layers without a router), as ``ForwardOutput.router`` holds them."""
-    found = {li: v.cpu().numpy() for li, v in found.items() if v.shape[0] == n_tokens}
-    if not found:
-        return None
-    width = next(iter(found.values())).shape[1]
-    out = np.full((n_layers, n_tokens, width), np.nan, dtype=np.float32)
-    for li, v in found.items():
-        if v.shape[1] == width:
-            out[li] = v
-    return out
 
 
 class TransformersBackend:
@@ -452,7 +440,8 @@ class TransformersBackend:
             for name, values in subs.items() if hidden_states and all(v is not None for v in values)
         }
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers,
-                             router=_stack_router(routers, self.num_layers, len(tokens)))
+                             router=routing.stack_layers({li: v.cpu().numpy() for li, v in routers.items()},
+                                                         self.num_layers, len(tokens)))
 
     def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
                       pick: Callable[[int, np.ndarray], int]) -> None:

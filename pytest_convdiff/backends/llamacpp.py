@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core import routing
 from ..core.threads import default_threads
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
 from .base import HIDDEN_STATES, INCREMENTAL_DECODE, SUBBLOCKS, ForwardOutput, ModelInfo, installed_version
@@ -364,17 +365,8 @@ class LlamaCppBackend:
 
     def _router(self, n_tokens: int) -> np.ndarray | None:
         """``[L, T, E]`` router logits of the layers that have experts (NaN rows for those that do not)."""
-        found = {i: np.concatenate(c, axis=0) for i in range(self.n_layer)
-                 if (c := self._captured.get(f"ffn_moe_logits-{i}"))}
-        found = {i: a for i, a in found.items() if a.ndim == 2 and a.shape[0] == n_tokens}
-        if not found:
-            return None
-        width = next(iter(found.values())).shape[1]
-        out = np.full((self.n_layer, n_tokens, width), np.nan, dtype=np.float32)
-        for i, a in found.items():
-            if a.shape[1] == width:
-                out[i] = a
-        return out
+        return routing.stack_layers({i: np.concatenate(c, axis=0) for i in range(self.n_layer)
+                                     if (c := self._captured.get(f"ffn_moe_logits-{i}"))}, self.n_layer, n_tokens)
 
     # ------------------------------------------------------------------ eval callback
     def _eval_callback(self, tensor: int, ask: bool, _user: Any) -> bool:

@@ -31,6 +31,21 @@ KEPT = 16  # router logits kept per position and layer, highest first (k + 1 of 
 EXAMPLES = 5  # flips named in a message
 
 
+def stack_layers(found: dict[int, np.ndarray], n_layers: int, n_tokens: int) -> np.ndarray | None:
+    """Per-layer router logits ``{layer: [T, E]}`` as a backend captured them, to ``ForwardOutput.router``'s
+    ``[L, T, E]`` (NaN rows for layers without experts); None when no layer has a router of the prompt's length."""
+    found = {i: np.asarray(a, dtype=np.float32) for i, a in found.items()}
+    found = {i: a for i, a in found.items() if a.ndim == 2 and a.shape[0] == n_tokens}
+    if not found:
+        return None
+    width = next(iter(found.values())).shape[1]
+    out = np.full((n_layers, n_tokens, width), np.nan, dtype=np.float32)
+    for i, a in found.items():
+        if a.shape[1] == width:
+            out[i] = a
+    return out
+
+
 def summarise(router: np.ndarray, kept: int = KEPT) -> tuple[np.ndarray, np.ndarray]:
     """``[L, T, E]`` router logits (NaN rows: a layer without experts) to the top ``kept`` expert ids
     (int16, -1 where the layer has none) and their logits (float32, highest first)."""

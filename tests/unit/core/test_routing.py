@@ -94,3 +94,11 @@ def test_a_compact_reference_leaves_them_out_too():
     clean = {p["bucket"]: p for p in left.result().position_profile}["256-1k"]
     assert bucket["rfn"] > 50 * clean["rfn"]
     assert math.isclose(clean["rfn"], 1e-3, rel_tol=0.3)  # from the rows' sketches, 744 rows of 8 buckets each
+
+
+def test_per_layer_logits_stack_with_nan_rows_for_layers_without_experts():
+    """Both backends hand their captured router logits through stack_layers: a layer without a router, or one
+    captured for another number of tokens, is a NaN row; no layer at all is None."""
+    got = routing.stack_layers({1: np.ones((3, 4)), 2: np.zeros((5, 4))}, n_layers=3, n_tokens=3)
+    assert got.shape == (3, 3, 4) and np.isnan(got[0]).all() and (got[1] == 1).all() and np.isnan(got[2]).all()
+    assert routing.stack_layers({}, 3, 3) is None
