@@ -138,6 +138,28 @@ class _Reader:
         raise ValueError(f"unknown value type {vtype} for key {key!r}")
 
 
+#: The GGUF format versions whose layout this reader (and llama.cpp) knows; version 1 predates 64-bit counts.
+READABLE_VERSIONS = (2, 3)
+
+
+def version_problem(path: str | os.PathLike[str], version: int) -> str | None:
+    """Why a GGUF of this header version cannot be read (None when it can): nothing after a header of an
+    unknown version can be trusted, since its layout may differ from there on."""
+    if version in READABLE_VERSIONS:
+        return None
+    known = " and ".join(str(v) for v in READABLE_VERSIONS)
+    hint = ("re-convert it with a current llama.cpp" if version < min(READABLE_VERSIONS) else
+            "it was written by a newer GGUF writer, or the file is damaged; update llama.cpp and this plugin, "
+            "or re-convert it")
+    return f"{path}: GGUF version {version}, but this build reads GGUF versions {known} only; {hint}."
+
+
+def header_version(head: bytes) -> int:
+    """The version field of a GGUF's first 8 bytes, in either byte order."""
+    version = struct.unpack_from("<I", head, 4)[0]
+    return struct.unpack_from(">I", head, 4)[0] if version & 0xFFFF == 0 else version
+
+
 def _bad(path: Path, what: str) -> ModelLoadError:
     return ModelLoadError(f"{path}: {what}; the file is damaged or incomplete. "
                           "Re-download or re-convert it.")
@@ -232,8 +254,9 @@ def _parse(path: Path, buf: Any, size: int) -> _Header:
     version = struct.unpack_from("<I", buf, 4)[0]
     if version & 0xFFFF == 0:  # written big-endian
         endian, version = ">", struct.unpack_from(">I", buf, 4)[0]
-    if version < 2:
-        raise ModelLoadError(f"{path}: GGUF version {version} is too old for llama.cpp; re-convert it.")
+    problem = version_problem(path, version)
+    if problem:
+        raise ModelLoadError(problem)
     hdr = _Header()
     hdr.version, hdr.file_size, hdr.endian = version, size, endian
     r = _Reader(buf, size, endian)

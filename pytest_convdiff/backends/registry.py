@@ -163,8 +163,23 @@ def detect_backend(path: str | os.PathLike[str]) -> str:
         )
     spec = claimant(p)
     if spec is not None:
+        _check_gguf_version(p)
         return spec.name
     raise ModelLoadError(_not_recognised(p))
+
+
+def _check_gguf_version(p: Path) -> None:
+    """A GGUF whose header claims a version this build cannot read is refused before anything loads."""
+    from .gguf_header import GGUF_MAGIC, header_version, version_problem
+
+    if not p.is_file():
+        return
+    with p.open("rb") as fh:
+        head = fh.read(8)
+    if head[:4] == GGUF_MAGIC and len(head) == 8:
+        problem = version_problem(p, header_version(head))
+        if problem:
+            raise ModelLoadError(problem)
 
 
 def _not_recognised(p: Path) -> str:

@@ -108,6 +108,8 @@ def test_prompt_longer_than_context_is_cut_to_fit_with_a_note(pytester, variants
     (lambda p: (p / "empty-dir").mkdir() or p / "empty-dir", "a directory but not a model: it has no config.json"),
     (lambda p: (p / "notes.txt").write_text("hi") and p / "notes.txt", "not a model this plugin recognises"),
     (lambda p: (p / "fake.gguf").write_bytes(b"NOPE" * 10) and p / "fake.gguf", "does not start with the GGUF magic"),
+    (lambda p: (p / "v99.gguf").write_bytes(b"GGUF" + (99).to_bytes(4, "little") + bytes(64)) and p / "v99.gguf",
+     "GGUF version 99, but this build reads GGUF versions 2 and 3 only"),
 ])
 def test_bad_paths_are_usage_errors_in_one_line(pytester, variants, tmp_path, make, message):
     """On the command line, before any model loads (exit 4, one line); through compare(), the pair's error."""
