@@ -121,9 +121,12 @@ class PairReducer:
             k = (a.meta.get("router") or {}).get("k")
             if k and mine is not None:
                 self._router = routing.RouterAccumulator(int(k))
-        rerouted = None
+        rerouted = reach = reach_logits = None
         if self._router is not None and mine is not None and mine[0].shape[:2] == router[0].shape[:2]:
-            rerouted = self._router.update(pid, mine[0], mine[1], router[0], router[1]).rerouted
+            flipped = self._router.update(pid, mine[0], mine[1], router[0], router[1])
+            rerouted, reach_logits = flipped.rerouted, flipped.logit_cone()
+            if self._layers is not None and mine[0].shape[0] == self._layers.num_layers:
+                reach = flipped.cone(self._layers.num_layers)
         if a.base_file:  # B's logits at each chunk's second half against a llama-perplexity base file's rows
             if self._logits is not None and logits is not None:
                 rows, targets, first = a.base_rows(pid)
@@ -132,16 +135,17 @@ class PairReducer:
         if a.compact:  # B against A's compact form (core.compact); A has no states to swap in
             cfg = a.compact_config()
             if self._logits is not None:
-                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid), rerouted=rerouted)
+                self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid), rerouted=rerouted,
+                                            reach=reach_logits)
             if self._layers is not None:
                 self._layers.update_compact(pid, a.state_summary(pid), hidden, cfg, a.sub_summaries(pid),
-                                            sublayers or {}, rerouted)
+                                            sublayers or {}, rerouted, reach)
             return
         if self._logits is not None:
-            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid), rerouted=rerouted)
+            self._logits.update(pid, a.logits(pid), logits, a.inputs(pid), rerouted=rerouted, reach=reach_logits)
         if self._layers is not None:
             hidden_a = a.hidden(pid)
-            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {}, rerouted)
+            self._layers.update(pid, hidden_a, hidden, a.sublayers(pid), sublayers or {}, rerouted, reach)
             if self._swap is not None:
                 self._swap.update(pid, hidden_a, hidden_swap)
 

@@ -227,6 +227,7 @@ class TransformersBackend:
                     raise
                 raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
             self._emulation: list[Any] = []
+            self._placed: dict[str, set[str]] = {}  # a fused or stacked parameter: the GGUF types placed in it
             if opts["weights_from"]:
                 types = self._load_weights_from(Path(opts["weights_from"]))
                 if opts["emulate"] == "llama.cpp":
@@ -277,6 +278,26 @@ class TransformersBackend:
 
                 self._emulation.append(mod.register_forward_hook(post))
 
+        self._emulate_stacked(torch)
+
+    def _emulate_stacked(self, torch: Any) -> None:
+        """A module that holds stacked experts as one parameter (no ``nn.Linear`` per expert): its input is
+        rounded as llama.cpp's expert matmul rounds it, when every GGUF type placed in it rounds the same way
+        (a K-quant mix does: 8-bit blocks of 256). The input of the down projection inside it is not reached."""
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                continue
+            kinds = {_VEC_DOT.get(t) for pname, _ in mod.named_parameters(recurse=False)
+                     for t in self._placed.get(f"{name}.{pname}" if name else pname, ())}
+            if len(kinds) != 1 or None in kinds:
+                continue
+            vd = kinds.pop()
+
+            def pre(_m, args, vd=vd):
+                return (_round_activation(torch, args[0], *vd),) + tuple(args[1:]) if args else args
+
+            self._emulation.append(mod.register_forward_pre_hook(pre))
+
     def _load_weights_from(self, other: Path) -> dict[str, str]:
         """Replace every parameter with the other model's tensor of the same name (``backends.dequant`` brings a
         GGUF's tensors into this checkpoint's naming and convention): A's code, B's weights. An output layer
@@ -304,6 +325,7 @@ class TransformersBackend:
                             continue
                         pname, index = slot
                         p = params[pname][index]  # a view: copying into it writes the parameter
+                        self._placed.setdefault(pname, set()).add(stored)
                     types[name] = stored
                     src = torch.from_numpy(np.ascontiguousarray(values)).to(p.dtype)
                     if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
@@ -389,6 +411,14 @@ class TransformersBackend:
             handles.append(layers[-1].register_forward_hook(
                 lambda _m, _args, output: captured.__setitem__(
                     "last", (output[0] if isinstance(output, tuple) else output).detach())))
+        outs: list[Any] = [None] * len(layers)
+        if hidden_states:  # each layer's own output, as llama.cpp's ``l_out-N`` is: what the model records as
+            # its hidden states is not always that (Mamba's list starts after layer 0, with no embeddings entry)
+            for li, layer in enumerate(layers[:-1]):
+                def keep(_m, _args, output, li=li):
+                    outs[li] = (output[0] if isinstance(output, tuple) else output).detach()
+
+                handles.append(layer.register_forward_hook(keep))
         subs: dict[str, list[Any]] = {"attn": [None] * len(layers), "mlp": [None] * len(layers)}
         if hidden_states:
             for li, layer in enumerate(layers):
@@ -428,8 +458,11 @@ class TransformersBackend:
         logits = out.logits[0].float().cpu().numpy()
         hidden = None
         if hidden_states:
-            hs = out.hidden_states
-            per_layer = [hs[i + 1][0] for i in range(self.num_layers - 1)] + [captured["last"][0]]
+            if all(o is not None for o in outs[:-1]):
+                per_layer = [o[0] for o in outs[:-1]] + [captured["last"][0]]
+            else:  # a layer that was never called as a module: what transformers records
+                hs = out.hidden_states
+                per_layer = [hs[i + 1][0] for i in range(self.num_layers - 1)] + [captured["last"][0]]
             hidden = torch.stack([h.float() for h in per_layer]).cpu().numpy()
             for idx, state in (inject or {}).items():
                 # What flows on from an injected layer is the injected state; transformers may record

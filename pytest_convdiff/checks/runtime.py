@@ -114,15 +114,35 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     pm_8 = PairMetrics.from_dict(run_8.meta["pair_metrics"])
     out: dict[str, Any] = {"status": "ok", "prompts": [p.id for p in corpus], "max_tokens": settings.max_tokens,
                            "positions": pm_b.logits.positions if pm_b.logits else 0}
+    # a mixture of experts: positions where B's (or T8's) routers chose other experts than T's at a near-tie
+    # are left out of both items (judged by ``routing[flips]``); one such position is a whole expert's output
+    rerouted = {side: pm.routing.rerouted for side, pm in (("b", pm_b), ("t8", pm_8)) if pm.routing is not None}
+    if any(rerouted.values()):
+        out["rerouted"] = rerouted
     if pm_b.logits is not None and pm_8.logits is not None:
-        out["logits"] = {side: {"kl_mean": m.kl_mean, "kl_p99": m.kl_p99, "kl_max": m.kl_max,
-                                "kl_max_where": str(m.kl_max_where), "top1": m.topk_ordered[1], "nmse": m.nmse}
+        out["logits"] = {side: {"kl_mean": _kept(m.kl_mean, m.kl_mean_kept), "kl_p99": _kept(m.kl_p99, m.kl_p99_kept),
+                                "kl_max": m.kl_max, "kl_max_where": str(m.kl_max_where), "top1": m.topk_ordered[1],
+                                "nmse": m.nmse}
                          for side, m in (("b", pm_b.logits), ("t8", pm_8.logits))}
     if pm_b.layers is not None and pm_8.layers is not None:
-        out["layers"] = {"b": list(pm_b.layers.rfn), "t8": list(pm_8.layers.rfn),
+        out["layers"] = {"b": list(pm_b.layers.rfn_kept or pm_b.layers.rfn),
+                         "t8": list(pm_8.layers.rfn_kept or pm_8.layers.rfn),
                          "b_sub": {k: list(v) for k, v in pm_b.layers.sublayers.items()},
                          "t8_sub": {k: list(v) for k, v in pm_8.layers.sublayers.items()}}
     return out
+
+
+def _kept(all_positions: float, kept: float | None) -> float:
+    """A figure over the positions no router sent elsewhere, when some were; else over all of them."""
+    return all_positions if kept is None else kept
+
+
+def _rerouted_note(m: dict[str, Any]) -> str:
+    r = m.get("rerouted") or {}
+    if not r:
+        return ""
+    return (f"; left out: the positions where the routers chose other experts than T's at a near-tie ({r.get('b', 0)} "
+            f"in B, {r.get('t8', 0)} in T8; routing[flips] judges them)")
 
 
 def _runs(cache: Any, twin: Any, twin8: Any, b: Any, corpus: Corpus, settings: Any) -> tuple[Any, Any, Any]:
@@ -149,7 +169,8 @@ def _logits(m: dict[str, Any], bound: float) -> CheckResult:
     text = (f"B's logits against its runtime twin (A's code, B's weights; {m['positions']} positions of "
             f"{len(m['prompts'])} prompts, up to {m['max_tokens']} tokens): KL(T || B) mean {fmt(lb['kl_mean'])}, p99 "
             f"{fmt(lb['kl_p99'])}, same top-1 {100 * lb['top1']:.2f} %; llama.cpp's own roundings give KL mean "
-            f"{fmt(l8['kl_mean'])}, p99 {fmt(l8['kl_p99'])}. sqrt of the ratio: mean {fmt(r_mean)}, p99 {fmt(r_p99)}")
+            f"{fmt(l8['kl_mean'])}, p99 {fmt(l8['kl_p99'])}. sqrt of the ratio: mean {fmt(r_mean)}, p99 {fmt(r_p99)}"
+            f"{_rerouted_note(m)}")
     ok = value <= bound
     if ok:
         return CheckResult(NAME, "logits", value, bound, PASSED, f"{text}; within {fmt(bound)}.", m["logits"], UPPER,
@@ -171,7 +192,8 @@ def _layers(m: dict[str, Any], bound: float) -> tuple[CheckResult, tuple[int, st
     if first is None:
         return CheckResult(NAME, "layers", value, bound, PASSED,
                            f"Every decoder layer of B stays with its runtime twin: rfn(B, T) over llama.cpp's own "
-                           f"rounding at most {fmt(value)} (bound {fmt(bound)}); by layer: {curve}.", details, UPPER,
+                           f"rounding at most {fmt(value)} (bound {fmt(bound)}); by layer: {curve}"
+                           f"{_rerouted_note(m)}.", details, UPPER,
                            CORRECTNESS), None
     sub = ""
     bs, s8 = m["layers"].get("b_sub") or {}, m["layers"].get("t8_sub") or {}
@@ -183,7 +205,7 @@ def _layers(m: dict[str, Any], bound: float) -> tuple[CheckResult, tuple[int, st
     msg = (f"B's runtime leaves its twin at decoder layer {first}{sub}: rfn(B, T) {fmt(lb[first])} is "
            f"{fmt(ratios[first])}× the {fmt(l8[first])} that llama.cpp's own roundings give, above the bound "
            f"{fmt(bound)}. B and T share every weight, so the runtime differs: how it reads the metadata (rope, "
-           f"epsilon, windows, soft-caps, attention scale) or a kernel.\nBy layer: {curve}.\n"
+           f"epsilon, windows, soft-caps, attention scale) or a kernel.\nBy layer: {curve}{_rerouted_note(m)}.\n"
            + OVERRIDE_HINT.format(name="runtime_ratio"))
     return CheckResult(NAME, "layers", value, bound, FAILED, msg, details, UPPER, CORRECTNESS), where
 

@@ -236,6 +236,10 @@ class LogitMetrics:
     # against a llama-perplexity base file (A's log-probabilities at each chunk's second half, 16-bit, within
     # 16 nats of the top): KL over the entries it keeps, top-K from its rows; no NMSE or |B - A| (no logits)
     base_file: bool = False
+    # a mixture of experts whose routers chose other experts than the reference's (``core.routing``): KL mean
+    # and 99th percentile over the positions no flip can reach (``reach``); None when no flip reaches any
+    kl_mean_kept: float | None = None
+    kl_p99_kept: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -293,6 +297,7 @@ class LogitAccumulator:
         # whether a router sent the token to other experts in B than in A (core.routing): left out of the
         # position profile, which judges growth with position, not near-tied routing decisions
         self.kl_rerouted: list[np.ndarray] = []
+        self.kl_reached: list[np.ndarray] = []
         self.same_top1: list[np.ndarray] = []
         self.per_prompt: dict[str, dict[str, float]] = {}
         self.compact = False  # A compact (core.compact): NMSE from a sketch, mean |B - A| over sampled positions
@@ -301,10 +306,11 @@ class LogitAccumulator:
         self.base_file = False  # A a llama-perplexity base file (update_base)
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray, tokens: Sequence[int] | None = None,
-               chunk: int | None = None, rerouted: np.ndarray | None = None) -> None:
+               chunk: int | None = None, rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
         """Add one prompt's logits ``[T, V]``, ``chunk`` positions at a time, so the work arrays stay
         at ``chunk x V`` however long the prompt (memory-mapped inputs are read in slices). The
-        default chunk holds about 2**22 elements (32 MiB per float64 work array) whatever V is."""
+        default chunk holds about 2**22 elements (32 MiB per float64 work array) whatever V is.
+        ``rerouted`` [T] leaves positions out of the position profile, ``reach`` [T] out of the kept KL."""
         if ref.shape != test.shape:
             raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {ref.shape} vs B {test.shape}")
         if len(ref.shape) != 2 or ref.shape[0] == 0:
@@ -312,11 +318,11 @@ class LogitAccumulator:
         self._prompt(prompt, ref.shape[0], ref.shape[1], tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows(
                          prompt, np.asarray(ref[start:stop]), np.asarray(test[start:stop]), start, targets, local),
-                     rerouted)
+                     rerouted, reach)
 
     def update_compact(self, prompt: str, ref: compact.LogitSummary, test: np.ndarray, cfg: compact.CompactConfig,
                        tokens: Sequence[int] | None = None, chunk: int | None = None,
-                       rerouted: np.ndarray | None = None) -> None:
+                       rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
         """``update`` against A's compact logits (``core.compact``): top-K/PPL exact, KL over A's top K plus
         a rest bucket, NMSE from the sketch, max |B - A| over A's top K and the sampled positions."""
         t = ref.stats.shape[0]
@@ -328,7 +334,7 @@ class LogitAccumulator:
         self._prompt(prompt, t, ref.vocab, tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows_compact(
                          prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local),
-                     rerouted)
+                     rerouted, reach)
 
     def update_base(self, prompt: str, rows: np.ndarray, test: np.ndarray, targets: np.ndarray, first: int,
                     chunk: int | None = None) -> None:
@@ -362,11 +368,12 @@ class LogitAccumulator:
             self.kl_pos.append(np.arange(first + start, first + stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, first + t + 1, dtype=np.int32))
             self.kl_rerouted.append(np.zeros(stop - start, dtype=bool))
+            self.kl_reached.append(np.zeros(stop - start, dtype=bool))
         self._finish_prompt(prompt, t, local, math.nan)
 
     def _prompt(self, prompt: str, t: int, v: int, tokens: Sequence[int] | None, chunk: int | None,
                 rows: Callable[[int, int, np.ndarray | None, dict[str, Any]], None],
-                rerouted: np.ndarray | None = None) -> None:
+                rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
         local = {"n": 0, "mean": 0.0, "m2": 0.0, "sq": 0.0, "kl": 0.0, "top1": 0.0, "nll_a": 0.0, "nll_b": 0.0,
                  "nll_n": 0, "ordered": dict.fromkeys(range(1, self.topk_max + 1), 0.0)}
         chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, v))
@@ -378,6 +385,8 @@ class LogitAccumulator:
             rows(start, stop, targets, local)
             self.kl_pos.append(np.arange(start, stop, dtype=np.int32))
             self.kl_prompt_len.append(np.full(stop - start, t, dtype=np.int32))
+            self.kl_reached.append(np.asarray(reach[start:stop], dtype=bool) if reach is not None
+                                   else np.zeros(stop - start, dtype=bool))
             self.kl_rerouted.append(np.asarray(rerouted[start:stop], dtype=bool) if rerouted is not None
                                     else np.zeros(stop - start, dtype=bool))
         self._finish_prompt(prompt, t, local, _safe_ratio(local["sq"] / local["n"], local["m2"] / local["n"]))
@@ -603,6 +612,8 @@ class LogitAccumulator:
         top1 = self.topk_ordered[1] / self.positions
         rerouted = np.concatenate(self.kl_rerouted) if self.kl_rerouted else np.zeros(0, dtype=bool)
         long = (plen > POSITION_BUCKETS[3][0]) & ~rerouted
+        reached = np.concatenate(self.kl_reached) if self.kl_reached else np.zeros(0, dtype=bool)
+        kept = kl[~reached] if reached.shape == kl.shape and reached.any() else None
         return LogitMetrics(
             positions=self.positions,
             nmse=value,
@@ -637,6 +648,8 @@ class LogitAccumulator:
             compact=self.compact,
             llama=self.llama.stats().to_dict() if self.llama.count >= 2 else {},
             base_file=self.base_file,
+            kl_mean_kept=None if kept is None or kl_bad or not kept.size else float(np.mean(kept)),
+            kl_p99_kept=None if kept is None or kl_bad or not kept.size else float(np.percentile(kept, 99)),
         )
 
 
@@ -656,10 +669,14 @@ class LayerMetrics:
     # [{"bucket", "positions", "rfn"}] (see POSITION_BUCKETS)
     position_profile: list[dict[str, Any]] = field(default_factory=list)
     compact: bool = False  # against A's compact form: rfn from sketches, the worst row's value a rough estimate
+    # a mixture of experts whose routers flipped (``core.routing``): per-layer rfn over the states no flip can
+    # reach (``reach``; from the row sketches against a compact A); None when no flip reaches any
+    rfn_kept: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "rfn": self.rfn,
+            "rfn_kept": self.rfn_kept,
             "worst_row_rfn": self.worst_row_rfn,
             "worst_where": [w.__dict__ if w else None for w in self.worst_where],
             "nonfinite_a": self.nonfinite_a,
@@ -690,12 +707,17 @@ class LayerAccumulator:
         nb = len(POSITION_BUCKETS)
         self.pos_num, self.pos_den, self.pos_n = np.zeros(nb), np.zeros(nb), np.zeros(nb, dtype=np.int64)
         self.compact = False
+        # sums over the states that no router flip reaches; ``any_reached`` once a prompt had one
+        self.kept_num, self.kept_den = np.zeros(num_layers), np.zeros(num_layers)
+        self.any_reached = False
+        self.kept_exact = True  # False once a compact prompt without row sketches had reached states
 
     def update(self, prompt: str, ref: np.ndarray, test: np.ndarray,
                sub_ref: dict[str, np.ndarray] | None = None, sub_test: dict[str, np.ndarray] | None = None,
-               rerouted: np.ndarray | None = None) -> None:
+               rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
         """``rerouted``: positions whose tokens B's routers sent to other experts than A's (``core.routing``);
-        they stay in every layer's rfn and are left out of the position profile."""
+        they stay in every layer's rfn and are left out of the position profile. ``reach`` ``[L, T]``: the
+        states those flips can reach, left out of ``rfn_kept``."""
         if ref.shape != test.shape:
             raise ValueError(f"prompt {prompt!r}: hidden-state shape mismatch, A {ref.shape} vs B {test.shape}")
         if ref.shape[0] != self.num_layers:
@@ -705,7 +727,8 @@ class LayerAccumulator:
             b = np.asarray(test[layer])
             d = np.subtract(b, a, dtype=np.float64)
             self._rows(prompt, layer, np.einsum("ij,ij->i", d, d), np.einsum("ij,ij->i", a, a),
-                       int((~np.isfinite(a)).sum()), int((~np.isfinite(b)).sum()), rerouted)
+                       int((~np.isfinite(a)).sum()), int((~np.isfinite(b)).sum()), rerouted,
+                       reach[layer] if reach is not None else None)
         for name in (sub_ref or {}):
             if sub_test is None or name not in sub_test:
                 continue
@@ -722,7 +745,8 @@ class LayerAccumulator:
 
     def update_compact(self, prompt: str, ref: compact.StateSummary, test: np.ndarray, cfg: compact.CompactConfig,
                        sub_ref: dict[str, compact.StateSummary] | None = None,
-                       sub_test: dict[str, np.ndarray] | None = None, rerouted: np.ndarray | None = None) -> None:
+                       sub_test: dict[str, np.ndarray] | None = None, rerouted: np.ndarray | None = None,
+                       reach: np.ndarray | None = None) -> None:
         """``update`` against A's compact states: ||h_B - h_A||² from the flat sketch of each position segment
         (the worst position from the row sketches), ||h_A||² exact. A long prompt with ``rerouted`` positions
         takes its position profile from the row sketches of the other positions (a flat sketch cannot leave
@@ -766,6 +790,8 @@ class LayerAccumulator:
                     self.pos_n[i] += min(hi, t) - lo
             if rows_d2 is not None:
                 self._worst(prompt, layer, rows_d2, r2)
+            self._kept(layer, rows_d2, r2, reach[layer] if reach is not None else None, float(segs.sum()),
+                       float(r2.sum()))
         for name, sa in (sub_ref or {}).items():
             sb = (sub_test or {}).get(name)
             if sb is None or sb.shape[:2] != sa.norm2.shape:
@@ -777,7 +803,7 @@ class LayerAccumulator:
                 den[layer] += float(np.sum(sa.norm2[layer], dtype=np.float64))
 
     def _rows(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray, bad_a: int, bad_b: int,
-              rerouted: np.ndarray | None = None) -> None:
+              rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
         """One layer of one prompt: ||h_B - h_A||² and ||h_A||² per position."""
         self.bad_a[layer] += bad_a
         self.bad_b[layer] += bad_b
@@ -786,6 +812,25 @@ class LayerAccumulator:
         if layer == self.num_layers - 1 and d2.shape[0] > POSITION_BUCKETS[3][0]:  # a long prompt
             self._profile(d2, r2, rerouted)
         self._worst(prompt, layer, d2, r2)
+        self._kept(layer, d2, r2, reach, float(d2.sum()), float(r2.sum()))
+
+    def _kept(self, layer: int, d2: np.ndarray | None, r2: np.ndarray, reach: np.ndarray | None,
+              num: float, den: float) -> None:
+        """One layer of one prompt into ``rfn_kept``: the states a flip reaches left out (they need
+        per-position distances: exact ones, or a compact A's row sketches); a prompt without one counts whole."""
+        if reach is None or not np.any(reach):
+            self.kept_num[layer] += num
+            self.kept_den[layer] += den
+            return
+        self.any_reached = True
+        if d2 is None:  # a compact A without row sketches cannot leave one position out
+            self.kept_exact = False
+            self.kept_num[layer] += num
+            self.kept_den[layer] += den
+            return
+        keep = ~np.asarray(reach, dtype=bool)
+        self.kept_num[layer] += float(d2[keep].sum())
+        self.kept_den[layer] += float(r2[keep].sum())
 
     def _profile(self, d2: np.ndarray, r2: np.ndarray, rerouted: np.ndarray | None) -> None:
         """A long prompt's last layer into the position profile, by bucket, its rerouted positions left out."""
@@ -837,6 +882,10 @@ class LayerAccumulator:
                  "rfn": _safe_ratio(math.sqrt(self.pos_num[b]), math.sqrt(self.pos_den[b]))}
                 for b, (lo, hi, label) in enumerate(POSITION_BUCKETS) if self.pos_n[b]],
             compact=self.compact,
+            # a layer every state of which a flip reaches keeps its whole rfn: nothing is left to judge it by
+            rfn_kept=[v if math.isnan(v) or d == 0.0 else _safe_ratio(math.sqrt(n), math.sqrt(d))
+                      for v, n, d in zip(values, self.kept_num, self.kept_den, strict=True)]
+            if self.any_reached and self.kept_exact else None,
         )
 
 

@@ -16,7 +16,9 @@ is reduced here (``RouterAccumulator``):
   earlier layer already rerouted follows from that one (its input differs by a whole expert).
 
 Positions rerouted at any layer are left out of the position profile (``position[*]``), which judges
-growth with position; every other metric keeps them, and ``routing[flips]`` reports them.
+growth with position; every other metric of B against A keeps them, and ``routing[flips]`` reports them.
+The runtime twin (B against A's code run with B's weights, where a flip is a rounding near-tie and nothing
+else) leaves out every state a flip can reach (``PromptFlips.cone``).
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ class PromptFlips:
 
     rerouted: np.ndarray
     by_layer: dict[int, np.ndarray]
+
+    def cone(self, num_layers: int) -> np.ndarray:
+        """``[L, T]``: the states a flip can reach in a causal model. A flip at layer l', position t' changes
+        that state, and through attention every state of a later layer at position t' or after; the rest
+        are computed exactly as if no router had flipped."""
+        t = self.rerouted.shape[0]
+        out = np.zeros((num_layers, t), dtype=bool)
+        first = t  # the earliest position flipped at a layer before this one
+        for layer in range(num_layers):
+            if first < t:
+                out[layer, first:] = True
+            where = self.by_layer.get(layer)
+            if where is not None and where.size:
+                out[layer, where] = True
+                first = min(first, int(where.min()))
+        return out
+
+    def logit_cone(self) -> np.ndarray:
+        """``[T]``: the positions whose logits a flip can reach: at or after the prompt's first flip."""
+        out = np.zeros(self.rerouted.shape[0], dtype=bool)
+        if self.rerouted.any():
+            out[int(np.argmax(self.rerouted)):] = True
+        return out
 
 
 def flips(a_ids: np.ndarray, a_logits: np.ndarray, b_ids: np.ndarray, k: int

@@ -52,6 +52,34 @@ def test_layers_named_h_and_a_final_norm_named_ln_f(tmp_path):
         backend.close()
 
 
+def test_each_layer_s_own_output_where_the_recorded_states_start_after_layer_0(tmp_path):
+    """Mamba records no embeddings entry: its hidden_states list is (layer 0, layer 1, ..., normed last). The
+    backend reads each layer's own output (llama.cpp's ``l_out-N``), so layer 0 is layer 0, not layer 1."""
+    import transformers
+
+    from pytest_convdiff.backends import hf
+
+    cfg = transformers.MambaConfig(vocab_size=512, hidden_size=32, state_size=4, num_hidden_layers=3)
+    backend = hf.load(_save(tmp_path, cfg), {"device": "cpu"})
+    try:
+        ids = [1, 5, 9, 13, 17]
+        out = backend.forward(ids)
+        with torch.inference_mode():
+            ref = backend.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            state = backend.model.backbone.embeddings(torch.tensor([ids]))
+            by_hand = []
+            for layer in backend.model.backbone.layers:
+                state = layer(state)
+                state = state[0] if isinstance(state, tuple) else state
+                by_hand.append(state[0].numpy())
+        for i in range(3):
+            assert np.allclose(out.hidden[i], by_hand[i], atol=1e-5), i
+        assert np.allclose(out.hidden[0], ref.hidden_states[0][0].numpy(), atol=1e-5)  # Mamba's own layout
+        assert not np.allclose(out.hidden[0], by_hand[1], atol=1e-3)
+    finally:
+        backend.close()
+
+
 def test_router_logits_of_every_layer_with_experts(tmp_path):
     import transformers
 

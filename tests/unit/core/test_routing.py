@@ -96,6 +96,71 @@ def test_a_compact_reference_leaves_them_out_too():
     assert math.isclose(clean["rfn"], 1e-3, rel_tol=0.3)  # from the rows' sketches, 744 rows of 8 buckets each
 
 
+def test_a_flip_reaches_its_own_state_and_every_later_layer_at_or_after_its_position():
+    """The causal cone: a flip at layer 1, position 3 changes that state and, through attention, layers 2+ at
+    positions 3+; a flip at layer 2, position 1 adds layer 2's position 1 and layer 3's positions 1+."""
+    pf = routing.PromptFlips(np.zeros(6, dtype=bool), {1: np.array([3]), 2: np.array([1])})
+    pf.rerouted[[1, 3]] = True
+    cone = pf.cone(4)
+    expect = np.zeros((4, 6), dtype=bool)
+    expect[1, 3] = True
+    expect[2, 3:] = True
+    expect[2, 1] = True
+    expect[3, 1:] = True
+    assert (cone == expect).all()
+    assert pf.logit_cone().tolist() == [False, True, True, True, True, True]
+    none = routing.PromptFlips(np.zeros(6, dtype=bool), {0: np.array([], dtype=np.int64)})
+    assert not none.cone(2).any() and not none.logit_cone().any()
+
+
+def test_rfn_kept_leaves_reached_states_out_exact_and_compact():
+    """The runtime twin judges B on the states no flip reaches: rfn_kept is the plain rfn of the others
+    (1e-3 here), whether A is kept whole or compact; None when no flip reaches any."""
+    a, b = _long_prompt(1100, seed=2)
+    reach = np.zeros((1, 1100), dtype=bool)
+    reach[0, 700] = True
+    exact = metrics.LayerAccumulator(1)
+    exact.update("p", a, b, reach=reach)
+    res = exact.result()
+    assert res.rfn[0] > 50 * res.rfn_kept[0]
+    keep = ~reach[0]
+    by_hand = math.sqrt(float(((b[0, keep] - a[0, keep]).astype(np.float64) ** 2).sum())
+                        / float((a[0, keep].astype(np.float64) ** 2).sum()))
+    assert math.isclose(res.rfn_kept[0], by_hand, rel_tol=1e-9)
+    cfg = compact.CompactConfig()
+    summary = compact.StateSummary(**compact.summarise_states(a, "p", cfg))
+    comp = metrics.LayerAccumulator(1)
+    comp.update_compact("p", summary, b, cfg, reach=reach)
+    assert math.isclose(comp.result().rfn_kept[0], by_hand, rel_tol=0.3)  # from the row sketches
+    plain = metrics.LayerAccumulator(1)
+    plain.update("p", a, b)
+    assert plain.result().rfn_kept is None
+    every = metrics.LayerAccumulator(1)  # nothing left to judge by: the whole rfn, never a free 0
+    every.update("p", a, b, reach=np.ones((1, 1100), dtype=bool))
+    assert every.result().rfn_kept == every.result().rfn
+
+
+def test_kl_kept_is_the_kl_of_the_positions_no_flip_reaches():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((40, 16)).astype(np.float32)
+    b = a + 0.01 * rng.standard_normal(a.shape).astype(np.float32)
+    b[37:] = rng.standard_normal((3, 16)).astype(np.float32)  # after a flip at position 37: other experts
+    reach = np.zeros(40, dtype=bool)
+    reach[37:] = True
+    acc = metrics.LogitAccumulator()
+    acc.update("p", a, b, reach=reach)
+    res = acc.result()
+    la = a - np.log(np.exp(a.astype(np.float64)).sum(-1, keepdims=True))
+    lb = b - np.log(np.exp(b.astype(np.float64)).sum(-1, keepdims=True))
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    assert math.isclose(res.kl_mean, kl.mean(), rel_tol=1e-4)
+    assert math.isclose(res.kl_mean_kept, kl[:37].mean(), rel_tol=1e-4)
+    assert res.kl_mean > 10 * res.kl_mean_kept
+    acc = metrics.LogitAccumulator()
+    acc.update("p", a, b)
+    assert acc.result().kl_mean_kept is None
+
+
 def test_per_layer_logits_stack_with_nan_rows_for_layers_without_experts():
     """Both backends hand their captured router logits through stack_layers: a layer without a router, or one
     captured for another number of tokens, is a NaN row; no layer at all is None."""
