@@ -138,6 +138,17 @@ def row(mt: str, keep: bool) -> dict[str, Any]:
                     out[key] = _judge_correct(compare(paths["hf"], paths[key], corpus="quick", cache_dir=cache))
                 except Exception as exc:  # noqa: BLE001 - the plugin raising is the row's finding
                     out[key] = {"verdict": "raised", "error": f"{type(exc).__name__}: {exc}"[:800]}
+        if mt in anyarch.FAITHFUL:  # the class defaults as they are: a file llama.cpp computes otherwise
+            fields, why, real = anyarch.FAITHFUL[mt]
+            out["faithful"] = {"fields": fields, "why": why, "real": real}
+            try:
+                dflt = anyarch.build(mt, out=work / "models", faithful=False, correct_only=True)
+                out["faithful"]["defaults_f16"] = _judge_correct(
+                    compare(dflt["hf"], dflt["f16"], corpus="quick", cache_dir=cache))
+            except anyarch.BuildError as exc:
+                out["faithful"]["defaults_f16"] = {"verdict": "not built", "error": str(exc)[:300]}
+            except Exception as exc:  # noqa: BLE001
+                out["faithful"]["defaults_f16"] = {"verdict": "raised", "error": f"{type(exc).__name__}: {exc}"[:300]}
         mid = anyarch.LAYERS // 2
         for kind, experts in (("scaled", None), ("swap", anyarch.SWAP)):
             if kind not in paths:
@@ -158,9 +169,13 @@ def row(mt: str, keep: bool) -> dict[str, Any]:
 
 
 # The tokenizer is not the architecture's: a tiny checkpoint borrows the tiny Llama's BPE or a SentencePiece model
-# trained here, which transformers and llama.cpp may split differently. B is run on A's token ids whatever its
-# own tokenizer says, so every other item still compares the converted model; these items are listed, not counted.
-TOKENIZER_ITEMS = ("tokens[", "tokenizer[")
+# trained here, which transformers and llama.cpp may split differently, and whose special tokens some converters
+# replace by the ids of the architecture's own vocabulary (Gemma's end of turn, 107). B is run on A's token ids
+# whatever its own tokenizer says, so every other item still compares the converted model; the items about the
+# vocabulary are listed, not counted.
+TOKENIZER_ITEMS = ("tokens[", "tokenizer[", "config[bos_id]", "config[eos_id]", "config[eot_id]", "config[pad_id]",
+                   "config[add_bos]", "config[add_eos]", "config[special_tokens]", "config[eog]",
+                   "config[chat_template]")
 
 
 def model_pass(c: dict[str, Any]) -> bool:

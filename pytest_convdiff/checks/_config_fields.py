@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import gguf_header, registry
-from ..core.config_fields import DERIVED_WHEN_ABSENT, FIELDS, PER_LAYER_HEADS, Field, _reading
+from ..core.config_fields import CODE_WHEN_ABSENT, DERIVED_WHEN_ABSENT, FIELDS, PER_LAYER_HEADS, Field, _reading
 from ..errors import ConvdiffError
 
-__all__ = ["CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
+__all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
            "render_template"]
 
 

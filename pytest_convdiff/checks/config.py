@@ -374,6 +374,11 @@ def check_field(field: cf.Field, m: dict[str, Any]) -> CheckResult:
                             f"{show(stated.get('value'), field)} ({stated.get('source')}) is "
                             + ("what the converter derived" if silent == "A" else "one the converter did not write")
                             + ", not compared. The tensors' shapes are compared by weights[*].")
+    if field.name in cf.CODE_WHEN_ABSENT and ra.get("value") is None and rb.get("value") is not None:
+        return skipped(cid, f"A's configuration does not state the {field.what} ({ra.get('source')}): A's code "
+                            f"fixes it. B's {show(rb.get('value'), field)} ({rb.get('source')}) is not compared here; "
+                            "runtime[*] runs A's code on B's weights against B's runtime and judges the value B's "
+                            "runtime uses.")
     if same_value(field, ra.get("value"), rb.get("value")):
         return _ok(cid, field, ra, rb)
     return _fail(cid, field, ra, rb, side_b=side_b)

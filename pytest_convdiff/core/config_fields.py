@@ -63,6 +63,10 @@ FIELD_NAMES = tuple(f.name for f in FIELDS)
 # value is not compared; the tensors' shapes are (weights[*]).
 DERIVED_WHEN_ABSENT = frozenset({"context_length", "n_heads", "n_kv_heads", "head_dim", "hidden_size",
                                  "intermediate_size", "n_layers", "vocab_size"})
+# Runtime constants that a model's code may fix instead of its configuration (OLMo's LayerNorm epsilon): A's
+# silence is "its code decides", so B's written value is not compared here; the runtime twin (runtime[*]), which
+# runs A's code on B's weights against B's runtime, judges whether B's runtime uses a value A's code agrees with.
+CODE_WHEN_ABSENT = frozenset({"norm_eps"})
 # Per-layer head counts where 0 marks a layer without attention (a recurrent or convolution layer of a hybrid)
 PER_LAYER_HEADS = frozenset({"n_heads", "n_kv_heads"})
 

@@ -863,6 +863,21 @@ def test_a_shape_one_side_leaves_to_the_converter_is_not_compared(name):
     assert config.check_field(FIELD["sliding_window"], m).outcome == "failed"
 
 
+def test_an_epsilon_a_s_code_fixes_is_left_to_the_runtime_twin_but_a_stated_one_is_compared():
+    """OLMo's config states no norm epsilon (its LayerNorm fixes 1e-5 in code): B's written value is not a
+    contradiction of A's silence, and the item says which check judges it. B silent where A states one, or
+    two stated values that differ, still fail."""
+    side = {"unknown": {}, "fields": {}}
+    m = {"a": {**side, "fields": {"norm_eps": {"value": None, "source": "config.json: no rms_norm_eps"}}},
+         "b": {**side, "fields": {"norm_eps": {"value": 1e-5, "source": "GGUF olmo.attention.layer_norm_epsilon"}}}}
+    got = config.check_field(FIELD["norm_eps"], m)
+    assert got.outcome == "skipped" and "A's code fixes it" in got.message and "runtime[*]" in got.message
+    m["a"]["fields"], m["b"]["fields"] = m["b"]["fields"], m["a"]["fields"]
+    assert config.check_field(FIELD["norm_eps"], m).outcome == "failed"
+    m["b"]["fields"] = {"norm_eps": {"value": 1e-6, "source": "GGUF x"}}
+    assert config.check_field(FIELD["norm_eps"], m).outcome == "failed"
+
+
 def test_multi_query_means_one_key_value_head_whatever_else_the_config_says():
     got = _norm({"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "multi_query": True})
     assert got["n_kv_heads"] == 1
