@@ -36,7 +36,7 @@ from ..core.weight_errors import (
     rope_unpermute,
     sample_error,
 )
-from . import conventions, ggml, gguf_header, twin
+from . import conventions, ggml, gguf_header, restructure, twin
 from .conventions import HF_ARCH, PRIORS, Convention
 from .imatrix import ImportanceMatrix
 from .twin import TwinStats
@@ -83,6 +83,9 @@ def _view(shape: tuple[int, ...], block: int = 1) -> tuple[int, int]:
     if len(shape) == 1:
         return (shape[0], 1) if block == 1 else (1, shape[0])
     return math.prod(shape[:-1]), shape[-1]
+
+
+DERIVED = Path("<derived>")  # the "file" of a tensor held in memory (``SafetensorsWeights.add_derived``)
 
 
 class _Maps:
@@ -195,6 +198,7 @@ class SafetensorsWeights:
             raise WeightsUnreadable(f"{self.path} has no *.safetensors weights")
         self.tensors: dict[str, StoredTensor] = {}
         self.skipped: dict[str, str] = {}
+        self.derived: dict[str, np.ndarray] = {}  # A's values cut as B stores them (``backends.restructure``)
         for f in files:
             self._read_header(f)
         cfg = self.path / "config.json"
@@ -236,7 +240,16 @@ class SafetensorsWeights:
             r, c = _view(shape)
             self.tensors[name] = StoredTensor(name, shape, _ST_DTYPES[dtype][1], f, base + start, end - start, r, c)
 
+    def add_derived(self, name: str, values: np.ndarray, like: StoredTensor) -> StoredTensor:
+        """A tensor made of this checkpoint's values (a piece of a tensor the converter splits), read from memory
+        like a stored one; it keeps the storage type of the tensor it was cut from."""
+        self.derived[name] = np.ascontiguousarray(values, dtype=np.float32)
+        r, c = _view(tuple(values.shape))
+        return StoredTensor(name, tuple(values.shape), like.type, DERIVED, 0, values.size * 4, r, c)
+
     def read(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
+        if t.file == DERIVED:
+            return self.derived[t.name].reshape(t.rows, t.cols)[r0:r1]
         np_dtype = _ST_DTYPES[t.type][0]
         raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].view(np_dtype).reshape(t.rows, t.cols)[r0:r1]
         if t.type == "BF16":
@@ -281,6 +294,8 @@ class Plan:
     unmatched_b: list[str] = field(default_factory=list)
     not_compared: list[dict[str, str]] = field(default_factory=list)
     conventions: dict[str, conventions.RoleConvention] = field(default_factory=dict)  # role -> established
+    # A's tensors the converter split (``backends.restructure``): (A's name, A's shape, the split, B's role -> name)
+    splits: list[tuple[str, tuple[int, ...], restructure.Split, dict[str, str]]] = field(default_factory=list)
 
 
 def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]:
@@ -294,6 +309,12 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
     for hf in hf_names:
         base, dot, suffix = hf.rpartition(".")
         if not dot:
+            continue
+        attr, _, kind = suffix.rpartition("_")
+        if attr and kind in ("bias", "weight") and (g := name_map.get_name(f"{base}.{attr}")) is not None:
+            # a parameter held as an attribute (DeepSeek's ``gate.e_score_correction_bias``): the converter
+            # renames it ``gate.e_score_correction.bias`` before the name map, and so is it looked up here
+            out[f"{g}.{kind}"] = hf
             continue
         g = name_map.get_name(base)
         if g is not None:
@@ -408,6 +429,8 @@ def plan_pairs(a: Source, b: Source) -> Plan:
         hf_t, gg_t = hf.tensors[embed_hf], gg.tensors["output.weight"]
         p.a, p.b = (hf_t, gg_t) if a_is_hf else (gg_t, hf_t)
         plan.pairs.append(p)
+    if a_is_hf:
+        _pair_splits(plan, hf, gg, [n for n in gg.tensors if n not in g2h and n not in stacked_used], stacked_used)
     unmapped = [n for n in gg.tensors if n not in g2h and n not in stacked_used]
     if a_is_hf:
         plan.unmatched_b = sorted(unmapped)
@@ -420,6 +443,50 @@ def plan_pairs(a: Source, b: Source) -> Plan:
     for name, why in hf.skipped.items():
         plan.not_compared.append({"name": name, "why": why})
     return plan
+
+
+def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: list[str], used: set[str]) -> None:
+    """A's tensors that B lacks, paired with B's tensors that A lacks where the converter split one into the
+    others (``backends.restructure``): each piece becomes a pair whose A side is A's values cut the same way."""
+    missing = [q for q in plan.pairs if q.b is None and q.a is not None and q.a.file != DERIVED]
+    if not missing or len(unmapped) < 2:
+        return
+
+    def read_a(name: str) -> np.ndarray:
+        t = hf.tensors[name]
+        return hf.read(t, 0, t.rows).reshape(t.rows, t.cols)
+
+    def read_b(name: str) -> np.ndarray:
+        t = gg.tensors[name]
+        return gg.read(t, 0, t.rows).reshape(t.shape)
+
+    try:
+        found = restructure.establish([(q.name, q.a.shape) for q in missing],
+                                      [(n, gg.tensors[n].shape) for n in unmapped], read_a, read_b,
+                                      conventions.EXPLAINED)
+    except (WeightsUnreadable, ggml.GGMLUnavailable, ValueError, RuntimeError):
+        return  # unreadable here: the tensors stay unpaired, as they were
+    by_name = {q.name: q for q in missing}
+    for f in found:
+        role = ""
+        for _layer, (a_name, pieces) in sorted(f.layers.items(), key=lambda kv: kv[0] or 0):
+            old = by_name.get(a_name)
+            if old is None or old not in plan.pairs:
+                continue
+            plan.pairs.remove(old)
+            role = layer_and_role(old.gguf_name)[1] if old.gguf_name else f.role_a
+            x = read_a(a_name)
+            for piece in f.split.pieces:
+                b_name = pieces[piece.role]
+                cut = hf.add_derived(f"{a_name}[{piece.role.removesuffix('.weight')}]",
+                                     restructure.cut(x, f.split, piece), old.a)
+                plan.pairs.append(Pair(cut.name, cut, gg.tensors[b_name], gguf_name=b_name,
+                                       note=f"A's {a_name}, {f.split.describe()}, as the converter writes it"))
+                used.add(b_name)
+            plan.splits.append((a_name, old.a.shape, f.split, pieces))
+        if role:
+            plan.conventions[role] = conventions.RoleConvention(
+                role, f.split.describe(), None, len(f.layers), len(f.layers), True, {f.split.describe(): f.error})
 
 
 def _same_view(pair: Pair) -> None:
@@ -920,8 +987,11 @@ def tensors_in_a_convention(a: Source, b: Source) -> Iterator[tuple[str, tuple[i
     with B's weights (the runtime twin). (name, A's shape, float32 values, B's storage type); tensors B lacks
     are skipped."""
     plan = plan_pairs(a, b)
+    for a_name, shape, split, pieces in plan.splits:  # B's pieces joined back into the tensor A stores
+        values = {role: b.read(b.tensors[n], 0, b.tensors[n].rows) for role, n in pieces.items()}
+        yield a_name, shape, restructure.join(split, values, shape), b.tensors[next(iter(pieces.values()))].type
     for pair in plan.pairs:
-        if pair.a is None or pair.b is None or _shape_problem(pair):
+        if pair.a is None or pair.b is None or _shape_problem(pair) or pair.a.file == DERIVED:
             continue
         n = _perm_groups(pair)
         if pair.qk and not _check_groups(pair.a.rows, n):

@@ -311,6 +311,8 @@ class TransformersBackend:
         except (dequant.WeightsUnreadable, OSError, ValueError) as exc:
             raise ModelLoadError(f"{self.path}: the weights of {other} cannot be read into it: {exc}") from exc
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        for bname, buf in self.model.named_buffers(remove_duplicate=False):  # a stored buffer (DeepSeek's expert
+            params.setdefault(bname, buf)  # score bias) is one of the checkpoint's tensors like a parameter
         loaded = 0
         types: dict[str, str] = {}
         unplaced: list[str] = []

@@ -69,3 +69,28 @@ def test_a_defect_fails_at_its_layer_by_name(arch_files, shared_cache, model_typ
     assert tensor in message, message
     if defect == "swap":
         assert all(f"{tensor.removesuffix('.weight')}.weight[{e}]" in message for e in anyarch.SWAP), message
+
+
+def test_a_split_tensor_is_compared_piece_by_piece(arch_files, shared_cache, tmp_path) -> None:
+    """Latent attention: the converter writes A's ``kv_b_proj`` as ``attn_k_b`` (per head, transposed) and
+    ``attn_v_b``. The split is established from the files (no table names it), each piece is compared with A's
+    values cut the same way, and one piece scaled in one layer fails that layer by the piece's name."""
+    from fixtures import anyarch, pipeline
+    from pytest_convdiff import compare
+
+    if "deepseek_v2" not in arch_files:
+        pytest.skip("the suite carries no latent-attention model type")
+    paths = arch_files["deepseek_v2"]["paths"]
+    result = compare(paths["hf"], paths["f16"], corpus="quick", cache_dir=shared_cache, static_only=True)
+    mid = anyarch.LAYERS // 2
+    item = result.check(f"weights[layer-{mid}]")
+    assert item.outcome == "passed", item.message
+    convs = {c["role"]: c["transform"] for c in result.check("weights[other]").details["conventions"]}
+    assert convs["attn_kv_b.weight"].startswith("split per head, into attn_k_b"), convs
+    assert "no counterpart" not in item.message and "has no tensor" not in item.message
+    bad = tmp_path / "v_b-scaled.f16.gguf"
+    target = f"blk.{mid}.attn_v_b.weight"
+    pipeline.patch_tensors(paths["f16"], bad, lambda name, x, _all: (x * 1.25).astype(x.dtype) if name == target else x)
+    result = compare(paths["hf"], bad, corpus="quick", cache_dir=shared_cache, static_only=True)
+    assert [c.id for c in result.checks if c.outcome == "failed"] == [f"weights[layer-{mid}]"]
+    assert target in result.check(f"weights[layer-{mid}]").message
