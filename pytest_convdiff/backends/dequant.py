@@ -449,6 +449,9 @@ def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: 
     """A's tensors that B lacks, paired with B's tensors that A lacks where the converter split one into the
     others (``backends.restructure``): each piece becomes a pair whose A side is A's values cut the same way."""
     missing = [q for q in plan.pairs if q.b is None and q.a is not None and q.a.file != DERIVED]
+    # A's tensors no name maps (GraniteMoE's fused ``input_linear``: gate and up of every expert in one)
+    unnamed = {d["name"]: d for d in plan.not_compared if d["name"] in hf.tensors}
+    missing += [Pair(n, hf.tensors[n], None) for n in unnamed]
     if not missing or len(unmapped) < 2:
         return
 
@@ -471,17 +474,29 @@ def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: 
         role = ""
         for _layer, (a_name, pieces) in sorted(f.layers.items(), key=lambda kv: kv[0] or 0):
             old = by_name.get(a_name)
-            if old is None or old not in plan.pairs:
+            if old is None:
                 continue
-            plan.pairs.remove(old)
+            if old in plan.pairs:
+                plan.pairs.remove(old)
+            if a_name in unnamed:
+                plan.not_compared.remove(unnamed[a_name])
             role = layer_and_role(old.gguf_name)[1] if old.gguf_name else f.role_a
             x = read_a(a_name)
+            note = f"A's {a_name}, {f.split.describe()}, as the converter writes it"
             for piece in f.split.pieces:
                 b_name = pieces[piece.role]
-                cut = hf.add_derived(f"{a_name}[{piece.role.removesuffix('.weight')}]",
-                                     restructure.cut(x, f.split, piece), old.a)
-                plan.pairs.append(Pair(cut.name, cut, gg.tensors[b_name], gguf_name=b_name,
-                                       note=f"A's {a_name}, {f.split.describe()}, as the converter writes it"))
+                values = restructure.cut(x, f.split, piece)
+                label = f"{a_name}[{piece.role.removesuffix('.weight')}]"
+                bt = gg.tensors[b_name]
+                experts = ([conventions.expert_slice(bt, e) for e in range(values.shape[0])]
+                           if values.ndim == 3 and b_name.endswith("_exps.weight") else [])
+                if experts and all(experts):  # stacked experts: each compared, and named, as itself
+                    for e, sl in enumerate(experts):
+                        cut = hf.add_derived(f"{label}[{e}]", values[e], old.a)
+                        plan.pairs.append(Pair(cut.name, cut, sl, gguf_name=sl.name, note=note))
+                else:
+                    cut = hf.add_derived(label, values, old.a)
+                    plan.pairs.append(Pair(cut.name, cut, bt, gguf_name=b_name, note=note))
                 used.add(b_name)
             plan.splits.append((a_name, old.a.shape, f.split, pieces))
         if role:
@@ -812,6 +827,7 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
     """
     t0 = time.perf_counter()
     plan = plan_pairs(a, b)
+    plan.pairs = [q for pair in plan.pairs for q in _per_expert(pair)]
     preferred: dict[str, str] = {}  # the intermediate B's file was made from, once a tensor shows it
     imatrix_used = isinstance(b, GGUFWeights) and any(k.startswith("quantize.imatrix") for k in b.kv)
     entries: list[dict[str, Any]] = []
@@ -889,6 +905,22 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
             "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
             "conventions": [c.to_dict() for c in plan.conventions.values()],
             "n_layers": n_layers, "seconds": time.perf_counter() - t0}
+
+
+def _per_expert(pair: Pair) -> list[Pair]:
+    """A pair of stacked expert tensors stored whole on both sides (transformers' 3-D expert parameter and
+    llama.cpp's ``_exps``), as one pair per expert: a failure then names the expert."""
+    a, b = pair.a, pair.b
+    if (a is None or b is None or len(a.shape) != 3 or a.shape != b.shape or pair.qk
+            or not (pair.gguf_name or b.name).endswith("_exps.weight")):
+        return [pair]
+    out = []
+    for e in range(a.shape[0]):
+        sa, sb = conventions.expert_slice(a, e), conventions.expert_slice(b, e)
+        if sa is None or sb is None:
+            return [pair]
+        out.append(replace(pair, name=f"{pair.name}[{e}]", a=sa, b=sb, gguf_name=sb.name))
+    return out
 
 
 def _suspect(e: dict[str, Any]) -> bool:

@@ -149,7 +149,7 @@ def _place(torch: Any, params: dict[str, Any], name: str, a: Any) -> tuple[str, 
     value, from A's own copy of the tensor, which the model was loaded from. No layout is assumed, so none can be
     assumed wrongly: a matrix found nowhere, or in more than one place, is None."""
     t = a.tensors.get(name)
-    if t is None or len(t.shape) != 2:
+    if t is None or len(t.shape) not in (2, 3):
         return None
     mine = torch.from_numpy(np.array(a.read(t, 0, t.rows).reshape(t.shape)))
     prefix = _LAYER_PREFIX.match(name)
@@ -158,9 +158,9 @@ def _place(torch: Any, params: dict[str, Any], name: str, a: Any) -> tuple[str, 
         if prefix and not pname.startswith(prefix.group(1)):
             continue
         want = mine.to(p.dtype)
-        if p.dim() == 2 and tuple(p.shape) == tuple(t.shape) and torch.equal(p, want):
+        if tuple(p.shape) == tuple(t.shape) and torch.equal(p, want):  # renamed (a 3-D one: experts stacked on disk)
             found.append((pname, Ellipsis))
-        if p.dim() != 3 or p.shape[-1] != t.shape[1] or p.shape[1] % t.shape[0]:
+        if len(t.shape) != 2 or p.dim() != 3 or p.shape[-1] != t.shape[1] or p.shape[1] % t.shape[0]:
             continue
         for e in range(p.shape[0]):
             for r0 in range(0, p.shape[1], t.shape[0]):

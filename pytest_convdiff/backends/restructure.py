@@ -5,7 +5,8 @@ Some converters split a tensor. DeepSeek's latent attention is one case: ``kv_b_
 gguf-py's name map, and B's pieces have none in A. Nothing here names such a tensor. The split is
 established from the files under test, as ``backends.conventions`` establishes the other transforms:
 
-- **Candidates, from the shapes.** Take A's tensor that B lacks, ``[R, C]``, and the tensors of B in the
+- **Candidates, from the shapes.** Take A's tensor that B lacks, ``[R, C]`` (leading axes as rows: GraniteMoE
+  keeps every expert's gate and up in one ``[experts, 2 I, H]``), and the tensors of B in the
   same layer that A lacks, and look for a subset of them that holds exactly A's elements. Each piece is a
   block of rows of every head: A's rows viewed as ``[h, R/h, C]``, where ``h`` is the pieces' common
   leading dimension (1 for 2-D pieces), sliced along the middle axis. A piece is stored either as it is
@@ -67,9 +68,9 @@ class Split:
 
 def candidates(shape_a: tuple[int, ...], pieces: Sequence[tuple[str, tuple[int, ...]]]) -> list[Split]:
     """Every split of a ``[R, C]`` tensor into these pieces (B's role, numpy shape) that the shapes allow."""
-    if len(shape_a) != 2 or not 2 <= len(pieces) <= MAX_PIECES:
+    if len(shape_a) < 2 or not 2 <= len(pieces) <= MAX_PIECES:
         return []
-    rows, cols = shape_a
+    rows, cols = math.prod(shape_a[:-1]), shape_a[-1]  # stacked experts' leading axes are rows too
     if sum(math.prod(s) for _, s in pieces) != rows * cols:
         return []
     dims = {len(s) for _, s in pieces}
@@ -115,14 +116,14 @@ def cut(x: np.ndarray, split: Split, piece: Piece) -> np.ndarray:
 
 
 def join(split: Split, values: dict[str, np.ndarray], shape_a: tuple[int, ...]) -> np.ndarray:
-    """The inverse of ``cut`` over every piece: B's pieces (by role) back into A's ``[R, C]`` layout."""
-    rows, cols = shape_a
+    """The inverse of ``cut`` over every piece: B's pieces (by role) back into A's layout (``shape_a``)."""
+    rows, cols = math.prod(shape_a[:-1]), shape_a[-1]
     out = np.empty((split.heads, rows // split.heads, cols), dtype=np.float32)
     for p in split.pieces:
         v = np.asarray(values[p.role], dtype=np.float32).reshape(split.heads, *(
             (cols, p.size) if p.transposed else (p.size, cols)))
         out[:, p.start:p.start + p.size, :] = v.transpose(0, 2, 1) if p.transposed else v
-    return out.reshape(rows, cols)
+    return out.reshape(shape_a)
 
 
 def _error(x: np.ndarray, split: Split, got: dict[str, np.ndarray]) -> float:
