@@ -219,6 +219,18 @@ def _why_short(r: dict[str, Any]) -> str:
     return "; ".join(notes)
 
 
+def _defaults_cell(r: dict[str, Any]) -> str:
+    """The verdict on the class defaults' F16, for a model type swept with a faithful config."""
+    f = r.get("faithful")
+    if not f:
+        return "—"
+    d = f.get("defaults_f16") or {}
+    items = sorted({x.split(":")[0] for x in (d.get("failed") or []) + (d.get("errors") or [])
+                    if not x.startswith(TOKENIZER_ITEMS)})
+    caught = "caught" if d.get("verdict") in ("fail", "error") and items else "not caught"
+    return f"{d.get('verdict')}: {caught}" + (f" ({', '.join(items[:3])})" if items else "")
+
+
 def render(rows: list[dict[str, Any]], left: dict[str, str]) -> str:
     conv = [r for r in rows if r.get("stage") == "converted"]
     met = [r for r in conv if goal_met(r)]
@@ -228,8 +240,8 @@ def render(rows: list[dict[str, Any]], left: dict[str, str]) -> str:
              f"({time.strftime('%Y-%m-%d', time.gmtime(max((r.get('when', 0) for r in rows), default=0)))}; "
              "JSON in `bench/results/arch_sweep.json`).", "",
              "| model type | GGUF arch | F16 | Q4_K_M | tensors paired | transforms found | runtime twin (logits / layers) | "
-             "×1.25 caught | expert swap caught | goal | why not |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "×1.25 caught | expert swap caught | goal | why not | class defaults (see below) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def verdict(c: dict[str, Any] | None) -> str:
         if not c:
@@ -256,7 +268,18 @@ def render(rows: list[dict[str, Any]], left: dict[str, str]) -> str:
         lines.append(f"| {r['model_type']} | {r.get('gguf_arch', '—')} | {verdict(r.get('f16'))} | "
                      f"{verdict(r.get('q4_k_m'))} | {paired} | {transforms} | {twin} | {caught('scaled')} | "
                      f"{caught('swap')} | {'—' if g is None else ('yes' if g else 'no')} | "
-                     f"{_why_short(r).replace('|', '/')} |")
+                     f"{_why_short(r).replace('|', '/')} | {_defaults_cell(r).replace('|', '/')} |")
+    faithful = [r for r in rows if r.get("faithful")]
+    if faithful:
+        lines += ["", "**Class defaults that llama.cpp does not implement.** These model types are swept with the value "
+                  "their published checkpoints use; the last column is the plugin's verdict on the F16 of the config "
+                  "class's defaults as they are, a file that computes otherwise than A:", ""]
+        for r in faithful:
+            f = r["faithful"]
+            fields = ", ".join(f"`{k}={v!r}`" for k, v in f["fields"].items())
+            real = (" The published checkpoints carry the default themselves: their GGUFs diverge the same way, and "
+                    "the plugin fails them." if f.get("real") else "")
+            lines.append(f"- **{r['model_type']}** ({fields}): {f['why']}.{real}")
     if left:
         lines += ["", "Left out: " + "; ".join(f"{mt} ({why})" for mt, why in sorted(left.items())) + "."]
     lines += ["", END]

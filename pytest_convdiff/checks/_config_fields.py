@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import gguf_header, registry
-from ..core.config_fields import CODE_WHEN_ABSENT, DERIVED_WHEN_ABSENT, FIELDS, PER_LAYER_HEADS, Field, _reading
+from ..core.config_fields import (
+    CODE_WHEN_ABSENT,
+    DERIVED_WHEN_ABSENT,
+    FIELDS,
+    PER_LAYER_HEADS,
+    Field,
+    _reading,
+)
 from ..errors import ConvdiffError
 
 __all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
