@@ -319,6 +319,8 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
         g = name_map.get_name(base)
         if g is not None:
             out[f"{g}.{suffix}"] = hf
+        elif (g := name_map.get_name(hf)) is not None:  # a parameter named like a module (gpt-oss's ``sinks``):
+            out[f"{g}.weight"] = hf  # the converter stores it as that module's weight
         elif (stacked := conventions.expert_name(base, name_map.get_name)) is not None:
             out[f"{stacked[0]}.{suffix}[{stacked[1]}]"] = hf  # one expert of a stacked tensor
     return out
@@ -449,19 +451,28 @@ def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: 
     """A's tensors that B lacks, paired with B's tensors that A lacks where the converter split one into the
     others (``backends.restructure``): each piece becomes a pair whose A side is A's values cut the same way."""
     missing = [q for q in plan.pairs if q.b is None and q.a is not None and q.a.file != DERIVED]
+    # a pair the name map made whose layouts differ (gpt-oss's experts, transposed per expert): B's tensor is
+    # a candidate piece like any unmatched one
+    relaid = [q for q in plan.pairs if q.a is not None and q.b is not None and q.a.file != DERIVED
+              and _shape_problem(q) and math.prod(q.a.shape) == math.prod(q.b.shape)]
+    for q in relaid:
+        missing.append(q)
+        unmapped = [*unmapped, q.b.name]
     # A's tensors no name maps (GraniteMoE's fused ``input_linear``: gate and up of every expert in one)
     unnamed = {d["name"]: d for d in plan.not_compared if d["name"] in hf.tensors}
     missing += [Pair(n, hf.tensors[n], None) for n in unnamed]
-    if not missing or len(unmapped) < 2:
+    if not missing or not unmapped:
         return
 
-    def read_a(name: str) -> np.ndarray:
+    def read_a(name: str, parts: int = 1) -> np.ndarray:
         t = hf.tensors[name]
-        return hf.read(t, 0, t.rows).reshape(t.rows, t.cols)
+        n = t.rows // parts if t.rows % parts == 0 else t.rows
+        return hf.read(t, 0, n)
 
-    def read_b(name: str) -> np.ndarray:
+    def read_b(name: str, parts: int = 1) -> np.ndarray:
         t = gg.tensors[name]
-        return gg.read(t, 0, t.rows).reshape(t.shape)
+        n = t.rows // parts if t.rows % parts == 0 else t.rows
+        return gg.read(t, 0, n)
 
     try:
         found = restructure.establish([(q.name, q.a.shape) for q in missing],

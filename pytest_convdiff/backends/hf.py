@@ -329,6 +329,8 @@ class TransformersBackend:
                         p = params[pname][index]  # a view: copying into it writes the parameter
                         self._placed.setdefault(pname, set()).add(stored)
                     types[name] = stored
+                    if p.dim() >= 3:  # a layer's experts stacked in one parameter: its module rounds as one
+                        self._placed.setdefault(name, set()).add(stored)
                     src = torch.from_numpy(np.ascontiguousarray(values)).to(p.dtype)
                     if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
                         emb = self.model.get_input_embeddings().weight

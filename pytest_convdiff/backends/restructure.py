@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -43,87 +43,133 @@ MAX_PIECES = 4  # a split into more pieces than this is not searched (the orders
 
 @dataclass(frozen=True)
 class Piece:
-    """One of B's tensors as a block of A's rows: rows ``start .. start + size`` of each of ``heads`` heads,
-    stored transposed per head when ``transposed``."""
+    """One of B's tensors as a block of A's rows: rows ``start .. start + size`` of each head (every
+    ``stride``-th row from ``start`` when interleaved), stored transposed per head when ``transposed``."""
 
     role: str  # B's role (``attn_k_b.weight``)
     start: int
     size: int
     transposed: bool
+    shape: tuple[int, ...] = ()  # B's numpy shape
 
 
 @dataclass(frozen=True)
 class Split:
-    """How a role of A is written as pieces of B: the same in every layer."""
+    """How a role of A is written as pieces of B: the same in every layer. A's values are viewed per head as
+    ``[M, N]`` (its last axis as columns), transposed first when ``a_transposed``; the pieces take contiguous
+    blocks of those rows, or every n-th row when ``interleaved`` (gpt-oss keeps gate and up interleaved)."""
 
     heads: int
     pieces: tuple[Piece, ...]
+    a_transposed: bool = False
+    interleaved: bool = False
+    cols: int = 0  # A's last axis (0: the array's own)
 
     def describe(self) -> str:
         per = "per head, " if self.heads > 1 else ""
-        parts = [f"{p.role.removesuffix('.weight')} (rows {p.start}-{p.start + p.size}"
-                 f"{', transposed' if p.transposed else ''})" for p in self.pieces]
-        return f"split {per}into " + " + ".join(parts) + (f", {self.heads} heads" if self.heads > 1 else "")
+        how = ("transposed, " if self.a_transposed else "") + ("interleaved, " if self.interleaved else "")
+        if len(self.pieces) == 1:
+            p = self.pieces[0]
+            return (f"written as {p.role.removesuffix('.weight')}" + (f" {per}transposed" if self.a_transposed
+                                                                       != p.transposed else "")
+                    + (f", {self.heads} heads" if self.heads > 1 else ""))
+        rows = (lambda p: f"rows {p.start}::{len(self.pieces)}") if self.interleaved else (
+            lambda p: f"rows {p.start}-{p.start + p.size}")
+        parts = [f"{p.role.removesuffix('.weight')} ({rows(p)}{', transposed' if p.transposed else ''})"
+                 for p in self.pieces]
+        return f"split {per}{how}into " + " + ".join(parts) + (f", {self.heads} heads" if self.heads > 1 else "")
+
+
+def _inner(shape: tuple[int, ...], h: int) -> tuple[int, int] | None:
+    """A piece's per-head matrix (rows, columns): a 3-D piece's last two axes, a 2-D piece itself, a vector as
+    one row."""
+    if h > 1:
+        return (shape[1], shape[2]) if len(shape) == 3 and shape[0] == h else None
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (1, shape[0]) if len(shape) == 1 else None
 
 
 def candidates(shape_a: tuple[int, ...], pieces: Sequence[tuple[str, tuple[int, ...]]]) -> list[Split]:
-    """Every split of a ``[R, C]`` tensor into these pieces (B's role, numpy shape) that the shapes allow."""
-    if len(shape_a) < 2 or not 2 <= len(pieces) <= MAX_PIECES:
+    """Every way of writing a tensor of A (``shape_a``) as these pieces (B's role, numpy shape) that the shapes
+    allow. One piece is a rename that changed the layout (a per-head transpose); a plain rename with the same
+    layout is the name map's, not found here."""
+    if len(shape_a) < 1 or not 1 <= len(pieces) <= MAX_PIECES:
         return []
-    rows, cols = math.prod(shape_a[:-1]), shape_a[-1]  # stacked experts' leading axes are rows too
-    if sum(math.prod(s) for _, s in pieces) != rows * cols:
+    total = math.prod(shape_a)
+    if sum(math.prod(s) for _, s in pieces) != total:
         return []
-    dims = {len(s) for _, s in pieces}
-    if dims == {3}:
-        heads = {s[0] for _, s in pieces}
-        if len(heads) != 1:
-            return []
-        h = heads.pop()
-        inner = [(role, s[1:]) for role, s in pieces]
-    elif dims == {2}:
-        h, inner = 1, [(role, s) for role, s in pieces]
-    else:
+    lead = {s[0] for _, s in pieces if len(s) == 3}
+    h = lead.pop() if len(lead) == 1 and all(len(s) == 3 for _, s in pieces) else 1
+    if h > 1 and (total % h or (len(shape_a) == 3 and shape_a[0] != h)):
         return []
-    if h <= 0 or rows % h:
+    inner = [(role, _inner(s, h), s) for role, s in pieces]
+    if any(i is None for _, i, _ in inner):
         return []
-    per = rows // h
-    ways: list[list[tuple[str, int, bool]]] = []
-    for role, (p, q) in inner:
-        opts = ([(role, p, False)] if q == cols else []) + ([(role, q, True)] if p == cols and p != q else [])
-        if not opts:
-            return []
-        ways.append(opts)
+    n_cols = shape_a[-1]
+    per_head = total // h
+    if per_head % n_cols:
+        return []
     out: list[Split] = []
-    for choice in itertools.product(*ways):
-        if sum(size for _, size, _ in choice) != per:
+    for a_tr in (False, True):
+        rows, cols = (n_cols, per_head // n_cols) if a_tr else (per_head // n_cols, n_cols)
+        ways: list[list[tuple[str, int, bool, tuple[int, ...]]]] = []
+        for role, (p, q), shape in inner:  # type: ignore[misc]
+            opts = ([(role, p, False, shape)] if q == cols else []) + ([(role, q, True, shape)] if p == cols else [])
+            ways.append(opts)
+        if any(not w for w in ways):
             continue
-        for order in itertools.permutations(choice):
-            start, built = 0, []
-            for role, size, tr in order:
-                built.append(Piece(role, start, size, tr))
-                start += size
-            out.append(Split(h, tuple(built)))
+        for choice in itertools.product(*ways):
+            if sum(size for _, size, _, _ in choice) != rows:
+                continue
+            equal = len({size for _, size, _, _ in choice}) == 1
+            for interleaved in ((False, True) if equal and len(choice) > 1 else (False,)):
+                for order in itertools.permutations(choice):
+                    start, built = 0, []
+                    for k, (role, size, tr, shape) in enumerate(order):
+                        built.append(Piece(role, k if interleaved else start, size, tr, shape))
+                        start += size
+                    split = Split(h, tuple(built), a_tr, interleaved, n_cols)
+                    if len(built) == 1 and not a_tr and not built[0].transposed:
+                        continue  # the same layout under another name: the name map's business
+                    out.append(split)
     return out
 
 
+def _per_head(x: np.ndarray, split: Split) -> np.ndarray:
+    """A's values as ``[h, rows, cols]`` in the split's row space."""
+    n = split.cols or (x.shape[-1] if x.ndim else 1)
+    v = np.asarray(x).reshape(split.heads, -1, n)
+    return v.transpose(0, 2, 1) if split.a_transposed else v
+
+
+def _rows(split: Split, piece: Piece) -> slice:
+    if split.interleaved:
+        return slice(piece.start, None, len(split.pieces))
+    return slice(piece.start, piece.start + piece.size)
+
+
 def cut(x: np.ndarray, split: Split, piece: Piece) -> np.ndarray:
-    """A's ``[R, C]`` values cut as ``piece`` is stored: ``[h, size, C]`` or ``[h, C, size]`` (2-D when h is 1)."""
-    v = x.reshape(split.heads, -1, x.shape[-1])[:, piece.start:piece.start + piece.size, :]
+    """A's values cut as ``piece`` is stored, in B's numpy shape."""
+    v = _per_head(x, split)[:, _rows(split, piece), :]
     if piece.transposed:
         v = v.transpose(0, 2, 1)
-    v = np.ascontiguousarray(v)
-    return v[0] if split.heads == 1 else v
+    return np.ascontiguousarray(v).reshape(piece.shape)
 
 
 def join(split: Split, values: dict[str, np.ndarray], shape_a: tuple[int, ...]) -> np.ndarray:
     """The inverse of ``cut`` over every piece: B's pieces (by role) back into A's layout (``shape_a``)."""
-    rows, cols = math.prod(shape_a[:-1]), shape_a[-1]
-    out = np.empty((split.heads, rows // split.heads, cols), dtype=np.float32)
+    n = shape_a[-1]
+    m = math.prod(shape_a) // split.heads // n
+    rows, cols = (n, m) if split.a_transposed else (m, n)
+    out = np.empty((split.heads, rows, cols), dtype=np.float32)
     for p in split.pieces:
-        v = np.asarray(values[p.role], dtype=np.float32).reshape(split.heads, *(
-            (cols, p.size) if p.transposed else (p.size, cols)))
-        out[:, p.start:p.start + p.size, :] = v.transpose(0, 2, 1) if p.transposed else v
-    return out.reshape(shape_a)
+        v = np.asarray(values[p.role], dtype=np.float32).reshape(
+            split.heads, *((cols, p.size) if p.transposed else (p.size, cols)))
+        out[:, _rows(split, p), :] = v.transpose(0, 2, 1) if p.transposed else v
+    if split.a_transposed:
+        out = out.transpose(0, 2, 1)
+    return np.ascontiguousarray(out).reshape(shape_a)
 
 
 def _error(x: np.ndarray, split: Split, got: dict[str, np.ndarray]) -> float:
@@ -139,6 +185,14 @@ def _error(x: np.ndarray, split: Split, got: dict[str, np.ndarray]) -> float:
     return math.sqrt(num / den) if den else (0.0 if num == 0.0 else math.inf)
 
 
+def _first_head(split: Split) -> Split:
+    """The split over one head's values: what a candidate is scored on (a layer of 128 experts is not read
+    whole to choose between candidates; each head is cut the same way)."""
+    if split.heads == 1:
+        return split
+    return replace(split, heads=1, pieces=tuple(replace(p, shape=p.shape[1:]) for p in split.pieces))
+
+
 @dataclass
 class Found:
     """A role of A established as split: its convention, and per layer A's tensor name with B's pieces' names."""
@@ -150,12 +204,21 @@ class Found:
 
 
 def establish(missing: Sequence[tuple[str, tuple[int, ...]]], unmatched: Sequence[tuple[str, tuple[int, ...]]],
-              read_a: Callable[[str], np.ndarray], read_b: Callable[[str], np.ndarray],
+              read_a: Callable[[str, int], np.ndarray], read_b: Callable[[str, int], np.ndarray],
               explained: float) -> list[Found]:
     """The splits the files show: ``missing`` are A's tensors (name, shape) that B lacks, ``unmatched`` B's
-    tensors that A lacks; ``read_a``/``read_b`` give a tensor's values (A's as ``[R, C]``, B's in its numpy
-    shape). A role is kept when one candidate has the lowest total error over its layers and brings A
-    within ``explained`` of B in the median layer."""
+    tensors that A lacks; ``read_a(name, parts)``/``read_b(name, parts)`` give the first 1/parts of a tensor's
+    values in storage order (its first head when its leading axis has ``parts`` heads). A role is kept when
+    one candidate has the lowest total error over its layers and brings A within ``explained`` of B in the
+    median layer."""
+    cache: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def get(side: str, name: str, parts: int) -> np.ndarray:
+        key = (side, name, parts)
+        if key not in cache:
+            cache[key] = (read_a if side == "a" else read_b)(name, parts)
+        return cache[key]
+
     by_layer_b: dict[int | None, list[tuple[str, tuple[int, ...]]]] = {}
     for name, shape in unmatched:
         by_layer_b.setdefault(layer_and_role(name)[0], []).append((name, shape))
@@ -171,18 +234,17 @@ def establish(missing: Sequence[tuple[str, tuple[int, ...]]], unmatched: Sequenc
         names: dict[Split, dict[int | None, tuple[str, dict[str, str]]]] = {}
         for layer, name, shape in items:
             pool = [(n, s) for n, s in by_layer_b.get(layer, []) if n not in taken]
-            x: np.ndarray | None = None
-            for k in range(2, min(MAX_PIECES, len(pool)) + 1):
+            for k in range(1, min(MAX_PIECES, len(pool)) + 1):
                 for subset in itertools.combinations(pool, k):
                     by_role = {layer_and_role(n)[1]: (n, s) for n, s in subset}
                     if len(by_role) != k:
                         continue
                     for split in candidates(shape, [(r, s) for r, (_, s) in by_role.items()]):
-                        if x is None:
-                            x = read_a(name)
-                        got = {r: read_b(n) for r, (n, _) in by_role.items()}
-                        scores.setdefault(split, []).append(_error(x, split, got))
+                        h = split.heads
+                        got = {r: get("b", n, h) for r, (n, _) in by_role.items()}
+                        scores.setdefault(split, []).append(_error(get("a", name, h), _first_head(split), got))
                         names.setdefault(split, {})[layer] = (name, {r: n for r, (n, _) in by_role.items()})
+            cache.clear()  # one layer's values at a time
         if not scores:
             continue
         # the converter's convention: the candidate seen in the most layers, then the lowest total error
