@@ -94,3 +94,24 @@ def test_a_split_tensor_is_compared_piece_by_piece(arch_files, shared_cache, tmp
     result = compare(paths["hf"], bad, corpus="quick", cache_dir=shared_cache, static_only=True)
     assert [c.id for c in result.checks if c.outcome == "failed"] == [f"weights[layer-{mid}]"]
     assert target in result.check(f"weights[layer-{mid}]").message
+
+
+def test_a_config_value_llama_cpp_does_not_implement_fails_the_runtime_twin_alone(tmp_path) -> None:
+    """Qwen3-MoE's config class defaults to ``norm_topk_prob=False``; llama.cpp's graph renormalises the
+    top-k expert weights whatever the file says. The converter copies every weight faithfully, so every
+    static item passes, and the file still computes otherwise than A: the runtime twin (A's code on B's
+    weights) fails, at the first layer with experts. The sweep builds every such class default
+    (fixtures/anyarch.FAITHFUL) and records the same verdict."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'pytest-convdiff[llama-cpp]'")
+    from fixtures import anyarch, pipeline
+    from pytest_convdiff import compare
+
+    pipeline.skip_without_tools()
+    assert anyarch.tiny_config("qwen3_moe").norm_topk_prob is True  # the sweep's faithful checkpoint
+    paths = anyarch.build("qwen3_moe", out=tmp_path / "models", faithful=False, correct_only=True)
+    assert anyarch.tiny_config("qwen3_moe", faithful=False).norm_topk_prob is False
+    result = compare(paths["hf"], paths["f16"], corpus="quick", cache_dir=tmp_path / "cache")
+    failed = {c.id for c in result.checks if c.outcome == "failed"}
+    assert {"runtime[logits]", "runtime[layers]"} <= failed, failed
+    assert not {f for f in failed if f.startswith(("weights", "config"))}, failed
+    assert "leaves its twin at decoder layer 0" in result.check("runtime[layers]").message
