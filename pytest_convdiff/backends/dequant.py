@@ -319,8 +319,6 @@ def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]
         g = name_map.get_name(base)
         if g is not None:
             out[f"{g}.{suffix}"] = hf
-        elif (g := name_map.get_name(hf)) is not None:  # a parameter named like a module (gpt-oss's ``sinks``):
-            out[f"{g}.weight"] = hf  # the converter stores it as that module's weight
         elif (stacked := conventions.expert_name(base, name_map.get_name)) is not None:
             out[f"{stacked[0]}.{suffix}[{stacked[1]}]"] = hf  # one expert of a stacked tensor
     return out
