@@ -225,7 +225,10 @@ def normalise_config(data: dict[str, Any], label: Callable[[str], str], where: s
     hd = put("head_dim", ("head_dim",), _int_or_list)
     if hd is None and isinstance(hidden, int) and isinstance(heads, int) and heads:
         out["head_dim"] = _reading(hidden // heads, f"hidden_size / n_heads ({where} sets no head_dim)")
-    put("intermediate_size", ("intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim"), _int_or_list)
+    # the dense MLP's size: a mixture of experts that also has dense layers may call that one
+    # ``intermediate_size_mlp`` and its experts' ``intermediate_size`` (Llama 4); GGUF's feed_forward_length is the former
+    put("intermediate_size", ("intermediate_size_mlp", "intermediate_size", "n_inner", "ffn_hidden_size", "ffn_dim"),
+        _int_or_list)
     put("n_layers", ("num_hidden_layers", "n_layer", "num_layers", "n_layers"), _int_or_list)
     put("n_experts", ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
         lambda v: _none_if_zero(_int_or_list(v)))

@@ -878,6 +878,15 @@ def test_an_epsilon_a_s_code_fixes_is_left_to_the_runtime_twin_but_a_stated_one_
     assert config.check_field(FIELD["norm_eps"], m).outcome == "failed"
 
 
+def test_the_dense_mlp_size_of_a_mixture_of_experts_that_names_it_apart():
+    """Llama 4: ``intermediate_size`` is each expert's, ``intermediate_size_mlp`` the dense layers' MLP, which is
+    what GGUF's feed_forward_length holds."""
+    got = _norm({"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512,
+                 "intermediate_size_mlp": 16384})
+    assert got["intermediate_size"] == 16384
+    assert _norm({"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512})["intermediate_size"] == 512
+
+
 def test_multi_query_means_one_key_value_head_whatever_else_the_config_says():
     got = _norm({"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "multi_query": True})
     assert got["n_kv_heads"] == 1
