@@ -99,6 +99,8 @@ def candidates(shape_a: tuple[int, ...], pieces: Sequence[tuple[str, tuple[int, 
     total = math.prod(shape_a)
     if sum(math.prod(s) for _, s in pieces) != total:
         return []
+    if len(pieces) == 1 and min(sum(d > 1 for d in shape_a), sum(d > 1 for d in pieces[0][1])) < 2:
+        return []  # a vector has no layout to change: one piece of it is a rename, which is the name map's
     lead = {s[0] for _, s in pieces if len(s) == 3}
     h = lead.pop() if len(lead) == 1 and all(len(s) == 3 for _, s in pieces) else 1
     if h > 1 and (total % h or (len(shape_a) == 3 and shape_a[0] != h)):

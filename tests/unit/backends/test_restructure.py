@@ -40,6 +40,8 @@ def test_pieces_that_do_not_hold_a_s_elements_are_no_candidate():
     assert restructure.candidates(x.shape, [("a.weight", (4, 7, 3)), ("b.weight", (2, 10, 7))]) == []
     assert restructure.candidates((6, 4), [("same.weight", (6, 4))]) != []  # the transposes of a rename
     assert all(s.a_transposed or s.pieces[0].transposed for s in restructure.candidates((6, 4), [("x", (6, 4))]))
+    assert restructure.candidates((8,), [("ssm_d", (8,))]) == []  # a vector: nothing to relayout
+    assert restructure.candidates((1, 8), [("ssm_d", (8,))]) == []
 
 
 def test_stacked_experts_transposed_and_gate_up_interleaved():
