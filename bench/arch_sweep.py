@@ -277,8 +277,9 @@ def render(rows: list[dict[str, Any]], left: dict[str, str]) -> str:
         for r in faithful:
             f = r["faithful"]
             fields = ", ".join(f"`{k}={v!r}`" for k, v in f["fields"].items())
-            real = (" The published checkpoints carry the default themselves: their GGUFs diverge the same way, and "
-                    "the plugin fails them." if f.get("real") else "")
+            real = (" The published checkpoints carry the default themselves, so their GGUFs compute otherwise in the "
+                    "same way; the plugin fails the tiny one (last column), and was not run on a published one."
+                    if f.get("real") else "")
             lines.append(f"- **{r['model_type']}** ({fields}): {f['why']}.{real}")
     if left:
         lines += ["", "Left out: " + "; ".join(f"{mt} ({why})" for mt, why in sorted(left.items())) + "."]
