@@ -143,7 +143,7 @@ def test_sub_block_message_uses_the_median_the_decision_used_even_with_nan_layer
 def test_a_pair_that_cannot_load_prints_one_block_and_one_line_per_item(pytester, tiny_models, tmp_path,
                                                                         subprocess_env):
     broken = tmp_path / "truncated.gguf"  # exists (a missing path is a usage error at start-up) but cannot load
-    broken.write_bytes(b"GGUF" + bytes(12))
+    broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8))  # a readable version, then cut short
     res = pytester.runpytest_subprocess("--model-a", str(tiny_models / "tiny-llama"), "--model-b",
                                         str(broken), "--convdiff-cache-dir", str(tmp_path / "c"),
                                         "-p", "no:randomly")
