@@ -9,9 +9,11 @@ established from the files under test, as ``backends.conventions`` establishes t
   keeps every expert's gate and up in one ``[experts, 2 I, H]``), and the tensors of B in the
   same layer that A lacks, and look for a subset of them that holds exactly A's elements. Each piece is a
   block of rows of every head: A's rows viewed as ``[h, R/h, C]``, where ``h`` is the pieces' common
-  leading dimension (1 for 2-D pieces), sliced along the middle axis. A piece is stored either as it is
-  (``[h, s, C]``) or transposed per head (``[h, C, s]``). The candidates are every order of the pieces
-  and every way of storing each that fits the shapes.
+  leading dimension (1 for 2-D pieces), sliced along the middle axis, in contiguous blocks or every n-th
+  row (gpt-oss interleaves gate and up), after A's per-head matrix is transposed or not. A piece is stored
+  either as it is (``[h, s, C]``) or transposed per head (``[h, C, s]``). The candidates are every order of
+  the pieces and every way of storing each that fits the shapes; one piece is a relayout of a whole matrix
+  (gpt-oss's down projection, transposed per expert). Candidates are scored on one head's values.
 - **The convention, from the values.** Each candidate is scored in every layer by the relative error
   between B's pieces and A's tensor cut that way. A converter restructures a role uniformly, so the
   role's convention is the candidate with the lowest total error over the layers. It is kept only when it
