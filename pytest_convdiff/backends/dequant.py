@@ -462,15 +462,14 @@ def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: 
     if not missing or not unmapped:
         return
 
-    def read_a(name: str, parts: int = 1) -> np.ndarray:
-        t = hf.tensors[name]
-        n = t.rows // parts if t.rows % parts == 0 else t.rows
-        return hf.read(t, 0, n)
+    def reader(src: Source) -> Any:
+        """The first 1/parts of a tensor's rows (its first head), or all of them when they do not divide."""
+        def read(name: str, parts: int = 1) -> np.ndarray:
+            t = src.tensors[name]
+            return src.read(t, 0, t.rows // parts if t.rows % parts == 0 else t.rows)
+        return read
 
-    def read_b(name: str, parts: int = 1) -> np.ndarray:
-        t = gg.tensors[name]
-        n = t.rows // parts if t.rows % parts == 0 else t.rows
-        return gg.read(t, 0, n)
+    read_a, read_b = reader(hf), reader(gg)
 
     try:
         found = restructure.establish([(q.name, q.a.shape) for q in missing],
