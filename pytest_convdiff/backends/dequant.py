@@ -85,7 +85,11 @@ def _view(shape: tuple[int, ...], block: int = 1) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-DERIVED = Path("<derived>")  # the "file" of a tensor held in memory (``SafetensorsWeights.add_derived``)
+DERIVED = Path("<derived>")  # the "files" of tensors held in memory (``SafetensorsWeights.add_derived``)
+
+
+def _derived(t: StoredTensor) -> bool:
+    return t.file.parent == DERIVED
 
 
 class _Maps:
@@ -243,13 +247,14 @@ class SafetensorsWeights:
     def add_derived(self, name: str, values: np.ndarray, like: StoredTensor) -> StoredTensor:
         """A tensor made of this checkpoint's values (a piece of a tensor the converter splits), read from memory
         like a stored one; it keeps the storage type of the tensor it was cut from."""
-        self.derived[name] = np.ascontiguousarray(values, dtype=np.float32)
-        r, c = _view(tuple(values.shape))
-        return StoredTensor(name, tuple(values.shape), like.type, DERIVED, 0, values.size * 4, r, c)
+        self.derived[name] = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+        r, c = _view(tuple(values.shape))  # stored like a file's bytes, so that an expert's slice of it reads too
+        return StoredTensor(name, tuple(values.shape), like.type, DERIVED / name, 0, values.size * 4, r, c)
 
     def read(self, t: StoredTensor, r0: int, r1: int) -> np.ndarray:
-        if t.file == DERIVED:
-            return self.derived[t.name].reshape(t.rows, t.cols)[r0:r1]
+        if _derived(t):
+            flat = self.derived[t.file.name][t.offset // 4:(t.offset + t.nbytes) // 4]
+            return flat.reshape(t.rows, t.cols)[r0:r1]
         np_dtype = _ST_DTYPES[t.type][0]
         raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].view(np_dtype).reshape(t.rows, t.cols)[r0:r1]
         if t.type == "BF16":
@@ -448,10 +453,10 @@ def plan_pairs(a: Source, b: Source) -> Plan:
 def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: list[str], used: set[str]) -> None:
     """A's tensors that B lacks, paired with B's tensors that A lacks where the converter split one into the
     others (``backends.restructure``): each piece becomes a pair whose A side is A's values cut the same way."""
-    missing = [q for q in plan.pairs if q.b is None and q.a is not None and q.a.file != DERIVED]
+    missing = [q for q in plan.pairs if q.b is None and q.a is not None and not _derived(q.a)]
     # a pair the name map made whose layouts differ (gpt-oss's experts, transposed per expert): B's tensor is
     # a candidate piece like any unmatched one
-    relaid = [q for q in plan.pairs if q.a is not None and q.b is not None and q.a.file != DERIVED
+    relaid = [q for q in plan.pairs if q.a is not None and q.b is not None and not _derived(q.a)
               and _shape_problem(q) and math.prod(q.a.shape) == math.prod(q.b.shape)]
     for q in relaid:
         missing.append(q)
@@ -493,18 +498,10 @@ def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: 
             note = f"A's {a_name}, {f.split.describe()}, as the converter writes it"
             for piece in f.split.pieces:
                 b_name = pieces[piece.role]
-                values = restructure.cut(x, f.split, piece)
-                label = f"{a_name}[{piece.role.removesuffix('.weight')}]"
-                bt = gg.tensors[b_name]
-                experts = ([conventions.expert_slice(bt, e) for e in range(values.shape[0])]
-                           if values.ndim == 3 and b_name.endswith("_exps.weight") else [])
-                if experts and all(experts):  # stacked experts: each compared, and named, as itself
-                    for e, sl in enumerate(experts):
-                        cut = hf.add_derived(f"{label}[{e}]", values[e], old.a)
-                        plan.pairs.append(Pair(cut.name, cut, sl, gguf_name=sl.name, note=note))
-                else:
-                    cut = hf.add_derived(label, values, old.a)
-                    plan.pairs.append(Pair(cut.name, cut, bt, gguf_name=b_name, note=note))
+                # stacked experts are then compared expert by expert, as every other pair (``_per_expert``)
+                cut = hf.add_derived(f"{a_name}[{piece.role.removesuffix('.weight')}]",
+                                     restructure.cut(x, f.split, piece), old.a)
+                plan.pairs.append(Pair(cut.name, cut, gg.tensors[b_name], gguf_name=b_name, note=note))
                 used.add(b_name)
             plan.splits.append((a_name, old.a.shape, f.split, pieces))
         if role:
@@ -1031,7 +1028,7 @@ def tensors_in_a_convention(a: Source, b: Source) -> Iterator[tuple[str, tuple[i
         values = {role: b.read(b.tensors[n], 0, b.tensors[n].rows) for role, n in pieces.items()}
         yield a_name, shape, restructure.join(split, values, shape), b.tensors[next(iter(pieces.values()))].type
     for pair in plan.pairs:
-        if pair.a is None or pair.b is None or _shape_problem(pair) or pair.a.file == DERIVED:
+        if pair.a is None or pair.b is None or _shape_problem(pair) or _derived(pair.a):
             continue
         n = _perm_groups(pair)
         if pair.qk and not _check_groups(pair.a.rows, n):
