@@ -168,14 +168,7 @@ def row(mt: str, keep: bool) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
 
 
-# The tokenizer is not the architecture's: a tiny checkpoint borrows the tiny Llama's BPE or a SentencePiece model
-# trained here, which transformers and llama.cpp may split differently, and whose special tokens some converters
-# replace by the ids of the architecture's own vocabulary (Gemma's end of turn, 107). B is run on A's token ids
-# whatever its own tokenizer says, so every other item still compares the converted model; the items about the
-# vocabulary are listed, not counted.
-TOKENIZER_ITEMS = ("tokens[", "tokenizer[", "config[bos_id]", "config[eos_id]", "config[eot_id]", "config[pad_id]",
-                   "config[add_bos]", "config[add_eos]", "config[special_tokens]", "config[eog]",
-                   "config[chat_template]")
+from fixtures.anyarch import VOCABULARY_ITEMS as TOKENIZER_ITEMS  # noqa: E402 - set apart, and why: there
 
 
 def model_pass(c: dict[str, Any]) -> bool:

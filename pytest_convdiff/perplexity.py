@@ -125,7 +125,7 @@ def score(model_path: str | os.PathLike[str], base: str | os.PathLike[str] | Kld
           progress: Progress | None = None) -> PerplexityStats:
     """Score a model against a base file: llama-perplexity's ``--kl-divergence`` statistics."""
     kld = base if isinstance(base, KldFile) else read_kld(base)
-    model = open_backend(model_path, backend, options)
+    model = open_backend(model_path, backend, options, as_tools=True)  # llama-perplexity's own run
     sums = Sums()
     try:
         _same_vocab(kld, model_path, model.info.vocab_size)  # before any forward pass, where the model says

@@ -15,6 +15,7 @@ gigabytes. Such an entry is only valid for that A and that metric code, so both 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -98,6 +99,10 @@ class ModelSpec:
     path: str
     backend: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a pathlib.Path is what a notebook passes; the spec is keyed and stored as JSON, so it holds a str
+        self.path = os.fspath(self.path)
 
     def is_saved_reference(self) -> bool:
         """A saved golden reference: named so (``backend="reference"``), or recognised by its content."""
@@ -240,6 +245,8 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     t0 = time.perf_counter()
     progress(f"{label}loading {spec.path} ({spec.resolved_backend()})")
     options = dict(spec.options)
+    if feed is not None and feed.base_file:  # scored as llama-perplexity scores it: that tool's defaults
+        options = {**getattr(mod, "TOOL_DEFAULTS", {}), **options}
     backend = mod.load(Path(spec.path), options)
     writer = cache.writer(key)
     try:

@@ -94,9 +94,12 @@ def probe_model(path: str | os.PathLike[str], backend: str | None = None) -> Mod
 
 
 def open_backend(path: str | os.PathLike[str], backend: str | None = None,
-                 options: dict[str, Any] | None = None) -> Backend:
-    """Load a model. Raises ModelLoadError / MissingDependencyError with a readable message."""
+                 options: dict[str, Any] | None = None, *, as_tools: bool = False) -> Backend:
+    """Load a model. Raises ModelLoadError / MissingDependencyError with a readable message. ``as_tools``: with
+    the options the runtime's own command-line tools default to (``TOOL_DEFAULTS``), where ``options`` set none."""
     name = normalize_backend_name(backend) if backend else detect_backend(path)
+    if as_tools:
+        options = {**getattr(backend_module(name), "TOOL_DEFAULTS", {}), **(options or {})}
     try:
         typed = validate_options(name, options)
     except ValueError as exc:

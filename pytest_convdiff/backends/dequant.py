@@ -19,6 +19,7 @@ import json
 import math
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -301,6 +302,8 @@ class Plan:
     conventions: dict[str, conventions.RoleConvention] = field(default_factory=dict)  # role -> established
     # A's tensors the converter split (``backends.restructure``): (A's name, A's shape, the split, B's role -> name)
     splits: list[tuple[str, tuple[int, ...], restructure.Split, dict[str, str]]] = field(default_factory=list)
+    # A's tensor name, its shape, how the converter reordered its rows, B's tensor (``restructure.Regroup``)
+    regroups: list[tuple[str, tuple[int, ...], restructure.Regroup, str]] = field(default_factory=list)
 
 
 def _gguf_to_hf(arch: str, n_blocks: int, hf_names: list[str]) -> dict[str, str]:
@@ -435,6 +438,7 @@ def plan_pairs(a: Source, b: Source) -> Plan:
         p.a, p.b = (hf_t, gg_t) if a_is_hf else (gg_t, hf_t)
         plan.pairs.append(p)
     if a_is_hf:
+        _pair_regroups(plan, hf, gg)
         _pair_splits(plan, hf, gg, [n for n in gg.tensors if n not in g2h and n not in stacked_used], stacked_used)
     unmapped = [n for n in gg.tensors if n not in g2h and n not in stacked_used]
     if a_is_hf:
@@ -448,6 +452,58 @@ def plan_pairs(a: Source, b: Source) -> Plan:
     for name, why in hf.skipped.items():
         plan.not_compared.append({"name": name, "why": why})
     return plan
+
+
+def _leading_rows(src: Source, t: StoredTensor, n: int) -> np.ndarray:
+    """A tensor's first ``n`` rows along its first axis, as a matrix (a vector as one column)."""
+    if len(t.shape) == 1:
+        return src.read(t, 0, t.rows).reshape(-1, 1)[:n]
+    return src.read(t, 0, n).reshape(n, -1)
+
+
+def _pair_regroups(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights) -> None:
+    """Pairs of one shape whose rows the converter reordered (``restructure.Regroup``: a fused projection kept
+    per head in A, grouped by part in B). Tried for a role whose first layer the plain pairing does not explain;
+    the role's convention is what most of its layers show, as for every transform, so a layer that breaks it is
+    that layer's defect. A's side becomes A's values reordered (held in memory), B's is read as stored."""
+    by_role: dict[str, list[Pair]] = {}
+    for q in plan.pairs:
+        if (q.a is None or q.b is None or _derived(q.a) or q.qk or any(q.norm_offset) or not q.gguf_name
+                or "[" in q.gguf_name or q.a.shape != q.b.shape or len(q.a.shape) > 2):
+            continue
+        layer, role = layer_and_role(q.gguf_name)
+        if layer is not None and restructure.regroups(q.a.shape[0], gg.heads(layer)):
+            by_role.setdefault(role, []).append(q)
+
+    def errors(q: Pair) -> dict[restructure.Regroup | None, float]:
+        heads = gg.heads(layer_and_role(q.gguf_name)[0])
+        rows = q.a.shape[0]
+        n = restructure.regroup_sample(rows, heads)
+        a, b = _leading_rows(hf, q.a, n), _leading_rows(gg, q.b, n)
+        return {g: restructure.regroup_error(a, b, rows, g) for g in [None, *restructure.regroups(rows, heads)]}
+
+    for role, members in by_role.items():
+        members.sort(key=lambda q: layer_and_role(q.gguf_name)[0] or 0)
+        try:
+            if errors(members[0])[None] <= conventions.EXPLAINED:
+                continue  # the plain pairing explains it: nothing was reordered
+            per_layer = [errors(q) for q in members]
+        except (WeightsUnreadable, ggml.GGMLUnavailable, ValueError, RuntimeError):
+            continue
+        wins = Counter(min(e, key=lambda g: e[g]) for e in per_layer)
+        best, n_best = wins.most_common(1)[0]
+        mine = [e[best] for e in per_layer if best in e]
+        if best is None or n_best * 2 <= len(members) or float(np.median(mine)) > conventions.EXPLAINED:
+            continue
+        for q in members:
+            assert q.a is not None and q.b is not None
+            x = hf.read(q.a, 0, q.a.rows).reshape(q.a.shape)
+            plan.regroups.append((q.name, q.a.shape, best, q.b.name))
+            q.a = hf.add_derived(q.name, best.apply(x), q.a)
+            q.note = f"A's {best.describe()}, as the converter writes them"
+        plan.conventions[role] = conventions.RoleConvention(
+            role, best.describe(), None, len(members), n_best, True,
+            {"none": float(np.median([e[None] for e in per_layer])), best.describe(): float(np.median(mine))})
 
 
 def _pair_splits(plan: Plan, hf: SafetensorsWeights, gg: GGUFWeights, unmapped: list[str], used: set[str]) -> None:
@@ -1027,6 +1083,9 @@ def tensors_in_a_convention(a: Source, b: Source) -> Iterator[tuple[str, tuple[i
     for a_name, shape, split, pieces in plan.splits:  # B's pieces joined back into the tensor A stores
         values = {role: b.read(b.tensors[n], 0, b.tensors[n].rows) for role, n in pieces.items()}
         yield a_name, shape, restructure.join(split, values, shape), b.tensors[next(iter(pieces.values()))].type
+    for a_name, shape, regroup, b_name in plan.regroups:  # B's rows back in A's order
+        t = b.tensors[b_name]
+        yield a_name, shape, regroup.invert(b.read(t, 0, t.rows).reshape(shape)), t.type
     for pair in plan.pairs:
         if pair.a is None or pair.b is None or _shape_problem(pair) or _derived(pair.a):
             continue

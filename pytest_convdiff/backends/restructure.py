@@ -38,7 +38,8 @@ import numpy as np
 
 from ..core.weight_errors import layer_and_role
 
-__all__ = ["MAX_PIECES", "Piece", "Split", "candidates", "cut", "establish", "join"]
+__all__ = ["MAX_PIECES", "Piece", "Regroup", "Split", "candidates", "cut", "establish", "join", "regroup_error",
+           "regroup_sample", "regroups"]
 
 MAX_PIECES = 4  # a split into more pieces than this is not searched (the orders grow as n!)
 
@@ -260,3 +261,61 @@ def establish(missing: Sequence[tuple[str, tuple[int, ...]]], unmatched: Sequenc
         for _, pieces in names[best].values():
             taken.update(pieces.values())
     return found
+
+
+@dataclass(frozen=True)
+class Regroup:
+    """A fused projection whose rows the converter reorders without splitting it: A keeps each head's parts
+    together (rows as ``[heads, parts, D]``: Bloom's and GPT-NeoX's ``query_key_value``, q, k and v of head 0,
+    then of head 1, ...), B groups them by part (``[parts, heads, D]``: every head's q, then k, then v). A vector
+    (the bias) is a matrix of one column."""
+
+    heads: int
+    parts: int
+
+    def _view(self, x: np.ndarray, lead: tuple[int, int]) -> np.ndarray:
+        rows = x.shape[0]
+        return np.asarray(x).reshape(*lead, rows // (self.heads * self.parts), -1)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """A's rows as the converter writes them."""
+        v = self._view(x, (self.heads, self.parts)).transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(v).reshape(x.shape)
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """B's rows back in A's order."""
+        v = self._view(y, (self.parts, self.heads)).transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(v).reshape(y.shape)
+
+    def describe(self) -> str:
+        return (f"rows regrouped from {self.heads} heads x {self.parts} parts (A) to {self.parts} parts x "
+                f"{self.heads} heads (B)")
+
+
+def regroups(rows: int, heads: Sequence[int]) -> list[Regroup]:
+    """The regroupings a tensor of ``rows`` rows allows, for the head counts the file declares."""
+    out = []
+    for h in sorted({h for h in heads if h and h > 1}):
+        for k in range(2, MAX_PIECES + 1):
+            if rows % (h * k) == 0:
+                out.append(Regroup(h, k))
+    return out
+
+
+def regroup_sample(rows: int, heads: Sequence[int]) -> int:
+    """How many leading rows of A and of B score every regrouping (``regroup_error``): B's first two blocks of
+    D rows are A's part 0 of heads 0 and 1, which lie within A's first 2 rows/heads rows."""
+    return min(rows, max((2 * rows // h for h in heads if h and h > 1), default=rows))
+
+
+def regroup_error(a_rows: np.ndarray, b_rows: np.ndarray, rows: int, g: Regroup | None) -> float:
+    """B's first two blocks against A's rows that ``g`` (None: no regrouping) puts there, from A's and B's
+    first ``regroup_sample`` rows (2-D: rows, columns)."""
+    d = rows // (g.heads * g.parts) if g is not None else max(1, b_rows.shape[0] // 2)
+    have = np.asarray(b_rows[:2 * d], dtype=np.float64)
+    want = np.asarray(a_rows[:2 * d] if g is None else np.concatenate([a_rows[:d], a_rows[g.parts * d:(g.parts + 1) * d]]),
+                      dtype=np.float64)
+    if have.shape != want.shape:
+        return math.inf
+    num, den = float(((have - want) ** 2).sum()), float((want ** 2).sum())
+    return math.sqrt(num / den) if den else (0.0 if num == 0.0 else math.inf)

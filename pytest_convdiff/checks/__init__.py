@@ -119,7 +119,7 @@ def evaluate_all(ctx: EvalContext, plan: list[CheckId] | None = None, *,
             out += [c for c in done if c.name == f.name]
             continue
         try:
-            if f.measure is not None:
+            if f.measure is not None and not f.measure_lazily:
                 ctx.measurement(f)  # made (or read from the cache) once per pair
             found = f.evaluate(ctx)
             if isinstance(found, Findings):  # the pair-level findings go into the result, in family order

@@ -23,13 +23,14 @@ from ..core.config_fields import (
     CODE_WHEN_ABSENT,
     DERIVED_WHEN_ABSENT,
     FIELDS,
+    NO_LIMIT_CONTEXT,
     PER_LAYER_HEADS,
     Field,
     _reading,
 )
 from ..errors import ConvdiffError
 
-__all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
+__all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "NO_LIMIT_CONTEXT", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
            "render_template"]
 
 

@@ -172,6 +172,9 @@ class CheckFamily:
     doc: str = ""
     needs_outputs: bool = True
     measure: Callable[[EvalContext], Any] | None = None
+    # a measurement made only when ``evaluate`` asks for it (``ctx.measurement``), not before every evaluation:
+    # a model run that only some pairs need (the position family's twin over the long prompts)
+    measure_lazily: bool = False
     code: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     # what the family records from a loaded model besides its outputs (``runner.Producer``): ``produce``'s

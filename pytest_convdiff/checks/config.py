@@ -379,6 +379,14 @@ def check_field(field: cf.Field, m: dict[str, Any]) -> CheckResult:
                             f"fixes it. B's {show(rb.get('value'), field)} ({rb.get('source')}) is not compared here; "
                             "runtime[*] runs A's code on B's weights against B's runtime and judges the value B's "
                             "runtime uses.")
+    if (field.name == "context_length" and side_b.get("kind") == "gguf" and rb.get("value") == cf.NO_LIMIT_CONTEXT
+            and ra.get("value") != cf.NO_LIMIT_CONTEXT):
+        return skipped(cid, f"B states no context limit: {show(rb.get('value'), field)} ({rb.get('source')}) is the "
+                            "value llama.cpp's converters write for a model without a position limit of its own "
+                            f"(Mamba, RWKV, a hybrid without rope), not another training length. A's "
+                            f"{show(ra.get('value'), field)} ({ra.get('source')}) is the length it was trained at; "
+                            "set n_ctx when you serve B. What B computes at long positions is judged by runtime[*] "
+                            "and position[*].")
     if same_value(field, ra.get("value"), rb.get("value")):
         return _ok(cid, field, ra, rb)
     return _fail(cid, field, ra, rb, side_b=side_b)

@@ -14,10 +14,11 @@ for F16 ones; the KV cache to F16). B may be at most ``runtime_ratio`` times as 
 
 A correct runtime gives ratios of about 1 at every type, F16 to Q2_K (docs/twins.md), a wrong rope base
 30×, so one bound serves every type. The three runs (T, T8, B) cover the corpus's first three prompts and
-its longest, each cut to ``TWIN_TOKENS`` positions: beyond about a thousand positions llama.cpp's rope
-and attention arithmetic drifts from transformers' by itself (an F16 file's KL at positions 1k-4k is 30×
-its early level with identical weights), which the ``position`` check bounds. One model in memory at a
-time, as for A and B; the runs are cached like theirs.
+its longest, each cut to ``TWIN_TOKENS`` positions (growth with position is the ``position`` check's,
+which asks T for its own profile over the long prompts when B's grows). B runs without flash attention
+unless asked (``backends.llamacpp.flash_default``): its F16 accumulator is a rounding T8 does not emulate,
+which made an F16 file's KL at positions 1k-4k 20x its early level with identical weights. One model in
+memory at a time, as for A and B; the runs are cached like theirs.
 """
 
 from __future__ import annotations
@@ -57,8 +58,37 @@ def _applies(spec_a: Any, spec_b: Any) -> str | None:
     return None
 
 
+def unavailable(ctx: EvalContext | PlanContext) -> str | None:
+    """Why this pair has no runtime twin (turned off, or the backends cannot make one), or None."""
+    if ctx.settings.runtime_twin == "off":
+        return "the runtime twin is off (--convdiff-runtime-twin=off)"
+    return _applies(ctx.spec_a, ctx.spec_b)
+
+
+def twin_spec(a: Any, b: Any, *, emulate: bool = False) -> Any:
+    """T: A's transformers architecture loaded with B's weights (T8 with ``emulate``: llama.cpp's roundings)."""
+    from ..runner import ModelSpec
+
+    base = {k: v for k, v in (a.options or {}).items() if k not in ("weights_from", "emulate")}
+    return ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path),
+                                              **({"emulate": "llama.cpp"} if emulate else {})})
+
+
+def with_cache(ctx: EvalContext, fn: Any) -> Any:
+    """``fn(cache)`` on the pair's cache, or (a library call without one) on a scratch cache removed afterwards."""
+    if ctx.cache is not None:
+        return fn(ctx.cache)
+    import tempfile
+    from pathlib import Path
+
+    from ..store.cache import Cache
+
+    with tempfile.TemporaryDirectory(prefix="convdiff-twin-") as tmp:
+        return fn(Cache(Path(tmp)))
+
+
 def plan(ctx: PlanContext) -> list[CheckId]:
-    if ctx.settings.runtime_twin == "off" or _applies(ctx.spec_a, ctx.spec_b) is not None:
+    if unavailable(ctx) is not None:
         return []
     return [LOGITS, LAYERS] if ctx.settings.hidden_states and ctx.num_layers else [LOGITS]
 
@@ -78,36 +108,21 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
 
     Nothing runs when the twin is off: no item of this family is planned then, and its three runs would be
     the pair's most expensive work, thrown away."""
-    if ctx.settings.runtime_twin == "off":
-        return {"status": "skipped", "reason": "the runtime twin is off (--convdiff-runtime-twin=off)"}
-    why = _applies(ctx.spec_a, ctx.spec_b)
+    why = unavailable(ctx)
     if why:
         return {"status": "skipped", "reason": why}
     from ..pair import PairMetrics
-    from ..runner import ModelSpec
 
     # T is stored as A is (compact by default: a few kB per token); T8 and B are reduced against it as they run
     settings = replace(ctx.settings, greedy_tokens=0, tokenizer_cases=False, causality=False,
                        layer_swap=0, keep_b=False, cache_dtype="float32",
                        max_tokens=min(ctx.settings.max_tokens or TWIN_TOKENS, TWIN_TOKENS))
     corpus = ctx.corpus if ctx.settings.runtime_twin == "full" else subset(ctx.corpus)
-    a, b = ctx.spec_a, ctx.spec_b
-    base = {k: v for k, v in (a.options or {}).items() if k not in ("weights_from", "emulate")}
-    twin = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path)})
-    twin8 = ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path), "emulate": "llama.cpp"})
+    twin, twin8 = twin_spec(ctx.spec_a, ctx.spec_b), twin_spec(ctx.spec_a, ctx.spec_b, emulate=True)
     from ..backends.hf import TwinUnavailable
 
     try:
-        if ctx.cache is not None:
-            run_t, run_8, run_b = _runs(ctx.cache, twin, twin8, b, corpus, settings)
-        else:  # a library call without a cache: the three runs meet in a scratch cache, removed afterwards
-            import tempfile
-            from pathlib import Path
-
-            from ..store.cache import Cache
-
-            with tempfile.TemporaryDirectory(prefix="convdiff-twin-") as tmp:
-                run_t, run_8, run_b = _runs(Cache(Path(tmp)), twin, twin8, b, corpus, settings)
+        run_t, run_8, run_b = with_cache(ctx, lambda cache: _runs(cache, twin, twin8, ctx.spec_b, corpus, settings))
     except TwinUnavailable as exc:  # not a verdict on B: the other checks judge the pair, and say so
         return {"status": "skipped", "reason": f"no runtime twin for this pair: {exc}"}
     pm_b = PairMetrics.from_dict(run_b.meta["pair_metrics"])

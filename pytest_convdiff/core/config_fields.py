@@ -67,6 +67,11 @@ DERIVED_WHEN_ABSENT = frozenset({"context_length", "n_heads", "n_kv_heads", "hea
 # silence is "its code decides", so B's written value is not compared here; the runtime twin (runtime[*]), which
 # runs A's code on B's weights against B's runtime, judges whether B's runtime uses a value A's code agrees with.
 CODE_WHEN_ABSENT = frozenset({"norm_eps"})
+# The context length llama.cpp's converters write for a model with no position limit of its own (Mamba, RWKV, a
+# hybrid without rope: "arbitrary value; for those who use the default", conversion/mamba.py, granite.py, rwkv.py).
+# Such a B states no limit, not another training length: A's is not compared with it, and what B computes at
+# long positions is what runtime[*] and position[*] judge.
+NO_LIMIT_CONTEXT = 2 ** 20
 # Per-layer head counts where 0 marks a layer without attention (a recurrent or convolution layer of a hybrid)
 PER_LAYER_HEADS = frozenset({"n_heads", "n_kv_heads"})
 

@@ -1,8 +1,8 @@
 """Architectures none of pytest_convdiff's code names, through llama.cpp's own converter and quantiser
 (fixtures/anyarch.py: a tiny random checkpoint of the model type, its defaults with small sizes).
 
-For each: the correct F16 and Q4_K_M pass every item but the tokenizer's (the checkpoint borrows a tokenizer;
-docs/architectures.md says why those are set apart), each correctness value at most half its bound; one 2-D
+For each: the correct F16 and Q4_K_M pass every item but the vocabulary's (``fixtures.anyarch.VOCABULARY_ITEMS``:
+the checkpoint borrows a tokenizer, and docs/architectures.md says why those are set apart), each correctness value at most half its bound; one 2-D
 weight of the middle layer ×1.25 fails ``weights[layer-2]``, naming the tensor; for a mixture of experts, two
 experts of the middle layer swapped fail there too, naming both. The same judgement as bench/arch_sweep.py's,
 on the model types the suite carries (built by scripts/setup.sh).
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from fixtures.anyarch import SUITE as ARCHS  # the model types scripts/setup.sh builds
+from fixtures.anyarch import VOCABULARY_ITEMS  # set apart: the checkpoint borrows its tokenizer
 
 pytestmark = pytest.mark.gguf
 
-TOKENIZER_ITEMS = ("tokens", "tokenizer")
 HALF = 0.5
 
 
@@ -40,7 +40,7 @@ def test_a_correct_file_passes(arch_files, shared_cache, model_type: str, key: s
     result = compare(paths["hf"], paths[key], corpus="quick", cache_dir=shared_cache)
     assert result.error is None, result.error
     bad = {c.id: c.message for c in result.checks
-           if c.outcome in ("failed", "error") and c.name not in TOKENIZER_ITEMS}
+           if c.outcome in ("failed", "error") and not c.id.startswith(VOCABULARY_ITEMS)}
     assert not bad, bad
     over = {c.id: (c.value, c.threshold) for c in result.checks
             if c.kind == "correctness" and c.outcome == "passed" and c.threshold and c.value is not None
@@ -62,7 +62,7 @@ def test_a_defect_fails_at_its_layer_by_name(arch_files, shared_cache, model_typ
         pytest.skip(f"{model_type} has no stacked experts to swap")
     tensor = anyarch.defect_targets(paths["f16"])[defect][0]
     result = compare(paths["hf"], paths[defect], corpus="quick", cache_dir=shared_cache, static_only=True)
-    failed = [c.id for c in result.checks if c.outcome == "failed"]
+    failed = [c.id for c in result.checks if c.outcome == "failed" and not c.id.startswith(VOCABULARY_ITEMS)]
     item = f"weights[layer-{anyarch.LAYERS // 2}]"
     assert failed == [item], failed
     message = result.check(item).message
@@ -94,6 +94,42 @@ def test_a_split_tensor_is_compared_piece_by_piece(arch_files, shared_cache, tmp
     result = compare(paths["hf"], bad, corpus="quick", cache_dir=shared_cache, static_only=True)
     assert [c.id for c in result.checks if c.outcome == "failed"] == [f"weights[layer-{mid}]"]
     assert target in result.check(f"weights[layer-{mid}]").message
+
+
+def test_a_fused_projection_whose_rows_the_converter_reorders(arch_files, shared_cache, tmp_path) -> None:
+    """Bloom keeps q, k and v of each head together in ``query_key_value``; its converter writes every head's q,
+    then k, then v. The regrouping is established from the files (no table names it), A's rows are reordered the
+    same way before they are compared, and one layer's tensor scaled fails that layer by name. A converter that
+    forgot the reordering in every layer looks like a convention to the files, and the runtime twin (A's code on
+    B's rows, put back in A's order by that convention) catches it instead."""
+    from fixtures import anyarch, pipeline
+    from pytest_convdiff import compare
+    from pytest_convdiff.backends.restructure import Regroup
+
+    if "bloom" not in arch_files:
+        pytest.skip("the suite carries no model type with a reordered fused projection")
+    paths = arch_files["bloom"]["paths"]
+    mid = anyarch.LAYERS // 2
+    result = compare(paths["hf"], paths["f16"], corpus="quick", cache_dir=shared_cache, static_only=True)
+    convs = {c["role"]: c["transform"] for c in result.check("weights[other]").details["conventions"]}
+    assert convs["attn_qkv.weight"].startswith("rows regrouped from 4 heads x 3 parts"), convs
+    assert result.check(f"weights[layer-{mid}]").outcome == "passed"
+    target = f"blk.{mid}.attn_qkv.weight"
+    bad = tmp_path / "qkv-scaled.f16.gguf"
+    pipeline.patch_tensors(paths["f16"], bad, lambda name, x, _all: (x * 1.25).astype(x.dtype) if name == target else x)
+    result = compare(paths["hf"], bad, corpus="quick", cache_dir=shared_cache, static_only=True)
+    assert [c.id for c in result.checks if c.outcome == "failed"] == [f"weights[layer-{mid}]"]
+    assert target in result.check(f"weights[layer-{mid}]").message
+    # every layer's q/k/v left in A's order: the plain pairing explains the files, the runtime twin does not
+    regroup = Regroup(4, 3)
+    kept = tmp_path / "qkv-not-regrouped.f16.gguf"
+    pipeline.patch_tensors(paths["f16"], kept, lambda name, x, _all: regroup.invert(x).astype(x.dtype)
+                           if name.endswith("attn_qkv.weight") or name.endswith("attn_qkv.bias") else x)
+    result = compare(paths["hf"], kept, corpus="quick", cache_dir=shared_cache)
+    failed = {c.id for c in result.checks if c.outcome == "failed"}
+    assert not {f for f in failed if f.startswith("weights")}, failed
+    assert "runtime[layers]" in failed, failed
+    assert "leaves its twin at decoder layer 0" in result.check("runtime[layers]").message
 
 
 def test_a_config_value_llama_cpp_does_not_implement_fails_the_runtime_twin_alone(tmp_path) -> None:

@@ -182,7 +182,7 @@ def test_bad_value_names_backend_option_and_value():
 def test_none_means_not_given_and_defaults_fill_in():
     assert validate_options("transformers", {"dtype": None}) == {}
     resolved = resolve_options("llama.cpp", {"n_ctx": "512"})
-    assert resolved["n_ctx"] == 512 and resolved["flash_attn"] == "auto" and resolved["n_batch"] is None
+    assert resolved["n_ctx"] == 512 and resolved["flash_attn"] is None and resolved["n_batch"] is None
     assert set(resolved) == {o.name for o in describe_options("llama.cpp")}
 
 
@@ -620,3 +620,10 @@ def test_the_gpu_is_the_default_and_the_cpu_the_fallback(tiny_models):
         assert gg.info.extra["device"] == ("gpu 0 (all layers offloaded)" if offloads else "cpu")
     finally:
         gg.close()
+
+
+def test_flash_attention_is_off_unless_a_quantised_v_cache_needs_it():
+    from pytest_convdiff.backends.llamacpp import flash_default
+
+    assert flash_default(None) == "false" and flash_default("f16") == "false" and flash_default("f32") == "false"
+    assert flash_default("q8_0") == "auto" and flash_default("q4_0") == "auto"

@@ -4,7 +4,8 @@ Header-only tests (``probe``, damaged files) run without llama-cpp-python; the r
 when it is missing. GGUFs are written once per module into a temporary directory (~0.3 s).
 
 Bounds below come from measurements on the tiny Llama (llama.cpp defaults: flash attention
-auto, F16 KV cache), over the default corpus:
+auto, F16 KV cache; the backend now runs without flash attention unless asked, which only lowers them), over
+the default corpus:
   f32/f16 GGUF: per-layer rfn <= 4e-3, logits NMSE <= 2.4e-5;  q8_0: rfn <= 4e-2, NMSE <= 2.4e-3;
   f32 GGUF with an F32 KV cache and no flash attention: rfn ~2e-6, NMSE ~1e-11 (exact pipeline).
 """

@@ -107,3 +107,31 @@ def test_unrelated_values_are_no_split():
                                 [(n, v.shape) for n, v in noise.items()],
                                 _reader({"model.layers.0.self_attn.kv_b_proj.weight": x}), _reader(noise), 0.8)
     assert got == []
+
+
+def _bloom_qkv(h: int = 4, d: int = 3, c: int = 5, seed: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """A ``query_key_value``-like [h * 3 * d, c] tensor, q, k, v of each head together, and what Bloom's converter
+    writes of it: every head's q, then every head's k, then every head's v."""
+    x = np.random.default_rng(seed).standard_normal((h * 3 * d, c)).astype(np.float32)
+    per = x.reshape(h, 3, d, c)
+    return x, np.concatenate([per[:, j].reshape(h * d, c) for j in range(3)])
+
+
+def test_a_regrouped_fused_projection_is_found_by_its_first_two_blocks_and_inverts_exactly():
+    x, b = _bloom_qkv()
+    g = restructure.Regroup(4, 3)
+    assert np.array_equal(g.apply(x), b) and np.array_equal(g.invert(b), x)
+    bias = x[:, 0].copy()  # a vector is a matrix of one column
+    assert np.array_equal(g.invert(g.apply(bias)), bias) and g.apply(bias).shape == bias.shape
+    # the candidates are the head counts the file declares times 2..MAX_PIECES parts that divide the rows
+    assert restructure.regroups(36, [4, 4]) == [restructure.Regroup(4, 3)]
+    assert set(restructure.regroups(24, [4, 2])) == {restructure.Regroup(2, 2), restructure.Regroup(2, 3),
+                                                     restructure.Regroup(2, 4), restructure.Regroup(4, 2),
+                                                     restructure.Regroup(4, 3)}
+    n = restructure.regroup_sample(36, [4])
+    assert n == 18  # two heads' rows of A hold B's first two blocks
+    errs = {gg: restructure.regroup_error(x[:n], b[:n], 36, gg) for gg in [None, *restructure.regroups(36, [4, 2])]}
+    assert errs[g] == 0.0 and min(errs, key=lambda k: errs[k]) == g
+    assert errs[None] > 0.8  # unrelated rows: the plain pairing does not explain it
+    # a file that kept A's order is explained without any regrouping
+    assert restructure.regroup_error(x[:n], x[:n], 36, None) == 0.0

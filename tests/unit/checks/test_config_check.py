@@ -863,6 +863,21 @@ def test_a_shape_one_side_leaves_to_the_converter_is_not_compared(name):
     assert config.check_field(FIELD["sliding_window"], m).outcome == "failed"
 
 
+def test_the_converters_no_limit_context_is_not_a_training_length():
+    """llama.cpp's converters write 2^20 as the context length of a model without a position limit of its own
+    (Mamba, RWKV, Granite-4's hybrids without rope). Against A's training length that is no contradiction: the
+    item says so and which checks judge long positions. Any other length B writes is compared as before."""
+    side = {"unknown": {}, "fields": {}}
+    m = {"a": {**side, "fields": {"context_length": {"value": 4096, "source": "config.json max_position_embeddings"}}},
+         "b": {**side, "kind": "gguf", "path": "b.gguf",
+               "fields": {"context_length": {"value": 2 ** 20, "source": "GGUF granitehybrid.context_length"}}}}
+    got = config.check_field(FIELD["context_length"], m)
+    assert got.outcome == "skipped" and "no context limit" in got.message and "runtime[*]" in got.message
+    for other in (2 ** 19, 1024, 2 ** 20 + 1):
+        m["b"]["fields"]["context_length"]["value"] = other
+        assert config.check_field(FIELD["context_length"], m).outcome == "failed", other
+
+
 def test_an_epsilon_a_s_code_fixes_is_left_to_the_runtime_twin_but_a_stated_one_is_compared():
     """OLMo's config states no norm epsilon (its LayerNorm fixes 1e-5 in code): B's written value is not a
     contradiction of A's silence, and the item says which check judges it. B silent where A states one, or
