@@ -717,7 +717,7 @@ class _Twin:
         self.pair, self.type, self.imatrix = pair, pair.b.type, imatrix
         self.groups = n_groups if pair.unpermute[1] else 0
         self.offset = pair.norm_offset[1]
-        self.stats = TwinStats(intermediate, half_ulp=_HALF_ULP.get(self.type, 0.0))
+        self.stats = TwinStats(intermediate, half_ulp=_HALF_ULP.get(self.type, 0.0), type=self.type)
         self.block = gguf_header.GGML_TYPES[ggml.type_id(self.type)][1] if self.type not in twin.FLOAT_TYPES else 1
 
     def update(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
@@ -737,7 +737,12 @@ class _Twin:
             vt = rope_unpermute(vt, k)
         if self.offset:
             vt = vt - np.float32(self.offset)
-        self.stats.update(raw_b, raw_t, b, vt, a, self.block, index)
+        # the quantiser's own input, in A's order, for the rounding-tie test (without an importance matrix only:
+        # with one, the rounding types search their scale too)
+        quantised = None
+        if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
+            quantised = twin.round_to(a + np.float32(self.offset) if self.offset else a, self.stats.intermediate)
+        self.stats.update(raw_b, raw_t, b, vt, a, self.block, index, quantised)
 
 
 def twin_unavailable(pair: Pair, src_b: Source, cols: int, has_imatrix: bool = False) -> str | None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INTERMEDIATES", "TwinStats", "round_to", "twin_rows"]
+__all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "TwinStats", "round_to", "rounding_ties", "twin_rows"]
 
 INTERMEDIATES: tuple[str, ...] = ("F16", "F32", "BF16")  # the converter's --outtype, most common first
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -69,6 +69,66 @@ def twin_rows(rows_gguf: np.ndarray, type_name: str, intermediate: str,
     return raw, ggml.dequantize(t, raw, src.shape[1])
 
 
+# Types whose quantiser, without an importance matrix, fixes each block's scale from its extremes and rounds every
+# value once (ggml-quants.c, quantize_row_*_ref): how the scale is made, its divisor, and what is added to x * id
+# before the truncation (None: Q8_0's roundf, which rounds half away from zero).
+ROUNDING_TYPES: dict[str, tuple[str, float, float | None]] = {
+    "Q4_0": ("signed-max", -8.0, 8.5), "Q5_0": ("signed-max", -16.0, 16.5),
+    "Q4_1": ("min-max", 15.0, 0.5), "Q5_1": ("min-max", 31.0, 0.5), "Q8_0": ("abs-max", 127.0, None),
+}
+
+
+def _ulp32(v: np.ndarray) -> np.ndarray:
+    """One unit in the last place of float32 at |v| (of the smallest normal below it)."""
+    a = np.maximum(np.abs(v), np.finfo(np.float32).tiny)
+    return np.ldexp(1.0, np.floor(np.log2(a)).astype(np.int64) - 23)
+
+
+def rounding_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, raw_t: np.ndarray, vb: np.ndarray,
+                  vt: np.ndarray) -> np.ndarray:
+    """For blocks of a rounding type (``ROUNDING_TYPES``; one block per row of each argument: the quantiser's
+    float32 input ``x``, B's and the twin's bytes, B's and the twin's values), whether each differs from its twin
+    only where the quantiser's one rounding was a near-tie that another build of the same code may tip: an arm64
+    build contracts ``x * id + 8.5`` into one fused multiply-add, rounded once, where an x86-64 build rounds the
+    product and the sum apart.
+
+    The block's scale (and minimum) bytes must be the twin's, and each value that differs must differ by one
+    quantum at an element whose rounded quantity, recomputed exactly in float64 from ``x`` and the float32 ``id``
+    as the quantiser computes them, lies within ``ulp(x * id) + ulp(t)`` of its rounding boundary (an integer for
+    the truncation, a half-integer for Q8_0's roundf). Rounding the product and the sum apart errs by at most half
+    an ulp of each, the fused form by half an ulp of the sum, so two builds can only land on either side of a
+    boundary closer than that. A defect moves values by a fraction of a quantum, far more than a few ulps, and
+    its scale bytes change with them."""
+    kind, div, add = ROUNDING_TYPES[type_name]
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    rb, rt = np.atleast_2d(raw_b), np.atleast_2d(raw_t)
+    b = np.atleast_2d(vb).astype(np.float64)
+    t_ = np.atleast_2d(vt).astype(np.float64)
+    scale_bytes = 4 if kind == "min-max" else 2
+    same_scale = (rb[:, :scale_bytes] == rt[:, :scale_bytes]).all(axis=1)
+    rows = np.arange(x.shape[0])
+    if kind == "signed-max":
+        d = (x[rows, np.argmax(np.abs(x), axis=1)] / np.float32(div)).astype(np.float32)
+        base = x
+    elif kind == "min-max":
+        lo = x.min(axis=1)
+        d = ((x.max(axis=1) - lo) / np.float32(div)).astype(np.float32)
+        base = (x - lo[:, None]).astype(np.float32)
+    else:
+        d = (np.abs(x).max(axis=1) / np.float32(div)).astype(np.float32)
+        base = x
+    inv = (np.float32(1.0) / np.where(d != 0, d, np.float32(1.0))).astype(np.float32)
+    quantum = np.abs(np.ascontiguousarray(rb[:, :2]).view(np.float16)[:, 0].astype(np.float64))
+    moved = ~((b == t_) | (np.isnan(b) & np.isnan(t_)))
+    with np.errstate(invalid="ignore"):
+        one_step = np.isclose(np.abs(b - t_), quantum[:, None], rtol=1e-5, atol=0.0)
+    prod = base.astype(np.float64) * inv[:, None].astype(np.float64)  # exact: two float32 factors
+    t = prod + (add if add is not None else 0.0)
+    edge = np.round(t) if add is not None else np.floor(t) + 0.5
+    near = np.abs(t - edge) <= _ulp32(prod) + _ulp32(t)
+    return same_scale & (d != 0) & (quantum > 0) & (~moved | (one_step & near)).all(axis=1)
+
+
 @dataclass
 class TwinStats:
     """B against its twin over a tensor, chunk by chunk: blocks that differ, and the sums for ``excess``."""
@@ -76,6 +136,8 @@ class TwinStats:
     intermediate: str
     blocks: int = 0
     differing: int = 0
+    type: str = ""  # B's storage type (``ROUNDING_TYPES`` get the rounding-tie test)
+    ties: int = 0  # blocks that differed only at a near-tie of the quantiser's one rounding (not in ``differing``)
     d2: float = 0.0  # ||B - T||^2
     e2: float = 0.0  # ||T - A||^2 (the type's own error on this tensor)
     b2: float = 0.0  # ||B - A||^2
@@ -86,16 +148,29 @@ class TwinStats:
     where: list[tuple[int, int]] = field(default_factory=list)  # (row, block) of the first differing blocks
 
     def update(self, raw_b: np.ndarray | None, raw_t: np.ndarray | None, values_b: np.ndarray, values_t: np.ndarray,
-               values_a: np.ndarray, block: int, row_index: np.ndarray) -> None:
+               values_a: np.ndarray, block: int, row_index: np.ndarray, quantised: np.ndarray | None = None) -> None:
         """One chunk: B's and the twin's bytes (None for float types: values are compared), both sides'
-        values and A's in one convention, and the tensor row (in A's order) of each chunk row."""
+        values and A's in one convention, and the tensor row (in A's order) of each chunk row. ``quantised``:
+        the quantiser's float32 input in the same order, for a rounding type quantised without an importance
+        matrix: a block that differs only at a near-tie of its one rounding (``rounding_ties``) is counted in
+        ``ties``, not as differing."""
         vb = values_b.reshape(values_b.shape[0], -1)
         vt = values_t.reshape(vb.shape)
         va = values_a.reshape(vb.shape)
+        tie = None
         if raw_b is not None and raw_t is not None:
             n_blocks = vb.shape[1] // block
             per = raw_b.shape[1] // n_blocks
-            diff = (raw_b.reshape(vb.shape[0], n_blocks, per) != raw_t.reshape(vb.shape[0], n_blocks, per)).any(-1)
+            rb, rt = raw_b.reshape(vb.shape[0], n_blocks, per), raw_t.reshape(vb.shape[0], n_blocks, per)
+            diff = (rb != rt).any(-1)
+            if quantised is not None and self.type in ROUNDING_TYPES and diff.any():
+                shape = (vb.shape[0], n_blocks, block)
+                at = np.nonzero(diff)
+                tie = np.zeros_like(diff)
+                tie[at] = rounding_ties(self.type, quantised.reshape(shape)[at], rb[at], rt[at],
+                                        vb.reshape(shape)[at], vt.reshape(shape)[at])
+                self.ties += int(tie.sum())
+                diff &= ~tie
         else:
             diff = ~((vb == vt) | (np.isnan(vb) & np.isnan(vt)))
         self.blocks += diff.size
@@ -108,6 +183,8 @@ class TwinStats:
             if room > 0:
                 self.where.extend((int(r), int(c)) for r, c in zip(rows[:room], hit[:room, 1], strict=True))
         d = vb.astype(np.float64) - vt
+        if tie is not None and tie.any():  # a tipped near-tie is another build's twin: no distance from it
+            d = np.where(np.repeat(tie, block, axis=1), 0.0, d)
         e = vt.astype(np.float64) - va
         f = vb.astype(np.float64) - va
         ok = np.isfinite(d) & np.isfinite(e) & np.isfinite(f)
@@ -154,7 +231,7 @@ class TwinStats:
                 "excess_inf": not math.isfinite(self.excess()),
                 "error_ratio": self.error_ratio() if math.isfinite(self.error_ratio()) else None,
                 "tie_ratio": self.tie_ratio() if math.isfinite(self.tie_ratio()) else None,
-                "twin_error2": self.e2, "rows_hit": len(self.rows_hit),
+                "twin_error2": self.e2, "rows_hit": len(self.rows_hit), "ties": self.ties,
                 "row_range": [min(self.rows_hit), max(self.rows_hit)] if self.rows_hit else None,
                 "where": [list(w) for w in self.where]}
 

@@ -355,11 +355,14 @@ def _state_text(e: dict[str, Any], bounds: Any) -> str:
         return (f"error {fmt(t.get('error_ratio'))}× its twin's made without the importance matrix "
                 f"(allowed {fmt(bounds.weights_imatrix)}×)")
     if t:
+        ties = (f"; {t['ties']} block(s) tipped at a near-tie of the quantiser's one rounding, as another build "
+                f"rounds it (docs/twins.md)") if t.get("ties") else ""
         if not t["differing"]:
-            return f"identical to its twin ({e['type_b']} from an {t['intermediate']} intermediate)"
+            return (f"identical to its twin ({e['type_b']} from an {t['intermediate']} intermediate)" if not ties
+                    else f"its twin ({e['type_b']} from an {t['intermediate']} intermediate){ties}")
         return (f"{t['differing']} of {t['blocks']} blocks ({100 * t['share']:.3g} %) differ from its twin at "
                 f"near-ties (tie ratio {fmt(t.get('tie_ratio'))}; allowed "
-                f"{100 * bounds.weights_twin_blocks:.3g} % and {fmt(bounds.weights_twin_ratio)}×)")
+                f"{100 * bounds.weights_twin_blocks:.3g} % and {fmt(bounds.weights_twin_ratio)}×){ties}")
     if e.get("replay"):
         return f"{_replay_text(e)} (allowed {fmt(bounds.weights_replay)}×)"
     return (f"relative error {fmt(e['error'])} = {fmt(_ratio(e))}× {_expected_text(e)} (allowed "
