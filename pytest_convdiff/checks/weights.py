@@ -212,6 +212,9 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
                     f"where it differs from {made} ({t['differing']} {block}s{_where_text(t, block)}), B's error "
                     f"against A is {fmt(ratio) if ratio is not None else 'infinitely'}× the twin's, above the allowed "
                     f"{fmt(bounds.weights_twin_ratio)}× (a near-tie gives about 1): B holds other values than A's"))
+    if why and t.get("ties"):
+        why.append(("", f"{t['ties']} more {block}(s) differed only at a near-tie of the quantiser's one rounding, "
+                        "as another build rounds it, and are not counted"))
     if why and given:
         why.append(("", f"if B was quantised with another importance matrix than {given}, give that one"))
     if why and e.get("imatrix_problem"):

@@ -132,3 +132,19 @@ def test_a_min_max_block_tipped_at_a_value_on_its_boundary_is_a_tie(type_name: s
     bad.update(raw_f, raw[blocks], ggml.dequantize(type_name, raw_f, QK), ggml.dequantize(type_name, raw[blocks], QK),
                x[blocks], QK, np.arange(len(blocks)), quantised=x[blocks])
     assert (bad.ties, bad.differing) == (0, len(blocks))
+
+
+def test_a_failing_tensor_says_how_many_blocks_were_taken_as_rounding_ties():
+    """The message of a tensor that fails its twin counts the blocks accepted as another build's rounding apart,
+    so a reader sees they were not held against it; a tensor without such blocks says nothing of them."""
+    from pytest_convdiff.checks.weights import _twin_why
+    from pytest_convdiff.core.bounds import Bounds
+
+    bounds = Bounds({"weights_twin_blocks": 0.1, "weights_twin_ratio": 1.5, "weights_imatrix": 1.1})
+    twin = {"intermediate": "F16", "blocks": 100, "differing": 40, "share": 0.4, "tie_ratio": 3.0, "excess": 2.0,
+            "ties": 3, "row_range": None}
+    why = _twin_why({"twin": twin, "type_b": "Q4_0"}, bounds)
+    assert [k for k, _ in why] == ["weights_twin_blocks", "weights_twin_ratio", ""]
+    assert "3 more block(s) differed only at a near-tie" in why[-1][1]
+    assert all("near-tie of the quantiser's one rounding" not in text
+               for _, text in _twin_why({"twin": {**twin, "ties": 0}, "type_b": "Q4_0"}, bounds))
