@@ -22,14 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fixtures import pipeline  # noqa: E402
-from pytest_convdiff.backends import dequant  # noqa: E402
+from pytest_convdiff.backends import dequant, tensors  # noqa: E402
 from pytest_convdiff.checks import default_bounds  # noqa: E402
 from pytest_convdiff.checks.weights import judge_tensor, score  # noqa: E402
 
 
 def measure(entry: dict, force: str | None = None) -> dict:
-    a = dequant.SafetensorsWeights(entry["source_path"])
-    b = dequant.GGUFWeights(entry["path"])
+    a = tensors.SafetensorsWeights(entry["source_path"])
+    b = tensors.GGUFWeights(entry["path"])
     if force:
         dequant.FORCE_INTERMEDIATE = force
     try:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, runner
+from . import checks, runner, sources
+from .backends.base import WEIGHTS_TWIN
 from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
 from .core.bounds import Bounds
 from .core.code_version import code_digest
@@ -87,10 +88,9 @@ def token_record(spec: ModelSpec) -> dict[str, Any] | None:
     from .backends import registry
 
     try:
-        backend = registry.get(spec.resolved_backend())
-        if backend.read_config is None or spec.is_saved_reference():
+        if not spec.can(sources.RUNS, sources.CONFIG):  # a stored source keeps its own record
             return None
-        side = backend.read_config(Path(spec.path), spec.options or {})
+        side = registry.get(spec.resolved_backend()).read_config(Path(spec.path), spec.options or {})
     except Exception:  # noqa: BLE001 - optional: without it those two items skip in a replay, saying why
         return None
     return {"special_tokens": side.get("special_tokens"), "stop_ids": side.get("stop_ids")}
@@ -98,16 +98,19 @@ def token_record(spec: ModelSpec) -> dict[str, Any] | None:
 
 def weights_sketch(spec: ModelSpec) -> tuple[dict[str, Any], np.ndarray] | str:
     """What a golden reference keeps of A's weights for the weights check to replay (``backends.replay``), or
-    why it keeps nothing: only a transformers checkpoint's safetensors are sketched."""
-    from .backends import dequant, replay
+    why it keeps nothing: only a checkpoint's safetensors are sketched (what the replay reads as A)."""
+    from .backends import registry, replay, tensors
 
-    if spec.is_saved_reference():
-        return "A was itself a saved reference"
-    if spec.resolved_backend() != "transformers" or (spec.options or {}).get("gguf_file"):
-        return f"A was a {spec.resolved_backend()} model, not a transformers checkpoint"
+    if not spec.can(sources.TENSORS):
+        return f"A was a {spec.kind().name}, which keeps no tensors"
+    backend = registry.get(spec.resolved_backend())
     try:
-        return replay.sketch_model(dequant.SafetensorsWeights(spec.path))
-    except dequant.WeightsUnreadable as exc:
+        src = backend.open_weights(Path(spec.path), dict(spec.options or {}), "A")
+        if not isinstance(src, tensors.SafetensorsWeights):
+            src.close()
+            return f"A was a {backend.name} model, whose weights are a {src.kind} file, not a checkpoint's safetensors"
+        return replay.sketch_model(src)
+    except tensors.WeightsUnreadable as exc:
         return str(exc)
 
 
@@ -160,30 +163,29 @@ def evaluate(a: ModelRun, b: ModelRun, corpus: Corpus, bounds: Any, *, pair_id: 
     return res
 
 
-# Backends whose models have twins (backends.twin: llama.cpp's quantiser, or the storage type's rounding, on A's
-# tensors; A's architecture run with B's weights): there correctness is judged against the twins, and the
-# quality budgets (KL, NMSE, top-K, PPL, rfn against A) are reported unless the user sets them. An EXL2 model
-# has no quantiser on the CPU to make its twin: its budgets still judge it (docs/twins.md).
-TWIN_BACKENDS = ("llama.cpp", "transformers")
-
-
 def quality_reported(spec_b: ModelSpec) -> bool:
-    """Whether B's quality budgets are reported rather than judged by default."""
+    """Whether B's quality budgets are reported rather than judged by default: where B's backend makes twins
+    (``backends.base.WEIGHTS_TWIN``: llama.cpp's quantiser, or the storage type's rounding, on A's tensors),
+    correctness is judged against the twins, and the quality budgets (KL, NMSE, top-K, PPL, rfn against A) are
+    reported unless the user sets them. An EXL2 model has no quantiser on the CPU to make its twin: its budgets
+    still judge it (docs/twins.md)."""
     try:
-        return spec_b.resolved_backend() in TWIN_BACKENDS
+        return spec_b.can(WEIGHTS_TWIN)
     except Exception:  # noqa: BLE001 - an unrecognisable B errors elsewhere
         return False
 
 
-BASE_FILE_WHY = ("A is a llama-perplexity base file, which holds no weights to make twins from, so no bound comes "
-                 "from the files; these are llama-perplexity's figures, to read against published ones")
+NO_WEIGHTS_WHY = ("A is a {}, which holds no weights to make twins from, so no bound comes from the files; these "
+                  "are llama-perplexity's figures, to read against published ones")
 
 
 def quality_policy(spec_a: Any, spec_b: ModelSpec) -> dict[str, Any]:
-    """``EvalContext``'s ``quality_reported`` and ``quality_why`` for a pair: a base file as A has no twins
-    either, so whatever B is, its quality budgets are reported unless the user sets them."""
-    if spec_a is not None and getattr(spec_a, "is_base_file", lambda: False)():
-        return {"quality_reported": True, "quality_why": BASE_FILE_WHY}
+    """``EvalContext``'s ``quality_reported`` and ``quality_why`` for a pair: an A that gives scores and nothing
+    else (a base file) has no weights or outputs to make twins from, so whatever B is, its quality budgets are
+    reported unless the user sets them."""
+    can = getattr(spec_a, "can", None)
+    if can is not None and not can(sources.OUTPUTS):
+        return {"quality_reported": True, "quality_why": NO_WEIGHTS_WHY.format(spec_a.kind().name)}
     return {"quality_reported": quality_reported(spec_b)}
 
 
@@ -245,11 +247,10 @@ class Comparison:
         self._stage = "starting"
         self._label = f"[{self.pair_id}] "
         self.static_only = False  # set when only checks that need no model outputs were selected
-        if self.a.is_base_file():  # its chunks are the corpus, and only B's logits are compared with it
-            from .store.kld_run import kld_corpus
-
+        kind_a = self.a.kind()
+        if kind_a.corpus is not None:  # A fixes the corpus (a base file's chunks); B is scored on it, whole
             try:
-                self.corpus = kld_corpus(self.a.path)
+                self.corpus = kind_a.corpus(self.a)
             except ConvdiffError as exc:
                 self._error = str(exc)
             self.settings = base_file_settings(self.settings)
@@ -285,7 +286,8 @@ class Comparison:
             self._stage = "recognising the models"
             for spec in (self.a, self.b):  # a mistyped path fails now, not after A has run
                 spec.resolved_backend()
-            self.settings = self._fit_context(self.settings) if not self.a.is_base_file() else self._fits_chunks()
+            self.settings = (self._fits_chunks() if self.a.can(sources.OWN_CORPUS)
+                             else self._fit_context(self.settings))
             self._stage = f"running model A ({self.a.path})"
             run_a = runner.run_model(self.a, self.corpus, self.cache, settings=self.settings, progress=self.progress,
                               label=self._label + "A ", producers=checks.producers())

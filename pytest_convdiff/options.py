@@ -287,6 +287,7 @@ def build_zoo(v: dict[str, Any], cache_root: Callable[[], Path], worker_id: str 
     options; OptionError names the option at fault. ``cache_root()`` gives the cache directory when none
     was given; ``worker_id``: the xdist worker (its GPU under --convdiff-gpus); ``cls``: a ``Zoo`` subclass,
     made with ``extra`` as its own fields."""
+    from . import sources
     from .checks.base import BaselineConfig
     from .core.corpus import load_corpus
     from .core.pair_id import unique_pair_ids
@@ -320,13 +321,14 @@ def build_zoo(v: dict[str, Any], cache_root: Callable[[], Path], worker_id: str 
             except ConvdiffError as exc:
                 raise OptionError(flag, f"{flag} {path}: {exc}".replace(f"{path}: {path}:", f"{path}:")) from None
             stored = ModelSpec(path, backend)
-            if flag == "--model-b" and (stored.is_saved_reference() or stored.is_base_file()):
+            if flag == "--model-b" and stored.kind().only_as_a:
                 raise OptionError(flag, f"--model-b {path}: a saved reference or llama-perplexity base file holds "
                                         "model A's outputs, not a model that can be run; give it as --model-a and "
                                         "the converted model as --model-b.")
-        if v["convdiff_save_reference"] and ModelSpec(model_a, backend_a).is_base_file():
-            raise OptionError("--convdiff-save-reference", f"--model-a {model_a} is a llama-perplexity base file, "
-                              "already a stored reference; --convdiff-save-reference needs the reference model.")
+        kind_a = ModelSpec(model_a, backend_a).kind()
+        if v["convdiff_save_reference"] and sources.OUTPUTS not in kind_a.gives:
+            raise OptionError("--convdiff-save-reference", f"--model-a {model_a} is a {kind_a.name}, already a stored "
+                              "reference; --convdiff-save-reference needs the reference model.")
         try:
             (options_a,) = backend_options("--convdiff-option-a", v["convdiff_options_a"] or {}, [model_a], backend_a)
             options_b = backend_options("--convdiff-option-b", v["convdiff_options_b"] or {}, model_bs, backend_b)

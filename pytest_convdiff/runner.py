@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import sources
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
 from .backends.base import LAYER_SWAP, ModelInfo
 from .core import compact, metrics, routing
@@ -37,18 +38,17 @@ from .core.settings import (
 )
 from .errors import ConvdiffError, ModelLoadError
 from .pair import PairReducer, reduced_against
-from .store import kld_run
+from .sources import SourceKind
 from .store.budget import expected_entry_bytes
 from .store.cache import Cache, content_fingerprint, make_key
-from .store.kld_file import evaluated_chunk, is_kld
-from .store.reference import is_reference, open_reference_run, reference_info
+from .store.kld_file import evaluated_chunk
 from .store.run import ModelRun
 
 __all__ = ["ModelRun", "ModelSpec", "RunSettings", "cache_dtype_name", "run_key", "run_model", "store_name"]
 
 Progress = Callable[[str], None]
-REFERENCE = "reference"  # what a golden reference shows as its backend; no backend module has this name
-_REFERENCE_NAMES = (REFERENCE, "golden")
+
+
 def quiet(_msg: str) -> None:
     """A progress callback that says nothing."""
 
@@ -104,37 +104,49 @@ class ModelSpec:
         # a pathlib.Path is what a notebook passes; the spec is keyed and stored as JSON, so it holds a str
         self.path = os.fspath(self.path)
 
-    def is_saved_reference(self) -> bool:
-        """A saved golden reference: named so (``backend="reference"``), or recognised by its content."""
-        if self.backend and self.backend.strip().lower() in _REFERENCE_NAMES:
-            return True
-        return is_reference(self.path)
+    def kind(self) -> SourceKind:
+        """What this path is: a model a backend runs, a saved reference, a llama-perplexity base file."""
+        return sources.kind_of(self)
 
-    def is_base_file(self) -> bool:
-        """A llama-perplexity ``--kl-divergence-base`` file (``store.kld_run``), recognised by its content."""
-        return not self.is_saved_reference() and is_kld(self.path)
+    def capabilities(self) -> frozenset[str]:
+        """What it gives (``sources``' vocabulary, and a model's backend's ``CAPABILITIES``)."""
+        kind = self.kind()
+        if kind is not sources.MODEL:
+            return kind.gives
+        try:
+            backend = registry.get(self.resolved_backend())
+        except (ConvdiffError, ValueError):  # not recognised: it errors the pair where it is run, saying why
+            return kind.gives
+        gives = set(kind.gives) | backend.capabilities
+        if backend.open_weights is None:
+            gives.discard(sources.TENSORS)
+        if backend.read_config is None:
+            gives.discard(sources.CONFIG)
+        return frozenset(gives)
+
+    def can(self, *what: str) -> bool:
+        """Whether it gives every one of ``what``."""
+        return set(what) <= self.capabilities()
 
     def resolved_backend(self) -> str:
-        """The backend's name; ``"reference"`` for a golden reference, ``"llama-perplexity base"`` for a base
-        file (for display: neither has a backend module)."""
-        if self.is_saved_reference():
-            return REFERENCE
-        if self.is_base_file():
-            return kld_run.BACKEND
+        """The backend's name; a stored source's display name (``"reference"``, ``"llama-perplexity base"``:
+        neither has a backend module)."""
+        kind = self.kind()
+        if kind.display is not None:
+            return kind.display
         return normalize_backend_name(self.backend) if self.backend else detect_backend(self.path)
 
     def probe(self) -> ModelInfo:
-        """Cheap facts about the model (layer count for collection); a reference's come from its header."""
-        if self.is_saved_reference():
-            return reference_info(self.path)
-        if self.is_base_file():
-            return kld_run.kld_info(self.path)
+        """Cheap facts about the model (layer count for collection); a stored source's come from its header."""
+        kind = self.kind()
+        if kind.probe is not None:
+            return kind.probe(self)
         mod = backend_module(self.resolved_backend())
         return mod.probe(Path(self.path), self.options)
 
     def fingerprint(self) -> str:
         p = Path(self.path)
-        if self.is_saved_reference() or self.is_base_file():
+        if not self.can(sources.RUNS):  # a stored source: its file is all it is
             return content_fingerprint([p], p.parent)
         mod = backend_module(self.resolved_backend())
         files = mod.fingerprint_files(p)
@@ -181,8 +193,8 @@ def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[s
 OUTPUTS_VERSION = 2
 
 # The modules that bring B's tensors into A's architecture for a runtime twin (names, conventions, placement).
-TWIN_LOADING = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
-                "pytest_convdiff.backends.conventions")
+TWIN_LOADING = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.pairing", "pytest_convdiff.backends.tensors",
+                "pytest_convdiff.backends.conventions", "pytest_convdiff.backends.restructure")
 
 
 def _key(parts: dict[str, Any], feed: ModelRun | None, settings: RunSettings) -> str:
@@ -222,15 +234,14 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     value is kept in the run's ``meta`` under its key.
     """
     settings = settings or RunSettings()
-    if spec.is_saved_reference():
-        return _reference_run(spec, corpus, feed, settings, progress, label)
-    if spec.is_base_file():
-        if feed is not None:
-            raise ModelLoadError(f"{spec.path}: a llama-perplexity base file can only be model A (--model-a): it "
-                                 "holds log-probabilities, not a model that can be run. Pass the converted model "
-                                 "itself as --model-b.")
-        progress(f"{label}{spec.path}: A served from a llama-perplexity base file (no model loaded)")
-        return kld_run.open_kld_run(spec.path, spec)
+    kind = spec.kind()
+    if kind.open_run is not None:  # a stored source: its outputs are read, nothing runs
+        if feed is not None and kind.only_as_a:
+            raise ModelLoadError(f"{spec.path}: {kind.only_as_a}, so it can only be model A (--model-a). Pass "
+                                 "the converted model itself as --model-b.")
+        run = kind.open_run(spec, corpus, settings)
+        progress(f"{label}{spec.path}: {_served(run, kind)}")
+        return run
     parts = _key_parts(spec, corpus, feed)
     parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
     key = _key(parts, feed, settings)
@@ -269,20 +280,13 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     return ModelRun(spec, entry, from_cache=False)
 
 
-def _reference_run(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
-                   progress: Progress, label: str) -> ModelRun:
-    """Model A served from a saved reference. A reference holds outputs, not a model that could be run
-    on A's tokens, so as model B it is refused with a message saying what to pass instead."""
-    if feed is not None:
-        raise ModelLoadError(
-            f"{spec.path}: a saved convdiff reference can only be model A (--model-a): it holds outputs, "
-            f"not a model that can be run on A's tokens. Pass the converted model itself as --model-b."
-        )
-    run = open_reference_run(spec.path, corpus, settings, spec=spec)
-    ref = run.meta.get("reference", {})
-    progress(f"{label}{spec.path}: outputs served from the saved reference of {ref.get('model', '?')} "
-             f"({ref.get('backend', '?')}, saved {ref.get('created', '?')})")
-    return run
+def _served(run: ModelRun, kind: SourceKind) -> str:
+    """The progress line of a stored source: what serves A's outputs."""
+    ref = run.meta.get("reference")
+    if ref:
+        return (f"outputs served from the saved reference of {ref.get('model', '?')} ({ref.get('backend', '?')}, "
+                f"saved {ref.get('created', '?')})")
+    return f"A served from a {kind.name} (no model loaded)"
 
 
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import sources
 from .checks.base import BaselineConfig
 from .comparison import Comparison
 from .core.corpus import Corpus, load_corpus
@@ -92,8 +93,10 @@ def on_gpu(spec: ModelSpec, gpu: int) -> ModelSpec:
     The process environment (CUDA_VISIBLE_DEVICES) is left alone: it belongs to the user's tests too."""
     from .backends import device_options
 
+    if sources.RUNS not in spec.kind().gives:  # stored outputs: nothing runs
+        return spec
     backend = resolve_backend(spec.path, spec.backend)
-    if backend is None or backend == "reference" or spec.is_base_file():  # stored outputs: nothing runs
+    if backend is None:
         return spec
     return ModelSpec(spec.path, spec.backend, device_options(backend, gpu, dict(spec.options)))
 
@@ -107,12 +110,10 @@ def check_model(path: str, backend: str | None) -> None:
     spec = ModelSpec(path, backend)
     if not Path(path).exists():
         detect_backend(path)  # the readable "no such file or directory" with what is accepted
-    if spec.is_base_file():
-        from .store.kld_file import read_kld
-
-        read_kld(path)  # header against size: a truncated download is named now, not when the pair runs
-        return
-    if spec.is_saved_reference():
+    kind = spec.kind()
+    if kind.check is not None:
+        kind.check(path)  # a stored source's own check (a base file's header against its size)
+    if sources.RUNS not in kind.gives:
         return
     if backend is None:
         detect_backend(path)
@@ -141,10 +142,10 @@ def backend_options(option: str, raw: dict[str, Any], paths: list[str], backend:
     (else a ConvdiffError naming ``option`` and listing the valid keys); each model gets the keys its own
     backend knows."""
     from .backends.options import validate_options
-    from .store.kld_run import BACKEND as BASE_FILE
 
     resolved = [resolve_backend(p, backend) for p in paths]
-    known = {b for b in resolved if b and b not in ("reference", BASE_FILE)}  # stored outputs take no options
+    known = {b for p, b in zip(paths, resolved, strict=True)  # stored outputs take no options
+             if b and sources.RUNS in ModelSpec(p, backend).kind().gives}
     errors: dict[str, str] = {}
     typed: dict[str, dict[str, Any]] = {}
     for b in known:

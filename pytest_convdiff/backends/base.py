@@ -23,7 +23,12 @@ HIDDEN_STATES = "hidden_states"  # per-layer hidden states in ``forward``
 SUBBLOCKS = "subblocks"  # attention / MLP sub-block outputs in ``ForwardOutput.sublayers``
 LAYER_SWAP = "layer_swap"  # ``forward(inject=...)`` replaces layer outputs
 INCREMENTAL_DECODE = "incremental_decode"  # ``greedy_decode`` on the KV cache
-ALL_CAPABILITIES = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
+# What a backend's model can be in the twins (docs/twins.md):
+WEIGHTS_TWIN = "weights_twin"  # its tensors are remade here from A's (a quantiser or a dtype's rounding)
+TWIN_HOST = "twin_host"  # its architecture runs another model's weights (``weights_from``): the runtime twin's code
+TWIN_GUEST = "twin_guest"  # its tensors load into a host's architecture, and its runtime is its own: B of a twin
+ALL_CAPABILITIES = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE, WEIGHTS_TWIN, TWIN_HOST,
+                              TWIN_GUEST})
 
 
 @dataclass

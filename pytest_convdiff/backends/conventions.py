@@ -23,7 +23,7 @@ Experts: the converter stacks the per-expert matrices of a mixture-of-experts la
 counterpart through gguf-py's name map, and ``expert_slice`` gives expert e's rows of the stacked tensor as
 a tensor of its own, so each expert is compared, and named, as itself.
 
-No torch and no pytest: numpy and the GGUF/safetensors readers of ``backends.dequant``.
+No torch and no pytest: numpy and the GGUF/safetensors readers of ``backends.tensors``.
 """
 
 from __future__ import annotations

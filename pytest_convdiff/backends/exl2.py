@@ -76,8 +76,11 @@ OPTIONS: tuple[BackendOption, ...] = (
     BackendOption("encode_special_tokens", "bool", True, "special-token text in a prompt becomes the special token"),
 )
 CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, LAYER_SWAP})
+# advice for a model that fails a check family (``BackendSpec.hint``)
+HINTS = {"causality": "exllamav2 without flash-attn computes attention through SDPA without a causal mask; set its "
+                      "no_sdpa option: --convdiff-option-{role} no_sdpa=true."}
 
-__all__ = ["CAPABILITIES", "NAME", "OPTIONS", "fingerprint_files", "gpu_split_for", "layer_output_indices", "load",
+__all__ = ["CAPABILITIES", "HINTS", "NAME", "OPTIONS", "fingerprint_files", "gpu_split_for", "layer_output_indices", "load",
            "probe", "tokenizer_adds_special"]
 
 
@@ -409,9 +412,9 @@ def _detect(path: Path) -> bool:
 
 
 def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa: ARG001
-    from . import dequant
+    from . import tensors
 
-    raise dequant.WeightsUnreadable(
+    raise tensors.WeightsUnreadable(
         f"{role} is an EXL2 model: its weights are packed for exllamav2's GPU kernels, which this check does "
         "not unpack (its outputs are still compared)")
 

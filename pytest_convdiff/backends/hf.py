@@ -27,6 +27,8 @@ from .base import (
     INCREMENTAL_DECODE,
     LAYER_SWAP,
     SUBBLOCKS,
+    TWIN_HOST,
+    WEIGHTS_TWIN,
     ForwardOutput,
     ModelInfo,
     info_from_hf_config,
@@ -79,7 +81,8 @@ def _round_activation(torch: Any, x: Any, kind: str, block: int) -> Any:
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.sign(xb * inv) * torch.floor((xb * inv).abs() + 0.5)  # roundf: halves away from zero
     return (q * d.to(torch.float16).to(torch.float32)).reshape(shape).to(x.dtype)
-CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE})
+CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE, WEIGHTS_TWIN,
+                                          TWIN_HOST})
 
 
 def library_version() -> str | None:
@@ -299,16 +302,16 @@ class TransformersBackend:
             self._emulation.append(mod.register_forward_pre_hook(pre))
 
     def _load_weights_from(self, other: Path) -> dict[str, str]:
-        """Replace every parameter with the other model's tensor of the same name (``backends.dequant`` brings a
+        """Replace every parameter with the other model's tensor of the same name (``backends.pairing`` brings a
         GGUF's tensors into this checkpoint's naming and convention): A's code, B's weights. An output layer
         that A ties to its embedding is untied when B's differs."""
         torch = self._torch
-        from . import dequant
+        from . import pairing, tensors
 
         try:
-            a = dequant.SafetensorsWeights(self.path)
-            b = dequant.GGUFWeights(other) if other.suffix == ".gguf" else dequant.SafetensorsWeights(other)
-        except (dequant.WeightsUnreadable, OSError, ValueError) as exc:
+            a = tensors.SafetensorsWeights(self.path)
+            b = tensors.GGUFWeights(other) if other.suffix == ".gguf" else tensors.SafetensorsWeights(other)
+        except (tensors.WeightsUnreadable, OSError, ValueError) as exc:
             raise ModelLoadError(f"{self.path}: the weights of {other} cannot be read into it: {exc}") from exc
         params = dict(self.model.named_parameters(remove_duplicate=False))
         for bname, buf in self.model.named_buffers(remove_duplicate=False):  # a stored buffer (DeepSeek's expert
@@ -318,7 +321,7 @@ class TransformersBackend:
         unplaced: list[str] = []
         with torch.no_grad():
             try:
-                for name, _shape, values, stored in dequant.tensors_in_a_convention(a, b):
+                for name, _shape, values, stored in pairing.tensors_in_a_convention(a, b):
                     p = params.get(name)
                     if p is None:  # stored under another name in the loaded model: a fused or stacked parameter
                         slot = _place(torch, params, name, a)
@@ -340,7 +343,7 @@ class TransformersBackend:
                             continue
                     p.copy_(src.reshape(p.shape))
                     loaded += 1
-            except dequant.WeightsUnreadable as exc:
+            except tensors.WeightsUnreadable as exc:
                 raise ModelLoadError(f"{self.path}: the weights of {other} cannot be read into it: {exc}") from exc
             finally:
                 a.close()
@@ -572,15 +575,15 @@ def _detect(path: Path) -> bool:
 
 def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:
     """The checkpoint's tensors for the weights check: its safetensors, or the GGUF it is loaded from."""
-    from . import dequant
+    from . import tensors
 
     gguf_file = (options or {}).get("gguf_file")
     if gguf_file:
-        return dequant.GGUFWeights(path / str(gguf_file))
+        return tensors.GGUFWeights(path / str(gguf_file))
     method = hfdir.quant_method(hfdir.read_config(path, NAME))
     if method not in (None, "gguf"):  # a GGUF-loaded checkpoint saved by transformers holds plain floats
-        raise dequant.WeightsUnreadable(f"{role}'s weights are packed by {method}, which this check does not unpack")
-    return dequant.SafetensorsWeights(path)
+        raise tensors.WeightsUnreadable(f"{role}'s weights are packed by {method}, which this check does not unpack")
+    return tensors.SafetensorsWeights(path)
 
 
 def read_config(path: Path, options: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,16 @@ import numpy as np
 from ..core import routing
 from ..core.threads import default_threads
 from ..errors import ContextLengthError, MissingDependencyError, ModelLoadError
-from .base import HIDDEN_STATES, INCREMENTAL_DECODE, SUBBLOCKS, ForwardOutput, ModelInfo, installed_version
+from .base import (
+    HIDDEN_STATES,
+    INCREMENTAL_DECODE,
+    SUBBLOCKS,
+    TWIN_GUEST,
+    WEIGHTS_TWIN,
+    ForwardOutput,
+    ModelInfo,
+    installed_version,
+)
 from .gguf_header import (
     FILE_TYPES,
     GGML_TYPES,
@@ -73,7 +82,7 @@ OPTIONS: tuple[BackendOption, ...] = (
     BackendOption("type_k", "str", None, "K cache type; default llama.cpp's (f16)", choices=tuple(_KV_TYPES)),
     BackendOption("type_v", "str", None, "V cache type; default llama.cpp's (f16)", choices=tuple(_KV_TYPES)),
 )
-CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, INCREMENTAL_DECODE})
+CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, INCREMENTAL_DECODE, WEIGHTS_TWIN, TWIN_GUEST})
 
 
 # The options under which llama.cpp's own tools (llama-perplexity) run a model: its defaults. A run scored against
@@ -653,9 +662,9 @@ def _detect(path: Path) -> bool:
 
 
 def open_weights(path: Path, options: dict[str, Any], role: str) -> Any:  # noqa: ARG001 - same for every option
-    from . import dequant
+    from . import tensors
 
-    return dequant.GGUFWeights(path)
+    return tensors.GGUFWeights(path)
 
 
 def eog_ids(path: Path) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class BackendSpec:
     read); among the backends that claim a path, the highest ``priority`` wins, so a specific format
     (an EXL2 directory) is tried before a generic one (any transformers directory). ``gpu_option`` is the
     option that picks a GPU and ``gpu_value`` spells GPU ``i`` in it (``device_options``).
-    ``open_weights(path, options, role)`` returns a ``backends.dequant.Source`` over the model's tensors,
+    ``open_weights(path, options, role)`` returns a ``backends.tensors.Source`` over the model's tensors,
     or raises ``WeightsUnreadable`` saying why the ``weights`` check cannot read them; None: never.
     ``read_config(path, options)`` returns the model's normalised configuration record for the ``config``
     check (fields in ``core.config_fields``'s vocabulary, each with the file and key it came from), as
@@ -77,6 +77,12 @@ class BackendSpec:
     @property
     def capabilities(self) -> frozenset[str]:
         return frozenset(getattr(self.load_module(), "CAPABILITIES", frozenset()))
+
+    def hint(self, topic: str, **fields: str) -> str:
+        """What the backend tells a user whose model fails ``topic`` (a check family's name): its module's
+        ``HINTS[topic]``, formatted with ``fields``; empty when it has none."""
+        text = dict(getattr(self.load_module(), "HINTS", {})).get(topic, "")
+        return text.format(**fields) if text else ""
 
     def library_version(self) -> str | None:
         """The backend library's version (part of every run's cache key); None when the module does not say."""

@@ -33,19 +33,10 @@ from ..store.reference import (
     SKETCH_ARRAY,  # the reference's array: one row of BUCKETS per tensor, in the table's order
 )
 from . import ggml, gguf_header, twin
-from .dequant import (
-    CONVENTIONS,
-    HF_ARCH,
-    SafetensorsWeights,
-    StoredTensor,
-    _check_groups,
-    _perm_groups,
-    _Reader,
-    _tensor_meaning,
-    _view,
-    plan_pairs,
-    start_entry,
-)
+from .conventions import HF_ARCH, PRIORS
+from .dequant import start_entry, tensor_meaning
+from .pairing import Reader, check_groups, perm_groups, plan_pairs
+from .tensors import SafetensorsWeights, StoredTensor, view_2d
 
 __all__ = ["BUCKETS", "FORMAT", "SKETCH_ARRAY", "ReplayWeights", "TYPES", "measure_replay", "sketch_model"]
 
@@ -98,10 +89,10 @@ def _offset(name: str, norm_offset: float) -> float:
 def sketch_model(a: Any) -> tuple[dict[str, Any], np.ndarray]:
     """(the table a reference keeps, the sketches: one row of BUCKETS per tensor) of A's weights.
 
-    ``a``: a ``backends.dequant.SafetensorsWeights``. Each tensor is read once in row chunks (and its sample
+    ``a``: a ``backends.tensors.SafetensorsWeights``. Each tensor is read once in row chunks (and its sample
     rows once more)."""
     arch = HF_ARCH.get(str(a.config.get("model_type") or ""))
-    conv = CONVENTIONS.get(arch or "")
+    conv = PRIORS.get(arch or "")
     norm_offset = conv.norm_offset if conv else 0.0
     no_quantiser = ggml.available()  # None when llama.cpp's quantiser can be called
     tensors: list[dict[str, Any]] = []
@@ -163,7 +154,7 @@ class ReplayWeights(SafetensorsWeights):
         self.info: dict[str, dict[str, Any]] = {}
         for i, t in enumerate(table["tensors"]):
             shape = tuple(int(d) for d in t["shape"])
-            r, c = _view(shape)
+            r, c = view_2d(shape)
             self.tensors[t["name"]] = StoredTensor(t["name"], shape, t["type"], self.path, 0, 0, r, c)
             self.sketch[t["name"]] = np.asarray(sketches[i], dtype=np.float64)
             self.info[t["name"]] = t
@@ -189,12 +180,12 @@ class _Side:
 
 
 def _sketch_b(b: Any, pair: Any) -> _Side:
-    n = _perm_groups(pair)
-    if pair.qk and not _check_groups(pair.a.rows, n):
+    n = perm_groups(pair)
+    if pair.qk and not check_groups(pair.a.rows, n):
         n = 0
     rows, cols = pair.a.rows, pair.a.cols
-    rb = _Reader(b, pair.b, n if pair.unpermute[1] else 0, pair.norm_offset[1])
-    raw_reader = _Reader(b, pair.b, 0, pair.norm_offset[1]) if n and pair.unpermute[1] else None
+    rb = Reader(b, pair.b, n if pair.unpermute[1] else 0, pair.norm_offset[1])
+    raw_reader = Reader(b, pair.b, 0, pair.norm_offset[1]) if n and pair.unpermute[1] else None
     sk = np.zeros(BUCKETS, dtype=np.float64)
     raw = np.zeros(BUCKETS, dtype=np.float64) if raw_reader else None
     bad, first = 0, None
@@ -281,7 +272,7 @@ def _replay_matches(ref: ReplayWeights, plan: Any, idx: int, e: dict[str, Any], 
             layer, role = layer_and_role(other.name)
             found.append({"kind": "tensor", "tensor": other.name, "a_name": other.a.name, "layer": layer,
                           "role": role, "error": d, "sampled": False, "what": f"A's {other.name}",
-                          "meaning": _tensor_meaning(pair, other)})
+                          "meaning": tensor_meaning(pair, other)})
     norm = float(ref.info[pair.a.name]["norm"])
     sa = ref.sketch[pair.a.name]
     if side.raw is not None:

@@ -24,7 +24,7 @@ established from the files under test, as ``backends.conventions`` establishes t
   and a failure names the piece and the layer. The runtime twin joins B's pieces back into A's tensor
   (``join``).
 
-No torch and no pytest: numpy and the readers of ``backends.dequant``.
+No torch and no pytest: numpy and the readers of ``backends.tensors``.
 """
 
 from __future__ import annotations

@@ -87,10 +87,11 @@ def parse_bound_mapping(values: Mapping[str, Any], where: str) -> dict[str, floa
 
 
 def applies(family: CheckFamily, spec_a: Any) -> bool:
-    """Whether the family has anything to judge against this model A: a llama-perplexity base file holds
-    only log-probabilities, so only the families that declare ``reads_base_file`` are run against one."""
-    is_base_file = getattr(spec_a, "is_base_file", None)
-    return family.reads_base_file or not (is_base_file is not None and is_base_file())
+    """Whether the family has anything to judge against this model A: what A gives (``ModelSpec.can``) covers
+    what the family reads. A llama-perplexity base file gives only scores, so only the families that read
+    nothing else are run against one. Without a spec (a library call on runs alone) every family applies."""
+    can = getattr(spec_a, "can", None)
+    return can is None or can(*family.reads)
 
 
 def plan_by_family(ctx: PlanContext) -> dict[str, list[CheckId]]:

@@ -26,11 +26,10 @@ from ..core.config_fields import (
     NO_LIMIT_CONTEXT,
     PER_LAYER_HEADS,
     Field,
-    _reading,
 )
 from ..errors import ConvdiffError
 
-__all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "NO_LIMIT_CONTEXT", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_reference", "read_side",
+__all__ = ["CODE_WHEN_ABSENT", "CONVERSATIONS", "DERIVED_WHEN_ABSENT", "FIELDS", "NO_LIMIT_CONTEXT", "PER_LAYER_HEADS", "Field", "compare_templates", "measure", "read_side",
            "render_template"]
 
 
@@ -88,37 +87,6 @@ def describe_conversation(messages: list[dict[str, Any]], extra: dict[str, Any])
 # --------------------------------------------------------------------------- golden references
 
 # ModelInfo attribute / extra key -> field (a reference saved from a GGUF keeps some header fields).
-_REFERENCE_INFO = {"num_layers": "n_layers", "vocab_size": "vocab_size", "hidden_size": "hidden_size"}
-_REFERENCE_EXTRA = {"context_length": "context_length", "rope_freq_base": "rope_theta", "rms_norm_eps": "norm_eps",
-                    "bos_token_id": "bos_id", "eos_token_id": "eos_id", "add_bos_token": "add_bos",
-                    "add_eos_token": "add_eos"}
-
-
-def read_reference(path: Path) -> dict[str, Any]:
-    """A saved golden reference keeps the model info it was saved with, not the model's config files."""
-    from ..store.reference import reference_info, reference_tokens
-
-    info = reference_info(path)
-    tokens = reference_tokens(path)
-    of = info.extra.get("reference_of") or "?"
-    fields: dict[str, Any] = {}
-    for attr, name in _REFERENCE_INFO.items():
-        v = getattr(info, attr, None)
-        if v is not None:
-            fields[name] = _reading(v, f"reference info {attr}")
-    for key, name in _REFERENCE_EXTRA.items():
-        v = info.extra.get(key)
-        if v is not None:
-            fields[name] = _reading(v, f"reference info {key}")
-    why = (f"{path} is a saved golden reference (of {of}); it records only the model info it was saved with "
-           f"({', '.join(sorted(fields)) or 'nothing comparable'})")
-    kept = {"special_tokens", "eog"} if tokens.get("special_tokens") is not None else set()
-    unknown = {f.name: why for f in FIELDS if f.name not in fields and f.name not in kept}
-    return {"kind": "reference", "path": str(path), "fields": fields, "unknown": unknown,
-            "stop_ids": tokens.get("stop_ids"), "special_tokens": tokens.get("special_tokens"),
-            "special_text": {}, "tokenizer_json": None, "notes": []}
-
-
 def _none_side(path: str, why: str) -> dict[str, Any]:
     return {"kind": "none", "path": path, "fields": {}, "unknown": {f.name: why for f in FIELDS},
             "stop_ids": None, "special_text": {}, "tokenizer_json": None, "notes": []}
@@ -157,8 +125,9 @@ def read_side(spec: Any) -> dict[str, Any]:
     path = Path(spec.path)
     options = getattr(spec, "options", None) or {}
     try:
-        if spec.is_saved_reference():
-            return read_reference(path)
+        kind = spec.kind()
+        if kind.read_config is not None:  # a stored source keeps its own record
+            return kind.read_config(spec)
         backend, why = _backend(spec, path)
         if backend is not None:
             return backend.read_config(path, options)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import sources
 from ..core.bounds import Bounds, BoundSpec
 from ..core.results import (
     BUDGET,
@@ -182,9 +183,10 @@ class CheckFamily:
     produce: Callable[[Any], Any] | None = None
     produce_key: str = ""
     produce_when: Callable[[Any], bool] = lambda settings: True
-    # whether the family can be judged when A is a llama-perplexity base file (store.kld_run), which holds only
-    # the log-probabilities of each chunk's second half: no config, weights, tokenizer or hidden states
-    reads_base_file: bool = False
+    # what model A must give for the family to judge anything (``sources``' vocabulary): most families read A's
+    # run over the corpus; those that need only B's scored log-probabilities (``sources.SCORES``) are judged
+    # against a llama-perplexity base file too, which gives nothing else
+    reads: frozenset[str] = frozenset({sources.OUTPUTS})
 
 
 def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:

@@ -4,6 +4,7 @@ converter changes, even where every pair is still inside its absolute bounds."""
 
 from __future__ import annotations
 
+from .. import sources
 from ..core.results import BUDGET, FAILED, PASSED, CheckId, CheckResult
 from ..store import baseline_file
 from .base import CheckFamily, EvalContext, Findings, PlanContext, skipped
@@ -58,4 +59,4 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
 
 
 FAMILY = CheckFamily("baseline", ORDER, plan, evaluate, doc="no regression against stored metrics",
-                     reads_base_file=True)
+                     reads=frozenset({sources.SCORES}))

@@ -61,10 +61,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
             continue
         value = c["nmse"] if c["nmse"] is not None else math.nan
         backend = run.info.get("backend")
-        hint = ""
-        if backend == "exllamav2":
-            hint = ("exllamav2 without flash-attn computes attention through SDPA without a causal mask; "
-                    f"set its no_sdpa option: --convdiff-option-{role.lower()} no_sdpa=true.")
+        hint = _hint(backend, role)
         extra = (f"Logits of the first {c['prefix_len']} tokens of {c['prompt']!r} change when the other "
                  f"{c['full_len'] - c['prefix_len']} tokens follow (max abs change {c['max_abs']:.4g} at position "
                  f"{c['worst_position']}): model {role} attends to future tokens.\n" + hint)
@@ -73,6 +70,16 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
                          extra.strip(), kind=CORRECTNESS))
     return out
 
+
+
+def _hint(backend: str | None, role: str) -> str:
+    """The backend's own advice for a model that attends to future tokens (its ``HINTS["causality"]``)."""
+    from ..backends import registry
+
+    try:
+        return registry.get(backend).hint("causality", role=role.lower()) if backend else ""
+    except Exception:  # noqa: BLE001 - advice only: an unknown backend gives none
+        return ""
 
 FAMILY = CheckFamily("causality", 60, plan, evaluate, BOUNDS, doc="no attention to future tokens",
                      produce=produce, produce_key="causality", produce_when=lambda settings: settings.causality)

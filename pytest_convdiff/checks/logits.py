@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from .. import sources
 from ..core.bounds import BoundSpec
 from ..core.results import BUDGET, LOWER, UPPER, CheckId, CheckResult
 from .base import CheckFamily, EvalContext, Findings, PlanContext, fmt, judge, per_class, result, skipped
@@ -127,4 +128,4 @@ def _llama_errors(lp: dict) -> str:
 
 
 FAMILY = CheckFamily("logits", 30, plan, evaluate, BOUNDS, doc="numeric agreement of the logits",
-                     reads_base_file=True)
+                     reads=frozenset({sources.SCORES}))

@@ -26,6 +26,7 @@ from typing import Any
 
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, UPPER, CheckId, CheckResult
+from ..runner import TWIN_LOADING
 from .base import CheckFamily, EvalContext, PlanContext, fmt, judge, per_class, skipped
 
 KL, RFN = CheckId("position", "kl"), CheckId("position", "rfn")
@@ -182,7 +183,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 FAMILY = CheckFamily("position", 45, plan, evaluate, BOUNDS, doc="error that grows with position",
                      measure=measure, measure_lazily=True,
-                     code=("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
-                           "pytest_convdiff.backends.conventions", "pytest_convdiff.pair",
-                           "pytest_convdiff.checks.runtime"),
+                     code=(*TWIN_LOADING, "pytest_convdiff.pair", "pytest_convdiff.checks.runtime"),
                      libraries=("transformers", "torch"))

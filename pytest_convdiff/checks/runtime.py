@@ -27,9 +27,11 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from ..backends.base import TWIN_GUEST, TWIN_HOST
 from ..core.bounds import BoundSpec
 from ..core.corpus import Corpus
 from ..core.results import CORRECTNESS, FAILED, PASSED, UPPER, CheckId, CheckResult
+from ..runner import TWIN_LOADING
 from .base import OVERRIDE_HINT, CheckFamily, EvalContext, Findings, PlanContext, fmt, per_class, skipped
 
 NAME = "runtime"
@@ -48,13 +50,14 @@ def _applies(spec_a: Any, spec_b: Any) -> str | None:
         return "no models named"
     try:
         ba, bb = spec_a.resolved_backend(), spec_b.resolved_backend()
+        guest, host, b_hosts = spec_b.can(TWIN_GUEST), spec_a.can(TWIN_HOST), spec_b.can(TWIN_HOST)
     except Exception as exc:  # noqa: BLE001 - an unrecognised model errors the pair elsewhere
         return str(exc)
-    if bb != "llama.cpp":
-        return (f"B runs on {bb}: its runtime is A's own" if bb == "transformers"
+    if not guest:  # B on a host's backend runs the very code a twin would: there is no other runtime to test
+        return (f"B runs on {bb}: its runtime is A's own" if b_hosts
                 else f"B runs on {bb}, whose weights this check cannot load into A's architecture")
-    if ba != "transformers":
-        return f"A runs on {ba}: the twin needs A's transformers architecture"
+    if not host:
+        return f"A runs on {ba}, whose architecture cannot run B's weights (the twin needs a host's code)"
     return None
 
 
@@ -66,12 +69,13 @@ def unavailable(ctx: EvalContext | PlanContext) -> str | None:
 
 
 def twin_spec(a: Any, b: Any, *, emulate: bool = False) -> Any:
-    """T: A's transformers architecture loaded with B's weights (T8 with ``emulate``: llama.cpp's roundings)."""
+    """T: A's architecture, on A's own backend (a ``TWIN_HOST``), loaded with B's weights (T8 with ``emulate``:
+    llama.cpp's roundings)."""
     from ..runner import ModelSpec
 
     base = {k: v for k, v in (a.options or {}).items() if k not in ("weights_from", "emulate")}
-    return ModelSpec(a.path, "transformers", {**base, "weights_from": str(b.path),
-                                              **({"emulate": "llama.cpp"} if emulate else {})})
+    return ModelSpec(a.path, a.resolved_backend(), {**base, "weights_from": str(b.path),
+                                                    **({"emulate": "llama.cpp"} if emulate else {})})
 
 
 def with_cache(ctx: EvalContext, fn: Any) -> Any:
@@ -255,6 +259,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
 
 FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,
                      doc="B's runtime against A's architecture run with B's weights", measure=measure,
-                     code=("pytest_convdiff.backends.hf", "pytest_convdiff.backends.dequant",
-                           "pytest_convdiff.backends.conventions", "pytest_convdiff.pair"),
+                     code=(*TWIN_LOADING, "pytest_convdiff.pair"),
                      libraries=("transformers", "torch", "llama-cpp-python"))

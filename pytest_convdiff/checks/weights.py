@@ -6,7 +6,7 @@ ties it to the embedding) shows in the weights, and is reported here in seconds 
 where the forward checks can only say which layer's output drifts.
 
 Each tensor of B is judged against its **twin** (``backends.twin``): what llama.cpp's quantiser, or a float
-type's rounding, makes of A's tensor brought into B's convention (``backends.dequant``), with the importance
+type's rounding, makes of A's tensor brought into B's convention (``backends.pairing``), with the importance
 matrix B was made with when one is given (``backends.imatrix``). A correct conversion reproduces it up to
 the quantiser's near-ties, so the bounds are the share of blocks that differ (``weights_twin_blocks``) and,
 where they differ, B's error against A over the twin's (``weights_twin_ratio``); a file made with a matrix
@@ -28,7 +28,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..backends import conventions, dequant, ggml, gguf_header, imatrix, registry, replay, twin
+from .. import sources
+from ..backends import (
+    conventions,
+    dequant,
+    ggml,
+    gguf_header,
+    imatrix,
+    pairing,
+    registry,
+    replay,
+    tensors,
+    twin,
+)
 from ..core import weight_errors
 from ..core.bounds import BoundSpec
 from ..core.results import CORRECTNESS, ERROR, FAILED, PASSED, SKIPPED, UPPER, CheckId, CheckResult
@@ -76,37 +88,37 @@ def _replay_source(spec: Any, role: str) -> replay.ReplayWeights:
     from ..store.reference import ReferenceEntry
 
     if role != "A":
-        raise dequant.WeightsUnreadable("B is a saved convdiff reference: it keeps outputs and a sketch of A's "
+        raise tensors.WeightsUnreadable("B is a saved convdiff reference: it keeps outputs and a sketch of A's "
                                         "weights, not weights to judge")
     try:
         entry = ReferenceEntry(spec.path)
     except ConvdiffError as exc:
-        raise dequant.WeightsUnreadable(f"A is given as a saved convdiff reference but cannot be read as one "
+        raise tensors.WeightsUnreadable(f"A is given as a saved convdiff reference but cannot be read as one "
                                         f"({exc})") from None
     table = entry.meta.get("weights_sketch")
     if not table or not entry.has(replay.SKETCH_ARRAY):
         why = entry.meta.get("weights_sketch_missing") or "it was saved by a version without weight sketches"
-        raise dequant.WeightsUnreadable(f"the reference {spec.path} keeps no sketch of A's weights ({why}); save it "
+        raise tensors.WeightsUnreadable(f"the reference {spec.path} keeps no sketch of A's weights ({why}); save it "
                                         "again from A's transformers checkpoint to check weights without A")
     if table.get("format") != replay.FORMAT or table.get("buckets") != replay.BUCKETS:
-        raise dequant.WeightsUnreadable(f"the reference {spec.path} keeps weight sketches of another format "
+        raise tensors.WeightsUnreadable(f"the reference {spec.path} keeps weight sketches of another format "
                                         f"({table.get('format')}); save it again with this version")
     return replay.ReplayWeights(spec.path, table, entry.array(replay.SKETCH_ARRAY))
 
 
-def _open(spec: Any, role: str) -> dequant.Source:
+def _open(spec: Any, role: str) -> tensors.Source:
     """The side's weights, or WeightsUnreadable saying why they cannot be compared here."""
-    if spec.is_saved_reference():
+    if spec.can(sources.WEIGHT_SKETCH):  # a saved reference: A's weights as a stored sketch
         return _replay_source(spec, role)
     backend = registry.get(spec.resolved_backend())
     if backend.open_weights is None:
-        raise dequant.WeightsUnreadable(f"{role}'s backend {backend.name} has no weights this check reads")
+        raise tensors.WeightsUnreadable(f"{role}'s backend {backend.name} has no weights this check reads")
     return backend.open_weights(Path(spec.path), dict(spec.options or {}), role)
 
 
 def measure(ctx: EvalContext) -> dict[str, Any]:
     """Every tensor's comparison (bound-independent; cached per pair by the comparison)."""
-    sources: list[dequant.Source] = []
+    sources: list[tensors.Source] = []
     try:
         try:
             for spec, role in ((ctx.spec_a, "A"), (ctx.spec_b, "B")):
@@ -121,7 +133,7 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
         return dequant.measure_weights(sources[0], sources[1], n_layers, matrix)
     except imatrix.ImatrixError as exc:  # the user's file: an error to fix, not a reason to skip
         return {"status": "error", "reason": str(exc)}
-    except dequant.WeightsUnreadable as exc:
+    except tensors.WeightsUnreadable as exc:
         return {"status": "skipped", "reason": str(exc)}
     finally:
         for s in sources:
@@ -545,6 +557,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 FAMILY = CheckFamily(NAME, 7, plan, evaluate, BOUNDS,
                      doc="every tensor of B against A's, against the error its storage type gives",
                      needs_outputs=False, measure=measure,
-                     code=tuple(m.__name__ for m in (dequant, conventions, weight_errors, twin, replay, imatrix, ggml,
-                                                   gguf_header)),
+                     code=tuple(m.__name__ for m in (dequant, pairing, tensors, conventions, weight_errors, twin, replay,
+                                                   imatrix, ggml, gguf_header)),
                      libraries=("llama-cpp-python", "gguf"))

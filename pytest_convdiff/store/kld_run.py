@@ -8,8 +8,8 @@ logits at each chunk's second half are scored against the file's rows (``pair.Pa
 ``core.metrics.LogitAccumulator.update_base``). No model is loaded for A.
 
 The file holds log-probabilities rounded to 16 bits within 16 nats of each row's top, nothing else:
-no config, weights, tokenizer, hidden states or logits. So only the check families that declare
-``reads_base_file`` are planned (``checks.applies``), and the logits family measures what the file
+no config, weights, tokenizer, hidden states or logits. So only the check families that read
+nothing but ``sources.SCORES`` are planned (``checks.applies``), and the logits family measures what the file
 defines (KL over the kept entries, top-K, PPL, delta p), not NMSE.
 """
 
@@ -28,7 +28,7 @@ from .cache import content_fingerprint
 from .kld_file import KldFile, read_kld, scored_rows
 from .run import BASE_FILE_FORM, ModelRun, RunSource
 
-BACKEND = "llama-perplexity base"  # what a base file shows as its backend; no backend module has this name
+BACKEND = "llama-perplexity base"  # what a base file shows as its backend (``sources.BASE_FILE.display``)
 
 
 def chunk_id(i: int) -> str:

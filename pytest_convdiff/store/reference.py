@@ -510,3 +510,35 @@ def open_reference_run(path: str | os.PathLike[str], corpus: Corpus, settings: R
 
 
 # --------------------------------------------------------------------------- llama.cpp's conversion-script files
+
+
+# what the config family reads of a reference (``sources.REFERENCE.read_config``)
+_REFERENCE_INFO = {"num_layers": "n_layers", "vocab_size": "vocab_size", "hidden_size": "hidden_size"}
+_REFERENCE_EXTRA = {"context_length": "context_length", "rope_freq_base": "rope_theta", "rms_norm_eps": "norm_eps",
+                    "bos_token_id": "bos_id", "eos_token_id": "eos_id", "add_bos_token": "add_bos",
+                    "add_eos_token": "add_eos"}
+
+
+def reference_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A saved golden reference keeps the model info it was saved with, not the model's config files."""
+    from ..core.config_fields import FIELDS, _reading
+
+    info = reference_info(path)
+    tokens = reference_tokens(path)
+    of = info.extra.get("reference_of") or "?"
+    fields: dict[str, Any] = {}
+    for attr, name in _REFERENCE_INFO.items():
+        v = getattr(info, attr, None)
+        if v is not None:
+            fields[name] = _reading(v, f"reference info {attr}")
+    for key, name in _REFERENCE_EXTRA.items():
+        v = info.extra.get(key)
+        if v is not None:
+            fields[name] = _reading(v, f"reference info {key}")
+    why = (f"{path} is a saved golden reference (of {of}); it records only the model info it was saved with "
+           f"({', '.join(sorted(fields)) or 'nothing comparable'})")
+    kept = {"special_tokens", "eog"} if tokens.get("special_tokens") is not None else set()
+    unknown = {f.name: why for f in FIELDS if f.name not in fields and f.name not in kept}
+    return {"kind": "reference", "path": str(path), "fields": fields, "unknown": unknown,
+            "stop_ids": tokens.get("stop_ids"), "special_tokens": tokens.get("special_tokens"),
+            "special_text": {}, "tokenizer_json": None, "notes": []}

@@ -37,6 +37,9 @@ from pytest_convdiff.backends.base import (
     INCREMENTAL_DECODE,
     LAYER_SWAP,
     SUBBLOCKS,
+    TWIN_GUEST,
+    TWIN_HOST,
+    WEIGHTS_TWIN,
 )
 from pytest_convdiff.backends.options import (
     BackendOption,
@@ -218,8 +221,9 @@ def test_registry_lists_every_backend():
 
 
 def test_capabilities():
-    assert backend_capabilities("transformers") == {HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE}
-    assert backend_capabilities("gguf") == {HIDDEN_STATES, SUBBLOCKS, INCREMENTAL_DECODE}
+    assert backend_capabilities("transformers") == {HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE,
+                                                    WEIGHTS_TWIN, TWIN_HOST}
+    assert backend_capabilities("gguf") == {HIDDEN_STATES, SUBBLOCKS, INCREMENTAL_DECODE, WEIGHTS_TWIN, TWIN_GUEST}
     assert backend_capabilities("exl2") == {HIDDEN_STATES, LAYER_SWAP}
     for name in BACKEND_NAMES:
         assert backend_capabilities(name) <= ALL_CAPABILITIES

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pytest_convdiff.backends import conventions
-from pytest_convdiff.backends.dequant import StoredTensor
+from pytest_convdiff.backends.tensors import StoredTensor
 from pytest_convdiff.core.weight_errors import rope_permute
 
 
@@ -73,9 +73,9 @@ def test_an_expert_is_named_and_sliced_from_its_stacked_tensor():
 def test_an_architecture_the_installed_gguf_py_does_not_know_still_pairs_by_name():
     """A converter newer than the installed gguf package writes an architecture name gguf-py lacks (cohere2moe
     under gguf 0.19): transformers names still map through the union of gguf-py's maps."""
-    from pytest_convdiff.backends import dequant
+    from pytest_convdiff.backends import pairing
 
-    got = dequant._gguf_to_hf("an-architecture-nobody-knows", 2, [  # private: the name pairing itself
+    got = pairing.gguf_to_hf("an-architecture-nobody-knows", 2, [  # private: the name pairing itself
         "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
         "model.embed_tokens.weight", "model.layers.1.mlp.gate.weight", "model.layers.0.not_a_tensor.weight"])
     assert got == {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
@@ -89,10 +89,10 @@ def test_a_name_map_leaves_gguf_py_s_shared_tables_as_they_were():
     overrides: a later pair of another architecture in the same session would pair by the wrong names."""
     import gguf
 
-    from pytest_convdiff.backends import dequant
+    from pytest_convdiff.backends import pairing
 
     llama = gguf.MODEL_ARCH.LLAMA
-    before = dict(dequant._tensor_name_map(llama, 2).mapping)  # private: the name map every pairing uses
+    before = dict(pairing.tensor_name_map(llama, 2).mapping)  # private: the name map every pairing uses
     for arch in gguf.TensorNameMap.arch_block_mappings_cfg:
-        dequant._tensor_name_map(arch, 2)
-    assert dict(dequant._tensor_name_map(llama, 2).mapping) == before
+        pairing.tensor_name_map(arch, 2)
+    assert dict(pairing.tensor_name_map(llama, 2).mapping) == before

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pytest_convdiff import checks
-from pytest_convdiff.backends import conventions, dequant
+from pytest_convdiff.backends import conventions, dequant, pairing, tensors
 from pytest_convdiff.checks import weights
 from pytest_convdiff.checks.base import EvalContext, PlanContext
 from pytest_convdiff.comparison import measure
@@ -244,8 +244,8 @@ def _save_gguf(path: Path, tensors: dict[str, np.ndarray], layers: int = 3, arch
 
 
 def _measure(a: Path, b: Path) -> dict[str, dict[str, Any]]:
-    def open_(p: Path) -> dequant.Source:
-        return dequant.GGUFWeights(p) if p.suffix == ".gguf" else dequant.SafetensorsWeights(p)
+    def open_(p: Path) -> tensors.Source:
+        return tensors.GGUFWeights(p) if p.suffix == ".gguf" else tensors.SafetensorsWeights(p)
 
     m = dequant.measure_weights(open_(a), open_(b))
     assert m["status"] == "ok"
@@ -561,9 +561,9 @@ def test_type_table_covers_llama_cpps_quantizer_on_heavy_tailed_weights(tmp_path
                         capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr[-800:]
     worst: dict[str, float] = {}
-    ref = dequant.GGUFWeights(src)
+    ref = tensors.GGUFWeights(src)
     for out in outs.values():
-        reader = dequant.GGUFWeights(out)
+        reader = tensors.GGUFWeights(out)
         for name, t in reader.tensors.items():
             if len(t.shape) < 2 or t.type == "F32":
                 continue
@@ -630,14 +630,14 @@ def test_a_layer_whose_weights_fail_is_the_first_divergent_even_under_loose_budg
 
 def test_a_tensor_that_only_lost_a_unit_dimension_is_read_in_the_other_sides_view() -> None:
     """Qwen2-MoE's shared-expert gate is (1, n) in transformers and (n,) in a quantised GGUF: the same values in
-    the same order, compared as such (``dequant._same_view``, private: the one rule, tested where it is made)."""
+    the same order, compared as such (``pairing.same_view``, private: the one rule, tested where it is made)."""
     path = Path("x")
-    hf = dequant.StoredTensor("model.layers.0.mlp.shared_expert_gate.weight", (1, 256), "F32", path, 0, 1024, 1, 256)
-    gg = dequant.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (256,), "F32", path, 0, 1024, 256, 1)
-    pair = dequant.Pair(hf.name, hf, gg)
-    dequant._same_view(pair)
+    hf = tensors.StoredTensor("model.layers.0.mlp.shared_expert_gate.weight", (1, 256), "F32", path, 0, 1024, 1, 256)
+    gg = tensors.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (256,), "F32", path, 0, 1024, 256, 1)
+    pair = pairing.Pair(hf.name, hf, gg)
+    pairing.same_view(pair)
     assert pair.b is not None and (pair.b.rows, pair.b.cols, pair.b.shape) == (1, 256, (1, 256))
-    other = dequant.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (128, 2), "F32", path, 0, 1024, 128, 2)
-    pair = dequant.Pair(hf.name, hf, other)
-    dequant._same_view(pair)
+    other = tensors.StoredTensor("blk.0.ffn_gate_inp_shexp.weight", (128, 2), "F32", path, 0, 1024, 128, 2)
+    pair = pairing.Pair(hf.name, hf, other)
+    pairing.same_view(pair)
     assert pair.b is other  # another shape, not a unit dimension: left for the shape check to report

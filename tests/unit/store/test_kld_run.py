@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from pytest_convdiff import sources
 from pytest_convdiff.checks import applies, families, plan_by_family
 from pytest_convdiff.checks.base import PlanContext
 from pytest_convdiff.core import llama_stats, metrics
@@ -13,6 +14,7 @@ from pytest_convdiff.core.settings import RunSettings
 from pytest_convdiff.errors import ConvdiffError
 from pytest_convdiff.pair import PairReducer
 from pytest_convdiff.runner import ModelSpec
+from pytest_convdiff.sources import BASE_FILE
 from pytest_convdiff.store.kld_file import evaluated_chunk, is_kld, scored_rows, write_kld
 from pytest_convdiff.store.kld_run import BACKEND, kld_corpus, open_kld_run
 
@@ -35,7 +37,8 @@ def test_a_base_file_is_recognised_by_its_content_whatever_it_is_called(tmp_path
     assert is_kld(tmp_path / "weights.bin")
     assert not is_kld(tmp_path / "notes.kld") and not is_kld(tmp_path) and not is_kld(tmp_path / "missing")
     spec = ModelSpec(str(tmp_path / "weights.bin"))
-    assert spec.is_base_file() and spec.resolved_backend() == BACKEND
+    assert spec.kind() is sources.BASE_FILE and spec.resolved_backend() == BACKEND
+    assert spec.can(sources.SCORES, sources.OWN_CORPUS) and not spec.can(sources.RUNS) and not spec.can(sources.OUTPUTS)
     info = spec.probe()
     assert (info.vocab_size, info.context_length, info.num_layers) == (N_VOCAB, N_CTX, None)
 
@@ -125,7 +128,7 @@ def test_only_the_families_that_read_a_base_file_are_planned_against_one(tmp_pat
     spec_a = ModelSpec(str(tmp_path / "a.kld"))
     ctx = PlanContext(kld_corpus(tmp_path / "a.kld"), None, RunSettings(), spec_a=spec_a, spec_b=ModelSpec("b.gguf"))
     planned = plan_by_family(ctx)
-    assert set(planned) == {f.name for f in families() if f.reads_base_file} == {"logits", "baseline"}
+    assert set(planned) == {f.name for f in families() if f.reads <= BASE_FILE.gives} == {"logits", "baseline"}
     assert planned["baseline"] == []  # planned only in regression mode
     assert [str(c) for c in planned["logits"]] == ["finite", "nmse", "topk[1]", "topk[5]", "kl[mean]", "kl[p99]",
                                                    "ppl[ratio]"]

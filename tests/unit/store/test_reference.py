@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pytest_convdiff import ModelSpec, RunSettings, load_corpus, run_model
+from pytest_convdiff import ModelSpec, RunSettings, load_corpus, run_model, sources
 from pytest_convdiff.backends import detect_backend, open_backend
 from pytest_convdiff.checks import default_bounds
 from pytest_convdiff.comparison import evaluate
@@ -131,7 +131,8 @@ def test_the_file_is_ordinary_safetensors(saved, tmp_path):
 
 def test_probe_and_detection_read_the_header_only(saved, monkeypatch):
     spec = ModelSpec(str(saved["ref"]))
-    assert is_reference(saved["ref"]) and spec.is_saved_reference() and spec.resolved_backend() == "reference"
+    assert is_reference(saved["ref"]) and spec.kind() is sources.REFERENCE and spec.resolved_backend() == "reference"
+    assert spec.can(sources.WEIGHT_SKETCH, sources.OUTPUTS) and not spec.can(sources.RUNS)
     # no tensor is read: memory-mapping anything would fail here
     monkeypatch.setattr(np, "memmap", lambda *a, **k: pytest.fail("probing read a tensor"))
     info = spec.probe()
