@@ -79,6 +79,8 @@ def family_measurement_key(family: CheckFamily, spec_a: ModelSpec, spec_b: Model
         parts["settings"] = dict(ctx.settings.__dict__)
     if ctx is not None and ctx.settings.imatrix:  # the weights twin is made with it: its contents are an input
         parts["imatrix"] = _file_digest(ctx.settings.imatrix)
+    if ctx is not None and ctx.settings.weights_twin != "auto":  # how much of it is made
+        parts["weights_twin"] = ctx.settings.weights_twin
     return make_key(parts)
 
 

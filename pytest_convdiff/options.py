@@ -71,6 +71,10 @@ OPTIONS: tuple[Option, ...] = (
            "imatrix.gguf or legacy .dat) that the GGUF B files were quantised with: their weights are then compared "
            "with an exact re-quantisation twin; without it such files are judged by error ratio (docs/twins.md)",
            metavar="FILE", parse="imatrix", setting="imatrix"),
+    Option(("--convdiff-weights-twin",), "convdiff_weights_twin", "the weights twin of a quantised B (llama.cpp's "
+           "quantiser run on A's tensors): full (every row), sampled (a seeded 1/32 of each tensor's rows, every "
+           "row of B still checked against A's) or auto (default: sampled when B has more than 1 B parameters; "
+           "docs/twins.md)", metavar="MODE", parse="weights_twin", setting="weights_twin"),
     Option(("--convdiff-cache-max-size",), "convdiff_cache_max_size", "the most the cache may hold, e.g. 20GB, "
            "500MiB, 25%% (of the disk space it can use), 0 for no limit (default 20GB); least recently used entries "
            "not in use are evicted to make room", metavar="SIZE", parse="size"),
@@ -220,6 +224,12 @@ def runtime_twin(raw: Any) -> str:
     return runtime_twin_name(str(raw))
 
 
+def weights_twin(raw: Any) -> str:
+    from .core.settings import weights_twin_name
+
+    return weights_twin_name(str(raw))
+
+
 def imatrix(raw: Any) -> str:
     """The path of a readable importance matrix (read once now, so a wrong file stops the run at start-up)."""
     from .backends.imatrix import read
@@ -246,6 +256,7 @@ PARSERS = {
     "int>=0": _int_at_least(0), "int>=1": _int_at_least(1), "int>=2": _int_at_least(2),
     "shard": shard, "backend": backend, "backend_items": backend_items, "bounds": bounds, "corpus": corpus,
     "cache_dtype": cache_dtype, "store": store, "runtime_twin": runtime_twin, "imatrix": imatrix,
+    "weights_twin": weights_twin,
     "size": size, "tolerances": tolerances,
 }
 

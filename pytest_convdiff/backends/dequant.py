@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,15 @@ from .twin import TwinStats
 __all__ = ["measure_weights", "start_entry", "tensor_meaning", "twin_unavailable"]
 
 CANDIDATE_RATIO = 0.5  # an alternative explains B when its error is at most half of B's own error
+# The sampled twin (``SampledRows``): on by default (``--convdiff-weights-twin auto``) for a B of more than
+# SAMPLED_ABOVE parameters, where the full twin costs minutes of quantising on a laptop's cores; each tensor then
+# has SAMPLE_SHARE of its rows (at least SAMPLE_MIN_ROWS) quantised exactly, from a seed and the tensor's name.
+SAMPLED_ABOVE = 1_000_000_000
+SAMPLE_SHARE = 1 / 32
+SAMPLE_MIN_ROWS = 64
+SAMPLE_SEED = 0x5EED
+ROW_FACTOR = 4.0  # a row of B may stray from A's scale this many times as far as the twin's rows do
+ROW_FLOOR = 1e-6  # float32's resolution of a scale: a row of an exact type strays no less
 
 
 _HALF_ULP = {"F32": 2.0 ** -24, "F64": 2.0 ** -53, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
@@ -56,17 +67,25 @@ _HALF_ULP = {"F32": 2.0 ** -24, "F64": 2.0 ** -53, "F16": 2.0 ** -11, "BF16": 2.
 class _Twin:
     """B's re-quantisation twin over one tensor (``backends.twin``): A's rows brought into B's stored convention
     (the converter's forward transforms), written through an intermediate, stored as B's type, and read
-    back into the common convention, chunk by chunk beside B's own rows."""
+    back into the common convention, chunk by chunk beside B's own rows.
 
-    def __init__(self, pair: Pair, n_groups: int, intermediate: str, imatrix: np.ndarray | None = None) -> None:
+    ``sample``: quantise only a seeded random share of the tensor's rows (``SampledRows``), and check every row
+    of B cheaply against A instead (its least-squares scale, zero rows)."""
+
+    def __init__(self, pair: Pair, n_groups: int, intermediate: str, imatrix: np.ndarray | None = None,
+                 sample: float | None = None) -> None:
         assert pair.b is not None
         self.pair, self.type, self.imatrix = pair, pair.b.type, imatrix
         self.groups = n_groups if pair.unpermute[1] else 0
         self.offset = pair.norm_offset[1]
         self.stats = TwinStats(intermediate, half_ulp=_HALF_ULP.get(self.type, 0.0), type=self.type)
         self.block = gguf_header.GGML_TYPES[ggml.type_id(self.type)][1] if self.type not in twin.FLOAT_TYPES else 1
+        self.sampled = SampledRows.of(pair, sample) if sample else None
 
     def update(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
+        if self.sampled is not None:
+            self._update_sampled(src_b, a, b, r0, r1)
+            return
         k = (r1 - r0) // (self.pair.b.rows // self.groups) if self.groups else 0
         fwd = rope_permute(a, k) if k else a
         if self.offset:
@@ -89,6 +108,116 @@ class _Twin:
         if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
             quantised = twin.round_to(a + np.float32(self.offset) if self.offset else a, self.stats.intermediate)
         self.stats.update(raw_b, raw_t, b, vt, a, self.block, index, quantised)
+
+    def _update_sampled(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
+        """The twin of the chunk's sampled rows only, and the cheap check of all of them. The rope permutation
+        moves whole rows, so a stored row of B is one row of A: each sampled stored row is quantised from it."""
+        assert self.sampled is not None
+        n = r1 - r0
+        a2, b2 = a.reshape(n, -1), b.reshape(n, -1)
+        self.sampled.check_rows(a2, b2, r0)
+        stored = np.nonzero(self.sampled.mask[r0:r1])[0]
+        if not len(stored):
+            return
+        k = n // (self.pair.b.rows // self.groups) if self.groups else 0
+        rows_a = (rope_permute(np.arange(n), k) if k else np.arange(n))[stored]  # A's row of each stored row
+        x = a2[rows_a]
+        fwd = x + np.float32(self.offset) if self.offset else x
+        raw_t, vt = twin.twin_rows(fwd, self.type, self.stats.intermediate, self.imatrix)
+        raw_b = (src_b.raw(self.pair.b, r0, r1)[stored] if raw_t is not None and isinstance(src_b, GGUFWeights)
+                 else None)
+        if raw_b is None:  # B's bytes unknown: compare values
+            raw_t = None
+        vt = vt.reshape(x.shape)
+        if self.offset:
+            vt = vt - np.float32(self.offset)
+        quantised = None
+        if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
+            quantised = twin.round_to(fwd, self.stats.intermediate)
+        self.stats.update(raw_b, raw_t, b2[rows_a], vt, x, self.block, r0 + rows_a, quantised)
+        self.sampled.twin_rows(x, vt)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.stats.to_dict()
+        if self.sampled is not None:
+            out["sampled"] = self.sampled.to_dict()
+        return out
+
+
+@dataclass
+class SampledRows:
+    """The sampled twin of one tensor: which rows are quantised, and every row of B checked cheaply.
+
+    A seeded random ``share`` of the rows (at least ``SAMPLE_MIN_ROWS``) gets its exact twin: blocks are
+    quantised independently, so a sample of rows is as exact as all of them, and a defect that touches every
+    block (a scaled, swapped, permuted or offset tensor) moves the sampled blocks as it moves the rest.
+
+    Every row of B is checked against A's row without the quantiser: its least-squares scale ``<a, b> / <a, a>``
+    and whether it is zeros where A's is not. A correct conversion's error is nearly uncorrelated with A's values,
+    so a row's scale strays from 1 by about the type's relative error over the square root of the row's length;
+    the twin's sampled rows show how far it strays on this tensor at this type, and a row of B more than
+    ``ROW_FACTOR`` times that far (or a row of zeros) holds other values than A's: a row or a block scaled,
+    zeroed or swapped, which a sample of rows could miss."""
+
+    mask: np.ndarray  # per stored row of B: quantised (sampled) or not
+    dev_b: np.ndarray  # per row of A: |scale of B's row against A's - 1| (inf: B's row zeros, or A's)
+    twin_dev: float = 0.0  # the largest |scale - 1| of the twin's sampled rows
+    twin_e2: float = 0.0  # ||T - A||^2 over the sampled rows
+    twin_a2: float = 0.0  # ||A||^2 over them
+    cols: int = 1
+
+    @classmethod
+    def of(cls, pair: Pair, share: float) -> SampledRows | None:
+        """The sample for this tensor; None where it would hold every row anyway."""
+        assert pair.b is not None
+        rows = pair.b.rows
+        n = max(SAMPLE_MIN_ROWS, math.ceil(share * rows))
+        if n >= rows:
+            return None
+        rng = np.random.default_rng([SAMPLE_SEED, zlib.crc32(pair.name.encode())])
+        mask = np.zeros(rows, dtype=bool)
+        mask[rng.choice(rows, n, replace=False)] = True
+        return cls(mask, np.zeros(rows, dtype=np.float64), cols=pair.b.cols)
+
+    @staticmethod
+    def _dev(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        aa, ab, bb = (a64 * a64).sum(1), (a64 * b64).sum(1), (b64 * b64).sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dev = np.abs(ab / aa - 1.0)
+        dev = np.where(aa > 0, dev, np.where(bb > 0, np.inf, 0.0))
+        return np.where((bb == 0) & (aa > 0), np.inf, dev)  # B's row zeros where A's is not
+
+    def check_rows(self, a: np.ndarray, b: np.ndarray, r0: int) -> None:
+        self.dev_b[r0:r0 + a.shape[0]] = self._dev(a, b)
+
+    def twin_rows(self, a: np.ndarray, t: np.ndarray) -> None:
+        dev = self._dev(a, t)
+        finite = dev[np.isfinite(dev)]
+        if len(finite):
+            self.twin_dev = max(self.twin_dev, float(finite.max()))
+        d = t.astype(np.float64) - a
+        self.twin_e2 += float(np.nansum(d * d))
+        self.twin_a2 += float(np.nansum(a.astype(np.float64) ** 2))
+
+    def limit(self) -> float:
+        """How far a row's scale may stray from 1: ``ROW_FACTOR`` times the most the twin's rows stray, or times
+        the type's relative error over the root of the row length where the twin's rows happen to stray less."""
+        rel = math.sqrt(self.twin_e2 / self.twin_a2) if self.twin_a2 > 0 else 0.0
+        return ROW_FACTOR * max(self.twin_dev, rel / math.sqrt(max(self.cols, 1)), ROW_FLOOR)
+
+    def to_dict(self) -> dict[str, Any]:
+        limit = self.limit()
+        bad = np.nonzero(~(self.dev_b <= limit))[0]
+        worst = int(bad[np.argmax(np.where(np.isfinite(self.dev_b[bad]), self.dev_b[bad], np.inf))]) if len(bad) else None
+        finite = self.dev_b[np.isfinite(self.dev_b)]
+        top = float(finite.max()) if len(finite) else 0.0
+        return {"rows": int(self.mask.size), "twin_rows": int(self.mask.sum()), "row_limit": limit,
+                "max_row_dev": top if len(finite) == self.dev_b.size else None,
+                "twin_row_dev": self.twin_dev, "rows_off": int(len(bad)), "first_rows_off": [int(r) for r in bad[:8]],
+                "worst_row": worst,
+                "worst_row_dev": (float(self.dev_b[worst]) if worst is not None and math.isfinite(self.dev_b[worst])
+                                  else None)}
 
 
 def twin_unavailable(pair: Pair, src_b: Source, cols: int, has_imatrix: bool = False) -> str | None:
@@ -216,7 +345,7 @@ def start_entry(pair: Pair, entries: list[dict[str, Any]]) -> dict[str, Any] | N
 
 
 def measure_weights(a: Source, b: Source, n_layers: int | None = None,
-                    matrix: ImportanceMatrix | None = None) -> dict[str, Any]:
+                    matrix: ImportanceMatrix | None = None, sample: float | None = None) -> dict[str, Any]:
     """Compare every tensor of B with A's; a JSON-serialisable dict (see checks/weights.py for the reading).
 
     Tensors are read and compared one at a time in row chunks; afterwards, the tensors whose error is
@@ -227,6 +356,8 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
     ``matrix``: the importance matrix B was quantised with (``--convdiff-imatrix``). Without it, a file
     whose header says it was made with one has its quantised tensors judged against a twin made without
     (``weights_imatrix``).
+
+    ``sample``: the share of each tensor's rows its twin quantises (``SampledRows``); None: every row.
     """
     t0 = time.perf_counter()
     plan = plan_pairs(a, b)
@@ -258,12 +389,14 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
             elif imatrix_used and matrix is None:
                 e["imatrix"] = True  # B was made with a matrix we do not have: judged by error ratio
         why_no_twin = twin_unavailable(pair, b, cols, imatrix is not None)
-        first = _Twin(pair, n, _first_intermediate(pair.b.type, preferred), imatrix) if why_no_twin is None else None
+        first = (_Twin(pair, n, _first_intermediate(pair.b.type, preferred), imatrix, sample)
+                 if why_no_twin is None else None)
         try:
             stats, sa, sb = _stream((a, b), pair, rows, cols, twins=[first] if first else None)
             best = first
             if first is not None and first.stats.differing and not FORCE_INTERMEDIATE:  # another intermediate may be the one B was made from
-                others = [_Twin(pair, n, i, imatrix) for i in twin.INTERMEDIATES if i != first.stats.intermediate]
+                others = [_Twin(pair, n, i, imatrix, sample) for i in twin.INTERMEDIATES
+                          if i != first.stats.intermediate]
                 _stream((a, b), pair, rows, cols, twins=others)
                 for tw in others:
                     if tw.stats.better_than(best.stats if best else None):
@@ -276,7 +409,7 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
             best, why_no_twin = None, str(exc)
             stats, sa, sb = _stream((a, b), pair, rows, cols)
         if best is not None:
-            e["twin"] = best.stats.to_dict()
+            e["twin"] = best.to_dict()
             if not best.stats.differing and pair.b.type not in twin.FLOAT_TYPES:
                 preferred[_type_group(pair.b.type)] = best.stats.intermediate
         else:
@@ -307,7 +440,7 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
                                                          "entries": len(matrix.weights), "datasets": matrix.datasets},
             "unmatched_b": plan.unmatched_b, "not_compared": plan.not_compared,
             "conventions": [c.to_dict() for c in plan.conventions.values()],
-            "n_layers": n_layers, "seconds": time.perf_counter() - t0}
+            "n_layers": n_layers, "sampled": sample, "seconds": time.perf_counter() - t0}
 
 
 def _suspect(e: dict[str, Any]) -> bool:

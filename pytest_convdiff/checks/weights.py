@@ -130,7 +130,8 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
         if isinstance(sources[0], replay.ReplayWeights):
             return replay.measure_replay(sources[0], sources[1], n_layers)
         matrix = imatrix.read(ctx.settings.imatrix) if ctx.settings.imatrix else None
-        return dequant.measure_weights(sources[0], sources[1], n_layers, matrix)
+        return dequant.measure_weights(sources[0], sources[1], n_layers, matrix,
+                                       sample=_sample_share(ctx.settings.weights_twin, sources[1]))
     except imatrix.ImatrixError as exc:  # the user's file: an error to fix, not a reason to skip
         return {"status": "error", "reason": str(exc)}
     except tensors.WeightsUnreadable as exc:
@@ -138,6 +139,16 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     finally:
         for s in sources:
             s.close()
+
+
+def _sample_share(mode: str, b: tensors.Source) -> float | None:
+    """The share of each tensor's rows the twin quantises: None (all) in full mode, and in auto mode up to
+    ``dequant.SAMPLED_ABOVE`` parameters of B."""
+    if mode == "full":
+        return None
+    if mode == "auto" and sum(math.prod(t.shape) for t in b.tensors.values()) <= dequant.SAMPLED_ABOVE:
+        return None
+    return dequant.SAMPLE_SHARE
 
 
 def _num_layers(ctx: EvalContext) -> int | None:
@@ -181,8 +192,23 @@ def twin_score(e: dict[str, Any], bounds: Any) -> float | None:
         return math.inf if r is None else r / bounds.weights_imatrix
     ratio = t.get("tie_ratio")
     ratio = math.inf if ratio is None else ratio
+    rows = _rows_score(t)
     return max(t["share"] / bounds.weights_twin_blocks if bounds.weights_twin_blocks else math.inf,
-               ratio / bounds.weights_twin_ratio if bounds.weights_twin_ratio else math.inf)
+               ratio / bounds.weights_twin_ratio if bounds.weights_twin_ratio else math.inf, rows)
+
+
+def _rows_score(t: dict[str, Any]) -> float:
+    """A sampled twin's row check: the row of B farthest from A's scale over the limit the twin's rows set (1 at
+    the limit); 0 for a twin of every row."""
+    s = t.get("sampled")
+    if not s:
+        return 0.0
+    top = s.get("max_row_dev")
+    return math.inf if top is None else top / s["row_limit"] if s["row_limit"] > 0 else math.inf
+
+
+ROW_LIMIT_TEXT = (f"{dequant.ROW_FACTOR:g}× the most a twin row's scale strays from 1; a correct row's error is "
+                  "nearly uncorrelated with A's values")
 
 
 def _where_text(t: dict[str, Any], block: str) -> str:
@@ -200,8 +226,10 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
     block = "element" if tb in ("F32", "F16", "BF16", "F64") else "block"
     given = e.get("imatrix_given")
     matrix = f" and the importance matrix {given}" if given else ""
+    s = t.get("sampled")
+    on = f", on a seeded {s['twin_rows']} of its {s['rows']} rows" if s else ""
     made = (f"what llama.cpp's quantiser makes of A's tensor as {tb} (its twin, from an {t['intermediate']} "
-            f"intermediate{matrix})")
+            f"intermediate{matrix}{on})")
     if e.get("imatrix"):
         r = t.get("error_ratio")
         if r is None or not r <= bounds.weights_imatrix:
@@ -224,6 +252,14 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
                     f"where it differs from {made} ({t['differing']} {block}s{_where_text(t, block)}), B's error "
                     f"against A is {fmt(ratio) if ratio is not None else 'infinitely'}× the twin's, above the allowed "
                     f"{fmt(bounds.weights_twin_ratio)}× (a near-tie gives about 1): B holds other values than A's"))
+    if s and s["rows_off"]:
+        r, dev = s["worst_row"], s.get("worst_row_dev")
+        worst = (f"row {r}'s least-squares scale against A's row is {fmt(dev)} away from 1" if dev is not None
+                 else f"row {r} is zeros where A's is not, or holds non-finite values")
+        why.append(("", f"{s['rows_off']} of its {s['rows']} rows stray from A's scale by more than the "
+                        f"{fmt(s['row_limit'])} the twin's sampled rows allow ({ROW_LIMIT_TEXT}): {worst}; rows "
+                        f"{', '.join(map(str, s['first_rows_off']))}; --convdiff-weights-twin full compares every "
+                        "block"))
     if why and t.get("ties"):
         why.append(("", f"{t['ties']} more {block}(s) differed only at a near-tie of the quantiser's one rounding, "
                         "as another build rounds it, and are not counted"))

@@ -41,6 +41,17 @@ def store_name(name: str) -> str:
 RUNTIME_TWIN = ("quick", "full", "off")
 
 
+WEIGHTS_TWIN = ("auto", "full", "sampled")
+
+
+def weights_twin_name(name: str) -> str:
+    """``auto``, ``full`` or ``sampled``; ValueError naming the valid values otherwise."""
+    key = str(name).strip().lower()
+    if key not in WEIGHTS_TWIN:
+        raise ValueError(f"{name!r} is not one of {', '.join(WEIGHTS_TWIN)}")
+    return key
+
+
 def runtime_twin_name(name: str) -> str:
     """``quick``, ``full`` or ``off``; ValueError naming the valid values otherwise."""
     key = str(name).strip().lower()
@@ -67,11 +78,15 @@ class RunSettings:
     runtime_twin: str = "quick"
     # llama.cpp's importance matrix B was quantised with (backends/imatrix.py): the weights twin needs it
     imatrix: str | None = None
+    # the weights twin (backends/dequant.py): "full" quantises every row of A, "sampled" a seeded share of each
+    # tensor's rows and checks every row of B cheaply, "auto" samples above dequant.SAMPLED_ABOVE parameters
+    weights_twin: str = "auto"
 
     def __post_init__(self) -> None:
         self.cache_dtype = cache_dtype_name(self.cache_dtype)  # one spelling, so one cache key
         self.store = store_name(self.store)
         self.runtime_twin = runtime_twin_name(self.runtime_twin)
+        self.weights_twin = weights_twin_name(self.weights_twin)
         if self.layer_swap and self.hidden_states and self.store != "full":
             raise ValueError(LAYER_SWAP_NEEDS_FULL)
 
@@ -79,6 +94,7 @@ class RunSettings:
         out = dict(self.__dict__)
         out.pop("runtime_twin")  # which extra runs a pair makes, not what a run produces
         out.pop("imatrix")  # read by the weights check only, keyed there
+        out.pop("weights_twin")  # likewise
         if not fed:  # A's entry is the same whatever is done with B
             out.pop("layer_swap")
             out.pop("keep_b")

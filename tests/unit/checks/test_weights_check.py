@@ -641,3 +641,67 @@ def test_a_tensor_that_only_lost_a_unit_dimension_is_read_in_the_other_sides_vie
     pair = pairing.Pair(hf.name, hf, other)
     pairing.same_view(pair)
     assert pair.b is other  # another shape, not a unit dimension: left for the shape check to report
+
+
+def test_the_sampled_twin_passes_a_correct_file_and_its_row_check_finds_a_row_the_sample_missed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled twin (``--convdiff-weights-twin sampled``) quantises a seeded share of each tensor's rows: a
+    correct Q4_K file has no block off its twin there and no row off A's scale. One row of B scaled by 1.25 in its
+    stored bytes, a row the sample does not hold, leaves the sampled twin exact, and the cheap check of every row
+    finds it (by its least-squares scale); the full twin finds it block by block."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install 'pytest-convdiff[llama-cpp]'")
+    from pytest_convdiff.checks import bound_table
+    from pytest_convdiff.checks.weights import judge_tensor
+
+    monkeypatch.setattr(dequant, "SAMPLE_MIN_ROWS", 8)
+    ta = _llama_arrays(layers=1, h=256, ff=512)
+    a = _save_hf(tmp_path / "a", ta, layers=1)
+    src = _save_gguf(tmp_path / "src.gguf", ta, layers=1, h=256, ff=512)
+    b = tmp_path / "q4_k.gguf"
+    rc = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), f"{b}={PURE_FTYPES['Q4_K']}"],
+                        capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr[-800:]
+    bounds = bound_table().row("q4")
+
+    def measure(path: Path, share: float | None) -> dict[str, dict[str, Any]]:
+        m = dequant.measure_weights(tensors.SafetensorsWeights(a), tensors.GGUFWeights(path), sample=share)
+        assert m["status"] == "ok" and m["sampled"] == share
+        return {e["name"]: e for e in m["tensors"]}
+
+    correct = measure(b, 0.25)
+    up = "model.layers.0.mlp.up_proj.weight"
+    sampled = correct[up]["twin"]["sampled"]
+    assert sampled["rows"] == 512 and sampled["twin_rows"] == 128 and sampled["rows_off"] == 0
+    assert 0 < sampled["twin_row_dev"] < sampled["row_limit"]
+    for e in correct.values():
+        assert judge_tensor(e, bounds) == [], (e["name"], judge_tensor(e, bounds))
+
+    # one row of B's up_proj that the sample does not hold, scaled by 1.25: a Q4_K block's d and dmin (f16) lead it
+    row = next(r for r in range(512) if not _sampled_rows(up, 512, 0.25)[r])
+    broken = tmp_path / "row.gguf"
+    broken.write_bytes(b.read_bytes())
+    g = tensors.GGUFWeights(broken)
+    t = g.tensors["blk.0.ffn_up.weight"]
+    g.close()
+    with broken.open("r+b") as fh:
+        fh.seek(t.offset + row * (t.nbytes // t.rows))
+        block = bytearray(fh.read(144))
+        scales = np.frombuffer(bytes(block[:4]), dtype=np.float16) * np.float16(1.25)
+        block[:4] = scales.astype(np.float16).tobytes()
+        fh.seek(t.offset + row * (t.nbytes // t.rows))
+        fh.write(block)
+    e = measure(broken, 0.25)[up]
+    assert e["twin"]["differing"] == 0  # the sample does not see it
+    assert e["twin"]["sampled"]["rows_off"] == 1 and e["twin"]["sampled"]["worst_row"] == row
+    why = " ".join(w for _, w in judge_tensor(e, bounds))
+    assert "1 of its 512 rows stray from A's scale" in why and f"row {row}'s least-squares scale" in why
+    full = measure(broken, None)[up]
+    assert full["twin"]["differing"] == 1 and full["twin"]["where"][0][0] == row and "sampled" not in full["twin"]
+
+
+def _sampled_rows(name: str, rows: int, share: float) -> np.ndarray:
+    """Which rows the sampled twin holds for a tensor of A's name (the same seed as ``dequant.SampledRows``)."""
+    pair = pairing.Pair(name, None, tensors.StoredTensor(name, (rows, 256), "Q4_K", Path("x"), 0, 0, rows, 256))
+    s = dequant.SampledRows.of(pair, share)
+    assert s is not None
+    return s.mask
