@@ -2,6 +2,7 @@
 in full and sampled mode against llama-quantize's own time, and what the sampled mode detects.
 
     python bench/weights_scale.py [--work /tmp/convdiff-1b] [--json bench/results/weights_scale.json]
+    python bench/weights_scale.py --render docs/performance.md    # the tables from the JSON, into the docs
 
 - **The model**: a random Llama checkpoint of 1.0 B parameters (TinyLlama's shape: hidden 2048, 22 layers,
   32 query and 4 key/value heads, MLP 5632) saved as BF16, converted to F16 by llama.cpp's
@@ -218,12 +219,48 @@ def defects(q4: Path, sampled_rows: Any) -> list[tuple[str, str, str, Any]]:
     ]
 
 
+BEGIN, END = "<!-- weights-scale:begin -->", "<!-- weights-scale:end -->"
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The JSON's tables, as docs/performance.md shows them."""
+    m, q = doc["model"], doc["llama_quantize_seconds"]
+    lines = [f"{m['parameters'] / 1e9:.2f} B parameters ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+             f"MLP {m['intermediate_size']}), {m['type']}, {doc['cpus']} CPUs; llama-quantize in the same run: "
+             + ", ".join(f"{float(v):.1f} s at {k} thread(s)" for k, v in q.items()) + ".", "",
+             "| mode | threads | seconds | M parameters/s | over llama-quantize | failing tensors (correct file) |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['mode']} | {r['threads']} | {r['seconds']:.1f} | {r['mparams_per_s']:.1f} | "
+                     f"{r['over_llama_quantize']:.2f} | {r['failing_tensors']} |")
+    lines += ["", f"Detection of the sampled mode (1/{round(1 / doc['sample_share'])} of each tensor's rows, at least "
+                  f"{doc['sample_min_rows']}; row limit {doc['row_factor']:g}× the twin rows' scale deviation), one "
+                  "defect at a time in the Q4_K_M file's bytes, rows picked outside the sample:", "",
+              "| defect | where | caught | by | other tensors failing |", "|---|---|---|---|---|"]
+    for d in doc["detection"]:
+        lines.append(f"| {d['defect']} | {d['scope']} of `{d['tensor']}` | {'yes' if d['caught'] else '**no**'} | "
+                     f"{', '.join(d['by']) or '-'} | {len(d['false_failures'])} |")
+    return "\n".join(lines)
+
+
+def write_render(doc: dict[str, Any], md: Path) -> None:
+    text = md.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{md} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    md.write_text(head + BEGIN + "\n" + render(doc) + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/convdiff-1b"))
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--skip-full", action="store_true", help="sampled mode only (the full twin takes minutes)")
+    ap.add_argument("--render", type=Path, help="write the JSON's tables between the markers of this Markdown file")
     args = ap.parse_args()
+    if args.render:
+        write_render(json.loads(args.json.read_text(encoding="utf-8")), args.render)
+        return
     from pytest_convdiff.backends import dequant
     from pytest_convdiff.backends.pairing import Pair
     from pytest_convdiff.backends.tensors import StoredTensor
@@ -234,14 +271,20 @@ def main() -> None:
     print(f"model: {params / 1e9:.3f} B parameters; llama-quantize Q4_K_M: "
           + ", ".join(f"{s:.1f} s at {t} thread(s)" for t, s in built["quantize_seconds"].items()), flush=True)
     runs = []
+    quantize: dict[int, float] = {}
+    for threads in (1, 2):  # llama-quantize beside the twin, in this run: a shared machine's speed drifts
+        t0 = time.perf_counter()
+        _quantize(args.work / "model.f16.gguf", args.work / "again.gguf", threads)
+        quantize[threads] = time.perf_counter() - t0
+        (args.work / "again.gguf").unlink(missing_ok=True)
+    print("llama-quantize now: " + ", ".join(f"{s:.1f} s at {t} thread(s)" for t, s in quantize.items()), flush=True)
     for mode, share in (("sampled", dequant.SAMPLE_SHARE), ("full", None)):
         if mode == "full" and args.skip_full:
             continue
         for threads in (1, 2):
             secs, m = measure(hf, q4, share, threads)
             bad = failing(m)
-            q = built["quantize_seconds"][str(threads)] if str(threads) in built["quantize_seconds"] else \
-                built["quantize_seconds"][threads]
+            q = quantize[threads]
             runs.append({"mode": mode, "threads": threads, "seconds": secs, "mparams_per_s": params / secs / 1e6,
                          "over_llama_quantize": secs / q, "failing_tensors": len(bad)})
             print(f"{mode:8s} {threads} thread(s): {secs:7.1f} s, {params / secs / 1e6:7.1f} M parameters/s, "
@@ -260,14 +303,17 @@ def main() -> None:
         secs, m = measure(hf, broken, dequant.SAMPLE_SHARE, 2)
         bad = failing(m)
         hit = {n: w for n, w in bad.items() if n.startswith(f"blk.{LAYER}.") or n.startswith(f"blk.{LAYER + 1}.")}
-        by = sorted({"row check" if "stray from A's scale" in " ".join(w) else "sampled twin" for w in hit.values()})
+        text = " ".join(" ".join(w) for w in hit.values())
+        by = [name for name, said in (("sampled twin", "llama.cpp's quantiser makes"), ("row check", "stray from A's scale"))
+              if said in text]
         other = sorted(set(bad) - set(hit))
         found.append({"defect": what, "scope": scope, "tensor": tensor, "caught": tensor in bad, "by": by,
                       "failing": sorted(hit), "false_failures": other, "seconds": secs})
         print(f"{what:38s} {scope:22s} {'caught' if tensor in bad else 'MISSED':7s} by {', '.join(by) or '-'}"
               f"{'; other tensors failing: ' + ', '.join(other) if other else ''}", flush=True)
     broken.unlink(missing_ok=True)
-    doc = {"model": {**SHAPE, "parameters": params, "type": "Q4_K_M"}, "build": built, "runs": runs,
+    doc = {"model": {**SHAPE, "parameters": params, "type": "Q4_K_M"}, "build": built,
+           "llama_quantize_seconds": quantize, "runs": runs,
            "sample_share": dequant.SAMPLE_SHARE, "sample_min_rows": dequant.SAMPLE_MIN_ROWS,
            "row_factor": dequant.ROW_FACTOR, "detection": found, "cpus": os.cpu_count()}
     args.json.parent.mkdir(parents=True, exist_ok=True)

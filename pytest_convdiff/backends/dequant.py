@@ -12,9 +12,11 @@ No pytest here and no torch: numpy, the ``gguf`` package and llama.cpp's library
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,21 @@ ROW_FLOOR = 1e-6  # float32's resolution of a scale: a row of an exact type stra
 _HALF_ULP = {"F32": 2.0 ** -24, "F64": 2.0 ** -53, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 
 
+@dataclass
+class _Chunk:
+    """One chunk's twin, between ``_Twin.start`` and ``_Twin.finish``: A's rows (``a``), the rows of them the twin
+    holds (``rows_a``, their values ``x``), and the twin's bytes and values beside B's bytes."""
+
+    r0: int
+    a: np.ndarray
+    rows_a: np.ndarray
+    x: np.ndarray
+    raw_b: np.ndarray | None = None
+    raw_t: np.ndarray | None = None
+    vt: np.ndarray | None = None
+    quantised: np.ndarray | None = None
+
+
 class _Twin:
     """B's re-quantisation twin over one tensor (``backends.twin``): A's rows brought into B's stored convention
     (the converter's forward transforms), written through an intermediate, stored as B's type, and read
@@ -83,59 +100,68 @@ class _Twin:
         self.sampled = SampledRows.of(pair, sample) if sample else None
 
     def update(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
-        if self.sampled is not None:
-            self._update_sampled(src_b, a, b, r0, r1)
-            return
-        k = (r1 - r0) // (self.pair.b.rows // self.groups) if self.groups else 0
-        fwd = rope_permute(a, k) if k else a
+        self.finish(self.start(src_b, a, r0, r1), b)
+
+    def start(self, src_b: Source, a: np.ndarray, r0: int, r1: int) -> _Chunk:
+        """What needs only A's rows and B's bytes: the quantiser's run over the chunk (or its sampled rows), made
+        while ``_stream`` reads and sums the chunk on another thread."""
+        n = r1 - r0
+        k = n // (self.pair.b.rows // self.groups) if self.groups else 0
+        a2 = a.reshape(n, -1)
+        if self.sampled is not None:  # a stored row of B is one row of A (the rope permutation moves whole rows)
+            stored = np.nonzero(self.sampled.mask[r0:r1])[0]
+            rows_a = (rope_permute(np.arange(n), k) if k else np.arange(n))[stored]  # A's row of each stored row
+            x = a2[rows_a]
+        else:
+            stored, rows_a, x = None, np.arange(n), a2
+        if not len(rows_a):
+            return _Chunk(r0, a2, rows_a, x)
+        fwd = rope_permute(x, k) if k and stored is None else x  # all rows: quantised in B's stored order
         if self.offset:
             fwd = fwd + np.float32(self.offset)
-        raw_t, vt = twin.twin_rows(fwd.reshape(r1 - r0, -1), self.type, self.stats.intermediate, self.imatrix)
-        raw_b = src_b.raw(self.pair.b, r0, r1) if raw_t is not None and isinstance(src_b, GGUFWeights) else None
-        if raw_t is not None and raw_b is None:  # B's bytes unknown: compare values
-            raw_t = None
-        if raw_t is not None and raw_b is not None and k:  # byte rows in B's stored (rope) order: into A's
-            raw_t, raw_b = rope_unpermute(raw_t, k), rope_unpermute(raw_b, k)
-        index = np.arange(r0, r1)
-        vt = vt.reshape(a.shape)
-        if k:
-            vt = rope_unpermute(vt, k)
-        if self.offset:
+        quantised_type = self.type not in twin.FLOAT_TYPES
+        raw_b = src_b.raw(self.pair.b, r0, r1) if quantised_type and isinstance(src_b, GGUFWeights) else None
+        if raw_b is not None:  # bytes against bytes: the twin's values are read back in ``finish``, where they differ
+            raw_t, vt = twin.twin_bytes(fwd, self.type, self.stats.intermediate, self.imatrix), None
+            raw_b = raw_b[stored] if stored is not None else raw_b
+        else:  # B's bytes unknown (or a float type): compare values
+            raw_t, vt = None, twin.twin_rows(fwd, self.type, self.stats.intermediate, self.imatrix)[1].reshape(x.shape)
+        if k and stored is None:  # rows in B's stored (rope) order: into A's
+            if vt is not None:
+                vt = rope_unpermute(vt, k)
+            if raw_t is not None:
+                raw_t, raw_b = rope_unpermute(raw_t, k), rope_unpermute(raw_b, k)
+        if vt is not None and self.offset:
             vt = vt - np.float32(self.offset)
         # the quantiser's own input, in A's order, for the rounding-tie test (without an importance matrix only:
         # with one, the rounding types search their scale too)
         quantised = None
         if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
-            quantised = twin.round_to(a + np.float32(self.offset) if self.offset else a, self.stats.intermediate)
-        self.stats.update(raw_b, raw_t, b, vt, a, self.block, index, quantised)
+            quantised = twin.round_to(x + np.float32(self.offset) if self.offset else x, self.stats.intermediate)
+        return _Chunk(r0, a2, rows_a, x, raw_b, raw_t, vt, quantised)
 
-    def _update_sampled(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
-        """The twin of the chunk's sampled rows only, and the cheap check of all of them. The rope permutation
-        moves whole rows, so a stored row of B is one row of A: each sampled stored row is quantised from it."""
-        assert self.sampled is not None
-        n = r1 - r0
-        a2, b2 = a.reshape(n, -1), b.reshape(n, -1)
-        self.sampled.check_rows(a2, b2, r0)
-        stored = np.nonzero(self.sampled.mask[r0:r1])[0]
-        if not len(stored):
+    def finish(self, c: _Chunk, b: np.ndarray) -> None:
+        """B's rows against the twin ``start`` made (and, sampled, every row of B against A's)."""
+        b2 = b.reshape(b.shape[0], -1)
+        if self.sampled is not None:
+            self.sampled.check_rows(c.a, b2, c.r0)
+        if not len(c.rows_a):
             return
-        k = n // (self.pair.b.rows // self.groups) if self.groups else 0
-        rows_a = (rope_permute(np.arange(n), k) if k else np.arange(n))[stored]  # A's row of each stored row
-        x = a2[rows_a]
-        fwd = x + np.float32(self.offset) if self.offset else x
-        raw_t, vt = twin.twin_rows(fwd, self.type, self.stats.intermediate, self.imatrix)
-        raw_b = (src_b.raw(self.pair.b, r0, r1)[stored] if raw_t is not None and isinstance(src_b, GGUFWeights)
-                 else None)
-        if raw_b is None:  # B's bytes unknown: compare values
-            raw_t = None
-        vt = vt.reshape(x.shape)
-        if self.offset:
-            vt = vt - np.float32(self.offset)
-        quantised = None
-        if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
-            quantised = twin.round_to(fwd, self.stats.intermediate)
-        self.stats.update(raw_b, raw_t, b2[rows_a], vt, x, self.block, r0 + rows_a, quantised)
-        self.sampled.twin_rows(x, vt)
+        vb = b2[c.rows_a] if self.sampled is not None else b2
+        vt = c.vt if c.vt is not None else self._read_back(c, vb)
+        self.stats.update(c.raw_b, c.raw_t, vb, vt, c.x, self.block, c.r0 + c.rows_a, c.quantised)
+        if self.sampled is not None:
+            self.sampled.twin_rows(c.x, vt)
+
+    def _read_back(self, c: _Chunk, vb: np.ndarray) -> np.ndarray:
+        """The twin's values in A's order and convention: B's own where the bytes are B's, the rest dequantised."""
+        assert c.raw_t is not None and c.raw_b is not None
+        vt = np.array(vb, dtype=np.float32, copy=True)
+        other = np.nonzero((c.raw_t != c.raw_b).any(axis=1))[0]
+        if len(other):
+            back = ggml.dequantize(self.type, np.ascontiguousarray(c.raw_t[other]), vt.shape[1])
+            vt[other] = back - np.float32(self.offset) if self.offset else back
+        return vt
 
     def to_dict(self) -> dict[str, Any]:
         out = self.stats.to_dict()
@@ -168,8 +194,11 @@ class SampledRows:
 
     @classmethod
     def of(cls, pair: Pair, share: float) -> SampledRows | None:
-        """The sample for this tensor; None where it would hold every row anyway."""
+        """The sample for this tensor; None where it would hold every row anyway, or where B's type is a float
+        type (its twin is a rounding, as cheap as reading the tensor)."""
         assert pair.b is not None
+        if pair.b.type in twin.FLOAT_TYPES:
+            return None
         rows = pair.b.rows
         n = max(SAMPLE_MIN_ROWS, math.ceil(share * rows))
         if n >= rows:
@@ -181,12 +210,17 @@ class SampledRows:
 
     @staticmethod
     def _dev(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
-        aa, ab, bb = (a64 * a64).sum(1), (a64 * b64).sum(1), (b64 * b64).sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dev = np.abs(ab / aa - 1.0)
-        dev = np.where(aa > 0, dev, np.where(bb > 0, np.inf, 0.0))
-        return np.where((bb == 0) & (aa > 0), np.inf, dev)  # B's row zeros where A's is not
+        """|<a, b> / <a, a> - 1| per row, as <a, b - a> / <a, a>: in float32, since B - A is small and exact
+        where the two are close; inf for a row of zeros on one side only, or one that is not finite."""
+        a = np.asarray(a, dtype=np.float32)
+        b = np.asarray(b, dtype=np.float32)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            aa = np.einsum("ij,ij->i", a, a)
+            dev = np.abs(np.einsum("ij,ij->i", a, b - a) / aa).astype(np.float64)
+        a_any, b_any = a.any(axis=1), b.any(axis=1)
+        dev = np.where(a_any, dev, np.where(b_any, np.inf, 0.0))
+        dev = np.where(a_any & ~b_any, np.inf, dev)  # B's row zeros where A's is not
+        return np.where(np.isnan(dev), np.inf, dev)
 
     def check_rows(self, a: np.ndarray, b: np.ndarray, r0: int) -> None:
         self.dev_b[r0:r0 + a.shape[0]] = self._dev(a, b)
@@ -259,6 +293,13 @@ def _first_intermediate(type_name: str, preferred: dict[str, str]) -> str:
     return preferred.get(group) or ("F32" if group == "float" else "F16")
 
 
+@functools.lru_cache(maxsize=1)
+def _overlap() -> ThreadPoolExecutor:
+    """The thread that runs the quantiser's twin of a chunk (itself spread over llama.cpp's threads) while
+    ``_stream`` reads and sums the same chunk: numpy and the quantiser let go of the GIL."""
+    return ThreadPoolExecutor(1, thread_name_prefix="convdiff-twin")
+
+
 def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
             alternatives: bool = False, twins: list[_Twin] | None = None) -> tuple[TensorStats, Sketch, Sketch]:
     """One pass over a tensor pair: its stats and both sketches (and, with ``alternatives``, how B compares
@@ -274,11 +315,12 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
         a, b = ra.rows(r0, r1), rb.rows(r0, r1)
         if a.shape != b.shape:
             a, b = a.reshape(r1 - r0, cols), b.reshape(r1 - r0, cols)
-        stats.update(a, b, r0)
+        started = [(tw, _overlap().submit(tw.start, srcs[1], a, r0, r1)) for tw in twins or ()]
+        stats.update(a, b, r0)  # while the quantiser makes the twin of the chunk
         sa.update(a, r0)
         sb.update(b, r0)
-        for tw in twins or ():
-            tw.update(srcs[1], a, b, r0, r1)
+        for tw, future in started:
+            tw.finish(future.result(), b)
         if alternatives and n:
             k = (r1 - r0) // align
             stats.add_alt("unpermuted", a, rope_permute(b, k))

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "TwinStats", "round_to", "rounding_ties", "twin_rows"]
+__all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "TwinStats", "round_to", "rounding_ties", "twin_bytes", "twin_rows"]
 
 INTERMEDIATES: tuple[str, ...] = ("F16", "F32", "BF16")  # the converter's --outtype, most common first
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -69,6 +69,15 @@ def twin_rows(rows_gguf: np.ndarray, type_name: str, intermediate: str,
     return raw, ggml.dequantize(t, raw, src.shape[1])
 
 
+def twin_bytes(rows_gguf: np.ndarray, type_name: str, intermediate: str,
+               imatrix: np.ndarray | None = None) -> np.ndarray:
+    """The twin's stored bytes for rows of a quantised type (``twin_rows`` without reading them back: where they
+    are B's own bytes, B's values are the twin's)."""
+    from . import ggml
+
+    return ggml.quantize(type_name.upper(), round_to(rows_gguf, intermediate), imatrix)
+
+
 # Types whose quantiser, without an importance matrix, fixes each block's scale from its extremes and rounds every
 # value once (ggml-quants.c, quantize_row_*_ref): how the scale is made, its divisor, and what is added to x * id
 # before the truncation (None: Q8_0's roundf, which rounds half away from zero).
@@ -76,6 +85,11 @@ ROUNDING_TYPES: dict[str, tuple[str, float, float | None]] = {
     "Q4_0": ("signed-max", -8.0, 8.5), "Q5_0": ("signed-max", -16.0, 16.5),
     "Q4_1": ("min-max", 15.0, 0.5), "Q5_1": ("min-max", 31.0, 0.5), "Q8_0": ("abs-max", 127.0, None),
 }
+
+
+def _sumsq(x: np.ndarray) -> float:
+    flat = np.ascontiguousarray(x).ravel()
+    return float(np.dot(flat, flat))
 
 
 def _ulp32(v: np.ndarray) -> np.ndarray:
@@ -182,24 +196,27 @@ class TwinStats:
             room = LOCATIONS - len(self.where)
             if room > 0:
                 self.where.extend((int(r), int(c)) for r, c in zip(rows[:room], hit[:room, 1], strict=True))
-        d = vb.astype(np.float64) - vt
+        # differences in float32 (B, the twin and A are close, so each difference is exact or nearly), their squares
+        # summed by BLAS: the chunk is never widened to float64, which cost more than the quantiser's own run
+        vb, vt, va = (np.asarray(v, dtype=np.float32) for v in (vb, vt, va))
+        with np.errstate(invalid="ignore", over="ignore"):
+            d, e, f = vb - vt, vt - va, vb - va
         if tie is not None and tie.any():  # a tipped near-tie is another build's twin: no distance from it
-            d = np.where(np.repeat(tie, block, axis=1), 0.0, d)
-        e = vt.astype(np.float64) - va
-        f = vb.astype(np.float64) - va
+            d = np.where(np.repeat(tie, block, axis=1), np.float32(0), d)
         ok = np.isfinite(d) & np.isfinite(e) & np.isfinite(f)
         if not ok.all():
-            d, e, f = np.where(ok, d, 0.0), np.where(ok, e, 0.0), np.where(ok, f, 0.0)
-        self.d2 += float(np.sum(d * d))
-        self.e2 += float(np.sum(e * e))
-        self.b2 += float(np.sum(f * f))
+            zero = np.float32(0)
+            d, e, f = np.where(ok, d, zero), np.where(ok, e, zero), np.where(ok, f, zero)
+        self.d2 += _sumsq(d)
+        self.e2 += _sumsq(e)
+        self.b2 += _sumsq(f)
         if len(hit):  # B's and the twin's errors against A over the blocks that differ
             nb = diff.shape[1]
-            eb = (f * f).reshape(vb.shape[0], nb, -1).sum(-1)[diff]
-            et = (e * e).reshape(vb.shape[0], nb, -1).sum(-1)[diff]
-            floor = (np.abs(va.astype(np.float64)) * self.half_ulp).reshape(vb.shape[0], nb, -1)
-            self.diff_b2 += float(eb.sum())
-            self.diff_t2 += float(np.maximum(et, (floor * floor).sum(-1)[diff]).sum())
+            fb = f.reshape(vb.shape[0], nb, -1)[diff].astype(np.float64)
+            et = e.reshape(vb.shape[0], nb, -1)[diff].astype(np.float64)
+            floor = np.abs(va.reshape(vb.shape[0], nb, -1)[diff].astype(np.float64)) * self.half_ulp
+            self.diff_b2 += float((fb * fb).sum())
+            self.diff_t2 += float(np.maximum((et * et).sum(-1), (floor * floor).sum(-1)).sum())
 
     @property
     def share(self) -> float:
