@@ -90,14 +90,16 @@ class _Twin:
     of B cheaply against A instead (its least-squares scale, zero rows)."""
 
     def __init__(self, pair: Pair, n_groups: int, intermediate: str, imatrix: np.ndarray | None = None,
-                 sample: float | None = None) -> None:
+                 sample: float | None = None, rows_from: _Twin | None = None) -> None:
         assert pair.b is not None
         self.pair, self.type, self.imatrix = pair, pair.b.type, imatrix
         self.groups = n_groups if pair.unpermute[1] else 0
         self.offset = pair.norm_offset[1]
         self.stats = TwinStats(intermediate, half_ulp=_HALF_ULP.get(self.type, 0.0), type=self.type)
         self.block = gguf_header.GGML_TYPES[ggml.type_id(self.type)][1] if self.type not in twin.FLOAT_TYPES else 1
-        self.sampled = SampledRows.of(pair, sample) if sample else None
+        # another intermediate's twin of the same tensor samples the same rows, and B's rows are checked once
+        self.sampled = (rows_from.sampled.again() if rows_from is not None and rows_from.sampled is not None
+                        else SampledRows.of(pair, sample) if sample else None)
 
     def update(self, src_b: Source, a: np.ndarray, b: np.ndarray, r0: int, r1: int) -> None:
         self.finish(self.start(src_b, a, r0, r1), b)
@@ -121,8 +123,10 @@ class _Twin:
             fwd = fwd + np.float32(self.offset)
         quantised_type = self.type not in twin.FLOAT_TYPES
         raw_b = src_b.raw(self.pair.b, r0, r1) if quantised_type and isinstance(src_b, GGUFWeights) else None
+        src = None  # the quantiser's input: A's rows written through the intermediate, in B's stored order
         if raw_b is not None:  # bytes against bytes: the twin's values are read back in ``finish``, where they differ
-            raw_t, vt = twin.twin_bytes(fwd, self.type, self.stats.intermediate, self.imatrix), None
+            src = twin.round_to(fwd, self.stats.intermediate)
+            raw_t, vt = twin.twin_bytes(src, self.type, self.imatrix), None
             raw_b = raw_b[stored] if stored is not None else raw_b
         else:  # B's bytes unknown (or a float type): compare values
             raw_t, vt = None, twin.twin_rows(fwd, self.type, self.stats.intermediate, self.imatrix)[1].reshape(x.shape)
@@ -136,8 +140,8 @@ class _Twin:
         # the quantiser's own input, in A's order, for the rounding-tie test (without an importance matrix only:
         # with one, the rounding types search their scale too)
         quantised = None
-        if raw_t is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
-            quantised = twin.round_to(x + np.float32(self.offset) if self.offset else x, self.stats.intermediate)
+        if src is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
+            quantised = rope_unpermute(src, k) if k and stored is None else src  # in A's order
         return _Chunk(r0, a2, rows_a, x, raw_b, raw_t, vt, quantised)
 
     def finish(self, c: _Chunk, b: np.ndarray) -> None:
@@ -166,7 +170,7 @@ class _Twin:
     def to_dict(self) -> dict[str, Any]:
         out = self.stats.to_dict()
         if self.sampled is not None:
-            out["sampled"] = self.sampled.to_dict()
+            out["sampled"] = self.sampled.to_dict(self.stats.e2)
         return out
 
 
@@ -188,9 +192,9 @@ class SampledRows:
     mask: np.ndarray  # per stored row of B: quantised (sampled) or not
     dev_b: np.ndarray  # per row of A: |scale of B's row against A's - 1| (inf: B's row zeros, or A's)
     twin_dev: float = 0.0  # the largest |scale - 1| of the twin's sampled rows
-    twin_e2: float = 0.0  # ||T - A||^2 over the sampled rows
-    twin_a2: float = 0.0  # ||A||^2 over them
+    twin_a2: float = 0.0  # ||A||^2 over them (the twin's ||T - A||^2 there is its ``TwinStats.e2``)
     cols: int = 1
+    checks_rows: bool = True  # False for another intermediate's twin: ``dev_b`` is the first twin's, filled
 
     @classmethod
     def of(cls, pair: Pair, share: float) -> SampledRows | None:
@@ -208,6 +212,10 @@ class SampledRows:
         mask[rng.choice(rows, n, replace=False)] = True
         return cls(mask, np.zeros(rows, dtype=np.float64), cols=pair.b.cols)
 
+    def again(self) -> SampledRows:
+        """The same sample for the twin of another intermediate, with B's rows as already checked."""
+        return SampledRows(self.mask, self.dev_b, cols=self.cols, checks_rows=False)
+
     @staticmethod
     def _dev(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """|<a, b> / <a, a> - 1| per row, as <a, b - a> / <a, a>: in float32, since B - A is small and exact
@@ -223,25 +231,25 @@ class SampledRows:
         return np.where(np.isnan(dev), np.inf, dev)
 
     def check_rows(self, a: np.ndarray, b: np.ndarray, r0: int) -> None:
-        self.dev_b[r0:r0 + a.shape[0]] = self._dev(a, b)
+        if self.checks_rows:
+            self.dev_b[r0:r0 + a.shape[0]] = self._dev(a, b)
 
     def twin_rows(self, a: np.ndarray, t: np.ndarray) -> None:
         dev = self._dev(a, t)
         finite = dev[np.isfinite(dev)]
         if len(finite):
             self.twin_dev = max(self.twin_dev, float(finite.max()))
-        d = t.astype(np.float64) - a
-        self.twin_e2 += float(np.nansum(d * d))
         self.twin_a2 += float(np.nansum(a.astype(np.float64) ** 2))
 
-    def limit(self) -> float:
+    def limit(self, twin_e2: float) -> float:
         """How far a row's scale may stray from 1: ``ROW_FACTOR`` times the most the twin's rows stray, or times
-        the type's relative error over the root of the row length where the twin's rows happen to stray less."""
-        rel = math.sqrt(self.twin_e2 / self.twin_a2) if self.twin_a2 > 0 else 0.0
+        the type's relative error (``twin_e2``: ||T - A||^2 over the sampled rows) over the root of the row length
+        where the twin's rows happen to stray less."""
+        rel = math.sqrt(twin_e2 / self.twin_a2) if self.twin_a2 > 0 else 0.0
         return ROW_FACTOR * max(self.twin_dev, rel / math.sqrt(max(self.cols, 1)), ROW_FLOOR)
 
-    def to_dict(self) -> dict[str, Any]:
-        limit = self.limit()
+    def to_dict(self, twin_e2: float) -> dict[str, Any]:
+        limit = self.limit(twin_e2)
         bad = np.nonzero(~(self.dev_b <= limit))[0]
         worst = int(bad[np.argmax(np.where(np.isfinite(self.dev_b[bad]), self.dev_b[bad], np.inf))]) if len(bad) else None
         finite = self.dev_b[np.isfinite(self.dev_b)]
@@ -437,7 +445,7 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
             stats, sa, sb = _stream((a, b), pair, rows, cols, twins=[first] if first else None)
             best = first
             if first is not None and first.stats.differing and not FORCE_INTERMEDIATE:  # another intermediate may be the one B was made from
-                others = [_Twin(pair, n, i, imatrix, sample) for i in twin.INTERMEDIATES
+                others = [_Twin(pair, n, i, imatrix, sample, rows_from=first) for i in twin.INTERMEDIATES
                           if i != first.stats.intermediate]
                 _stream((a, b), pair, rows, cols, twins=others)
                 for tw in others:

@@ -69,13 +69,13 @@ def twin_rows(rows_gguf: np.ndarray, type_name: str, intermediate: str,
     return raw, ggml.dequantize(t, raw, src.shape[1])
 
 
-def twin_bytes(rows_gguf: np.ndarray, type_name: str, intermediate: str,
-               imatrix: np.ndarray | None = None) -> np.ndarray:
-    """The twin's stored bytes for rows of a quantised type (``twin_rows`` without reading them back: where they
-    are B's own bytes, B's values are the twin's)."""
+def twin_bytes(src: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """The twin's stored bytes for a quantised type, from the quantiser's input ``src`` (rows in GGUF's convention
+    already written through the intermediate: ``round_to``). ``twin_rows`` without reading them back: where they
+    are B's own bytes, B's values are the twin's."""
     from . import ggml
 
-    return ggml.quantize(type_name.upper(), round_to(rows_gguf, intermediate), imatrix)
+    return ggml.quantize(type_name.upper(), src, imatrix)
 
 
 # Types whose quantiser, without an importance matrix, fixes each block's scale from its extremes and rounds every

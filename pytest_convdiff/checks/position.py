@@ -21,7 +21,6 @@ value stays B's own growth, and the message says so.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from ..core.bounds import BoundSpec
@@ -146,8 +145,7 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     long = tuple(p for p in ctx.corpus if len(ctx.a.inputs(p.id)) > POSITION_BUCKETS[3][0])
     if not long:
         return {"status": "skipped", "reason": "no prompt reaches past 1,024 tokens"}
-    settings = replace(ctx.settings, greedy_tokens=0, tokenizer_cases=False, causality=False, layer_swap=0,
-                       keep_b=False)
+    settings = runtime.outputs_only(ctx.settings)
     twin = runtime.twin_spec(ctx.spec_a, ctx.spec_b)
     corpus = Corpus(long, f"{ctx.corpus.source}:long")
     try:

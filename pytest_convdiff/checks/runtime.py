@@ -68,6 +68,12 @@ def unavailable(ctx: EvalContext | PlanContext) -> str | None:
     return _applies(ctx.spec_a, ctx.spec_b)
 
 
+def outputs_only(settings: Any) -> Any:
+    """The run settings of a twin run: the pair's, recording only outputs (no greedy continuations, tokenizer
+    cases, causality probe or layer swap), and reduced against A as they come."""
+    return replace(settings, greedy_tokens=0, tokenizer_cases=False, causality=False, layer_swap=0, keep_b=False)
+
+
 def twin_spec(a: Any, b: Any, *, emulate: bool = False) -> Any:
     """T: A's architecture, on A's own backend (a ``TWIN_HOST``), loaded with B's weights (T8 with ``emulate``:
     llama.cpp's roundings)."""
@@ -118,8 +124,7 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     from ..pair import PairMetrics
 
     # T is stored as A is (compact by default: a few kB per token); T8 and B are reduced against it as they run
-    settings = replace(ctx.settings, greedy_tokens=0, tokenizer_cases=False, causality=False,
-                       layer_swap=0, keep_b=False, cache_dtype="float32",
+    settings = replace(outputs_only(ctx.settings), cache_dtype="float32",
                        max_tokens=min(ctx.settings.max_tokens or TWIN_TOKENS, TWIN_TOKENS))
     corpus = ctx.corpus if ctx.settings.runtime_twin == "full" else subset(ctx.corpus)
     twin, twin8 = twin_spec(ctx.spec_a, ctx.spec_b), twin_spec(ctx.spec_a, ctx.spec_b, emulate=True)
