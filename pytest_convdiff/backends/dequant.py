@@ -137,10 +137,12 @@ class _Twin:
                 raw_t, raw_b = rope_unpermute(raw_t, k), rope_unpermute(raw_b, k)
         if vt is not None and self.offset:
             vt = vt - np.float32(self.offset)
-        # the quantiser's own input, in A's order, for the rounding-tie test (without an importance matrix only:
-        # with one, the rounding types search their scale too)
+        # the quantiser's own input, in A's order, for the tie tests of the rounding types and the scale-search
+        # K-quants, without an importance matrix only: with one, the rounding types search their scale too, and a
+        # K-quant's codes carry the matrix's choice, which a given matrix is there to hold B to
         quantised = None
-        if src is not None and self.imatrix is None and self.type in twin.ROUNDING_TYPES:
+        if src is not None and self.imatrix is None and (self.type in twin.ROUNDING_TYPES
+                                                         or self.type in twin.SCALE_SEARCH_TYPES):
             quantised = rope_unpermute(src, k) if k and stored is None else src  # in A's order
         return _Chunk(r0, a2, rows_a, x, raw_b, raw_t, vt, quantised)
 

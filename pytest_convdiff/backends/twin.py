@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "TwinStats", "round_to", "rounding_ties", "twin_bytes", "twin_rows"]
+__all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "SCALE_SEARCH_TYPES", "TwinStats", "round_to", "rounding_ties",
+           "scale_search_ties", "twin_bytes", "twin_rows"]
 
 INTERMEDIATES: tuple[str, ...] = ("F16", "F32", "BF16")  # the converter's --outtype, most common first
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
@@ -143,6 +144,82 @@ def rounding_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, raw_t: np.nd
     return same_scale & (d != 0) & (quantum > 0) & (~moved | (one_step & near)).all(axis=1)
 
 
+# K-quants whose scales come from a float32 search (ggml-quants.c: make_qkx2_quants' least-squares solve, or Q6_K's
+# make_qx_quants; without an importance matrix) and whose values are then rounded again under the stored scales:
+# sub-block size, and the range of a quant (Q6_K's is signed and has no minimum).
+SCALE_SEARCH_TYPES: dict[str, tuple[int, int, int]] = {"Q2_K": (16, 0, 3), "Q4_K": (32, 0, 15), "Q5_K": (32, 0, 31),
+                                                       "Q6_K": (16, -32, 31)}
+
+
+def _k4_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: the 8 six-bit scales and mins packed in 12 bytes after d and dmin (ggml's get_scale_min_k4)."""
+    q = raw[:, 4:16].astype(np.int32)
+    sc, m = np.empty((len(raw), 8), np.int32), np.empty((len(raw), 8), np.int32)
+    sc[:, :4], m[:, :4] = q[:, 0:4] & 63, q[:, 4:8] & 63
+    sc[:, 4:] = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    m[:, 4:] = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+def _fp16(raw: np.ndarray, at: int) -> np.ndarray:
+    return np.ascontiguousarray(raw[:, at:at + 2]).view(np.float16)[:, 0].astype(np.float32)
+
+
+def scale_search_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, vb: np.ndarray) -> np.ndarray:
+    """For blocks of a ``SCALE_SEARCH_TYPES`` type that differ from their twin (one block per row: the quantiser's
+    float32 input ``x``, B's bytes, B's values), whether each is the type's own final rounding of ``x`` under the
+    block's stored scales: ``l = nearest_int((x + dmin * m_j) / (d * sc_j))`` (Q6_K: ``x / (d * sc_j)``) for every
+    value of every sub-block whose scale is not zero.
+
+    Why this is the tie test for these types: the scales come from a least-squares solve in float32
+    (``(sum_w * sum_xl - sum_x * sum_l) / D``) that cancels heavily, so another build's rounding or fused
+    multiply-adds move a sub-block's six-bit scale, and through the largest one the block's ``d``, in a share of
+    blocks that no near-tie argument bounds (a third of a tensor's blocks, measured: docs/twins.md). Everything
+    after the solve is exact or correctly rounded the same way on every build: ``d * sc_j`` is an exact product,
+    and an addition then a division have no multiply-add to contract. So a block another build made is exactly
+    this rounding under its own scales; a defect is not: a scaled, noisy, swapped or shifted tensor moves ``x``
+    relative to the scales B stores and changes the rounding of the values near a boundary (every block of
+    a tensor scaled by 1.02 or with 1 % noise, measured at every type), a zeroed block has no scale to round
+    by (nor does a zeroed sub-block: its values span far more than a scale of zero allows), and a corrupted scale
+    changes every rounding of its sub-block.
+
+    The scales themselves are not judged: a build's solve can move a sub-block's scale or minimum by a code or
+    two, and where A's values sit on a grid (a checkpoint made from a quantised file) one code more than
+    multiplies that sub-block's error against A (16× measured, SmolLM2 Q4_K), so neither a ratio of errors nor
+    a share of blocks bounds it. A quantiser whose search chose systematically worse scales would pass here;
+    that is a change of the quantiser, not of the conversion, and ``excess`` still reports the distance."""
+    sub, qmin, qmax = SCALE_SEARCH_TYPES[type_name]
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    raw = np.atleast_2d(raw_b)
+    vb = np.atleast_2d(np.asarray(vb, dtype=np.float32))
+    if type_name == "Q6_K":  # ql[128] qh[64] int8 scales[16] d: l = nearest_int(x / (d * sc_j)), no minimum
+        sc, d = raw[:, 192:208].view(np.int8).astype(np.int32), _fp16(raw, 208)
+        m, dmin = np.zeros_like(sc), np.zeros_like(d)
+    elif type_name == "Q2_K":
+        sc, m = (raw[:, :16] & 0xF).astype(np.int32), (raw[:, :16] >> 4).astype(np.int32)
+        d, dmin = _fp16(raw, 80), _fp16(raw, 82)
+    else:
+        sc, m = _k4_scales(raw)
+        d, dmin = _fp16(raw, 0), _fp16(raw, 2)
+    n = x.shape[0]
+    step = (d[:, None] * sc.astype(np.float32)).astype(np.float32)  # exact: an 11-bit half times an 8-bit integer
+    low = (dmin[:, None] * m.astype(np.float32)).astype(np.float32)
+    xs, vs = x.reshape(n, -1, sub), vb.reshape(n, -1, sub)
+    live = (step != 0) & np.isfinite(step) & np.isfinite(low)  # sub-blocks the final rounding redid
+    safe = np.where(live, step, np.float32(1))[..., None]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        want = np.clip(np.rint(((xs + low[..., None]).astype(np.float32) / safe).astype(np.float32)), qmin, qmax)
+        have = np.rint((vs + low[..., None]) / safe)
+    same = (want == have) | ~live[..., None]
+    # A sub-block stored without a scale holds one value: the search gives that only where its fit's scale is under
+    # half a step of the block's largest code, so where x spans less than half the quants' range in steps of ``d``
+    # (the whole range, as a margin of two).
+    span = np.maximum(xs.max(axis=2), 0) - np.minimum(xs.min(axis=2), 0)
+    flat = live | (span <= (qmax - qmin) * np.abs(d)[:, None])
+    finite = np.isfinite(d) & np.isfinite(dmin) & np.isfinite(vs).all(axis=(1, 2))
+    return finite & live.any(axis=1) & flat.all(axis=1) & same.all(axis=(1, 2))
+
+
 @dataclass
 class TwinStats:
     """B against its twin over a tensor, chunk by chunk: blocks that differ, and the sums for ``excess``."""
@@ -152,6 +229,8 @@ class TwinStats:
     differing: int = 0
     type: str = ""  # B's storage type (``ROUNDING_TYPES`` get the rounding-tie test)
     ties: int = 0  # blocks that differed only at a near-tie of the quantiser's one rounding (not in ``differing``)
+    scale_ties: int = 0  # blocks rounded as the type does under their own scales (``scale_search_ties``; not in
+    # ``differing``)
     d2: float = 0.0  # ||B - T||^2
     e2: float = 0.0  # ||T - A||^2 (the type's own error on this tensor)
     b2: float = 0.0  # ||B - A||^2
@@ -167,7 +246,8 @@ class TwinStats:
         values and A's in one convention, and the tensor row (in A's order) of each chunk row. ``quantised``:
         the quantiser's float32 input in the same order, for a rounding type quantised without an importance
         matrix: a block that differs only at a near-tie of its one rounding (``rounding_ties``) is counted in
-        ``ties``, not as differing."""
+        ``ties``, not as differing; for a ``SCALE_SEARCH_TYPES`` type: a block that is the type's own rounding of
+        it under its stored scales (``scale_search_ties``) is counted in ``scale_ties``, not as differing."""
         vb = values_b.reshape(values_b.shape[0], -1)
         vt = values_t.reshape(vb.shape)
         va = values_a.reshape(vb.shape)
@@ -185,6 +265,14 @@ class TwinStats:
                                         vb.reshape(shape)[at], vt.reshape(shape)[at])
                 self.ties += int(tie.sum())
                 diff &= ~tie
+            if quantised is not None and self.type in SCALE_SEARCH_TYPES and diff.any():
+                shape = (vb.shape[0], n_blocks, block)
+                at = np.nonzero(diff)
+                rescaled = np.zeros_like(diff)
+                rescaled[at] = scale_search_ties(self.type, quantised.reshape(shape)[at], rb[at],
+                                                 vb.reshape(shape)[at])
+                self.scale_ties += int(rescaled.sum())
+                diff &= ~rescaled
         else:
             diff = ~((vb == vt) | (np.isnan(vb) & np.isnan(vt)))
         self.blocks += diff.size
@@ -249,6 +337,7 @@ class TwinStats:
                 "error_ratio": self.error_ratio() if math.isfinite(self.error_ratio()) else None,
                 "tie_ratio": self.tie_ratio() if math.isfinite(self.tie_ratio()) else None,
                 "twin_error2": self.e2, "rows_hit": len(self.rows_hit), "ties": self.ties,
+                "scale_ties": self.scale_ties,
                 "row_range": [min(self.rows_hit), max(self.rows_hit)] if self.rows_hit else None,
                 "where": [list(w) for w in self.where]}
 

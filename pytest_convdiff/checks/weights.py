@@ -182,8 +182,9 @@ def _ratio(e: dict[str, Any]) -> float | None:
 
 def twin_score(e: dict[str, Any], bounds: Any) -> float | None:
     """How close a tensor is to failing against its twin, 1.0 being at the bound: the larger of its
-    differing share and its tie ratio, each over its bound (with an importance matrix not given: its error
-    ratio over ``weights_imatrix``). None when the tensor has no twin."""
+    differing share over its bound, and how far its tie ratio is from a perfect tie (1) as a share of the way to
+    its bound (with an importance matrix not given: its error ratio over ``weights_imatrix``). None when the
+    tensor has no twin."""
     t = e.get("twin")
     if not t:
         return None
@@ -194,7 +195,20 @@ def twin_score(e: dict[str, Any], bounds: Any) -> float | None:
     ratio = math.inf if ratio is None else ratio
     rows = _rows_score(t)
     return max(t["share"] / bounds.weights_twin_blocks if bounds.weights_twin_blocks else math.inf,
-               ratio / bounds.weights_twin_ratio if bounds.weights_twin_ratio else math.inf, rows)
+               tie_score(ratio, bounds.weights_twin_ratio), rows)
+
+
+def tie_score(ratio: float, bound: float) -> float:
+    """A tie ratio as a score, 1.0 at ``bound``: its distance from a perfect tie (1: B as far from A as the twin
+    is) over the bound's. A flipped near-tie scores about 0 instead of 1/bound, which a tensor with one flipped
+    block would otherwise carry as if it were two thirds of the way to failing; past the bound the score grows
+    faster than ``ratio / bound``, so nothing that failed passes. A bound of 1 or less has no room above a tie:
+    ``ratio / bound``."""
+    if not bound:
+        return math.inf
+    if bound <= 1.0:
+        return ratio / bound
+    return max(0.0, (ratio - 1.0) / (bound - 1.0))
 
 
 def _rows_score(t: dict[str, Any]) -> float:
@@ -263,6 +277,10 @@ def _twin_why(e: dict[str, Any], bounds: Any) -> list[tuple[str, str]]:
     if why and t.get("ties"):
         why.append(("", f"{t['ties']} more {block}(s) differed only at a near-tie of the quantiser's one rounding, "
                         "as another build rounds it, and are not counted"))
+    if why and t.get("scale_ties"):
+        why.append(("", f"{t['scale_ties']} more {block}(s) differed only in the scales another build's float32 "
+                        "scale search can choose (their values are the type's rounding of A's under them), and are "
+                        "not counted as differing"))
     if why and given:
         why.append(("", f"if B was quantised with another importance matrix than {given}, give that one"))
     if why and e.get("imatrix_problem"):
@@ -408,6 +426,9 @@ def _state_text(e: dict[str, Any], bounds: Any) -> str:
     if t:
         ties = (f"; {t['ties']} block(s) tipped at a near-tie of the quantiser's one rounding, as another build "
                 f"rounds it (docs/twins.md)") if t.get("ties") else ""
+        if t.get("scale_ties"):
+            ties += (f"; {t['scale_ties']} block(s) with other scales, as another build's scale search chooses, "
+                     "each the type's rounding of A's values under them (docs/twins.md)")
         if not t["differing"]:
             return (f"identical to its twin ({e['type_b']} from an {t['intermediate']} intermediate)" if not ties
                     else f"its twin ({e['type_b']} from an {t['intermediate']} intermediate){ties}")

@@ -705,3 +705,15 @@ def _sampled_rows(name: str, rows: int, share: float) -> np.ndarray:
     s = dequant.SampledRows.of(pair, share)
     assert s is not None
     return s.mask
+
+
+def test_the_tie_ratio_scores_its_distance_from_a_perfect_tie() -> None:
+    """A flipped near-tie (ratio 1) scores 0, the bound scores 1, and past the bound the score is never below
+    the old ``ratio / bound``: nothing that failed passes."""
+    from pytest_convdiff.checks.weights import tie_score
+
+    assert tie_score(1.0, 1.5) == 0.0 and tie_score(0.8, 1.5) == 0.0
+    assert tie_score(1.5, 1.5) == pytest.approx(1.0) and tie_score(1.25, 1.5) == pytest.approx(0.5)
+    for ratio in (1.5, 1.7, 2.0, 4.0, 30.0):
+        assert tie_score(ratio, 1.5) >= ratio / 1.5 - 1e-12
+    assert tie_score(1.2, 1.0) == pytest.approx(1.2) and tie_score(1.2, 0.0) == float("inf")
