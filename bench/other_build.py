@@ -8,7 +8,9 @@ For each file fixtures/otherbuild.py makes with ``llama-quantize-fma`` (llama.cp
 x86-64 build without FMA) makes from the same F16: the share of blocks of each quantised type whose bytes
 differ between the two builds, and what ``compare(static_only=True)`` says of the FMA file (the worst
 ``weights`` value, 1 = the bound, and the items that fail). The defect, a tensor scaled by 1.02 in the F16
-before the FMA build quantised it, must fail at its layer.
+before the FMA build quantised it, must fail at its layer. ``--held-out`` adds architectures none of this was
+built on (default: Granite, whose config multiplies embeddings, residuals, attention and logits), made by
+fixtures/anyarch.py and quantised by both builds here; no file of theirs is kept.
 """
 
 from __future__ import annotations
@@ -91,6 +93,39 @@ def measure(models: tuple[str, ...]) -> dict[str, Any]:
         "defect": otherbuild.DEFECT, "rows": rows}
 
 
+def held_out(model_type: str, types: tuple[str, ...] = ("Q2_K", "Q4_K_M", "Q5_K_M", "Q6_K")) -> list[dict[str, Any]]:
+    """An architecture none of this was built on (fixtures/anyarch.py's tiny checkpoint, converted by llama.cpp's
+    converter), quantised by both builds at ``types``, plus the ×1.02 defect at Q4_K_M by the FMA build: the rows
+    ``measure`` gives, without a fixture kept for them."""
+    from fixtures import anyarch, llama_tools
+    from pytest_convdiff import compare
+
+    tool = llama_tools.build_tool(llama_tools.QUANTIZE_FMA, log=lambda line: print(line, file=sys.stderr))
+    paths = anyarch.build(model_type, correct_only=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        scaled = d / "scaled.f16.gguf"
+        otherbuild._scaled(paths["f16"], scaled)
+        made = [(t, "correct", paths["f16"]) for t in types] + [("Q4_K_M", "bug", scaled)]
+        for t, kind, src in made:
+            theirs, ours = d / f"{kind}.{t}.fma.gguf", d / f"{kind}.{t}.gguf"
+            otherbuild._quantize(tool, src, theirs, t)
+            pipeline.quantize(src, ours, pipeline.FTYPES[t.lower()])
+            r = compare(str(paths["hf"]), str(theirs), corpus="quick", cache_dir=d / "cache", static_only=True)
+            weights = [c for c in r.checks if c.name == "weights"]
+            worst = max(weights, key=lambda c: c.value if c.value is not None else float("inf"))
+            rows.append({"model": f"{model_type} (held out)", "type": t, "kind": kind, "file": theirs.name,
+                         "types": build_diff(ours, theirs) if kind == "correct" else None,
+                         "defect_type": _blocks(theirs).get(otherbuild.DEFECT["tensor"], (None,))[0]
+                         if kind == "bug" else None,
+                         "worst": worst.value, "worst_item": f"weights[{worst.param}]",
+                         "failed": [f"weights[{c.param}]" for c in weights if c.outcome == "failed"],
+                         "worst_message": worst.message.splitlines()[0]})
+            print(f"{model_type} {t} {kind}: worst {worst.value:.3f}; failed {rows[-1]['failed']}", file=sys.stderr)
+    return rows
+
+
 def render(doc: dict[str, Any]) -> str:
     out = ["| model | ftype | type: blocks that differ between the builds (bytes) | worst `weights` value | "
            "`weights` items failed |", "|---|---|---|---|---|"]
@@ -124,11 +159,15 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(otherbuild.TYPES))
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--render", type=Path, help="write the JSON's table between the markers of this Markdown file")
+    ap.add_argument("--held-out", nargs="*", default=["granite"],
+                    help="model types (fixtures/anyarch.py) built, quantised by both builds and judged; none kept")
     args = ap.parse_args()
     if args.render:
         write_render(json.loads(args.json.read_text(encoding="utf-8")), args.render)
         return
     doc = measure(tuple(args.models))
+    for mt in args.held_out:
+        doc["rows"].extend(held_out(mt))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_name(args.json.name + ".part")
     tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
