@@ -144,11 +144,11 @@ def rounding_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, raw_t: np.nd
     return same_scale & (d != 0) & (quantum > 0) & (~moved | (one_step & near)).all(axis=1)
 
 
-# K-quants whose scales come from a float32 search (ggml-quants.c: make_qkx2_quants' least-squares solve, or Q6_K's
-# make_qx_quants; without an importance matrix) and whose values are then rounded again under the stored scales:
-# sub-block size, and the range of a quant (Q6_K's is signed and has no minimum).
-SCALE_SEARCH_TYPES: dict[str, tuple[int, int, int]] = {"Q2_K": (16, 0, 3), "Q4_K": (32, 0, 15), "Q5_K": (32, 0, 31),
-                                                       "Q6_K": (16, -32, 31)}
+# K-quants whose scales come from a float32 search (ggml-quants.c: make_qkx2_quants' least-squares solve, Q3_K's
+# make_q3_quants, Q6_K's make_qx_quants; without an importance matrix) and whose values are then rounded again under
+# the stored scales: sub-block size, and the range of a quant (Q3_K's and Q6_K's are signed, with no minimum).
+SCALE_SEARCH_TYPES: dict[str, tuple[int, int, int]] = {"Q2_K": (16, 0, 3), "Q3_K": (16, -4, 3), "Q4_K": (32, 0, 15),
+                                                       "Q5_K": (32, 0, 31), "Q6_K": (16, -32, 31)}
 
 
 def _k4_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +161,16 @@ def _k4_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
+def _q3k_scales(raw: np.ndarray) -> np.ndarray:
+    """Q3_K: the 16 six-bit signed scales packed in 12 bytes after hmask[32] and qs[64] (low nibbles in bytes 0-7,
+    two high bits each in bytes 8-11), as quantize_row_q3_K_ref writes them."""
+    q = raw[:, 96:108].astype(np.int32)
+    j = np.arange(16)
+    low = np.where(j < 8, q[:, j % 8] & 0xF, q[:, j % 8] >> 4)
+    high = (q[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
 def _fp16(raw: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(raw[:, at:at + 2]).view(np.float16)[:, 0].astype(np.float32)
 
@@ -168,7 +178,7 @@ def _fp16(raw: np.ndarray, at: int) -> np.ndarray:
 def scale_search_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, vb: np.ndarray) -> np.ndarray:
     """For blocks of a ``SCALE_SEARCH_TYPES`` type that differ from their twin (one block per row: the quantiser's
     float32 input ``x``, B's bytes, B's values), whether each is the type's own final rounding of ``x`` under the
-    block's stored scales: ``l = nearest_int((x + dmin * m_j) / (d * sc_j))`` (Q6_K: ``x / (d * sc_j)``) for every
+    block's stored scales: ``l = nearest_int((x + dmin * m_j) / (d * sc_j))`` (Q3_K, Q6_K: ``x / (d * sc_j)``) for every
     value of every sub-block whose scale is not zero.
 
     Why this is the tie test for these types: the scales come from a least-squares solve in float32
@@ -192,8 +202,11 @@ def scale_search_ties(type_name: str, x: np.ndarray, raw_b: np.ndarray, vb: np.n
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     raw = np.atleast_2d(raw_b)
     vb = np.atleast_2d(np.asarray(vb, dtype=np.float32))
-    if type_name == "Q6_K":  # ql[128] qh[64] int8 scales[16] d: l = nearest_int(x / (d * sc_j)), no minimum
-        sc, d = raw[:, 192:208].view(np.int8).astype(np.int32), _fp16(raw, 208)
+    if type_name in ("Q3_K", "Q6_K"):  # l = nearest_int(x / (d * sc_j)), signed, no minimum
+        if type_name == "Q6_K":  # ql[128] qh[64] int8 scales[16] d
+            sc, d = raw[:, 192:208].view(np.int8).astype(np.int32), _fp16(raw, 208)
+        else:  # hmask[32] qs[64] scales[12] d
+            sc, d = _q3k_scales(raw), _fp16(raw, 108)
         m, dmin = np.zeros_like(sc), np.zeros_like(d)
     elif type_name == "Q2_K":
         sc, m = (raw[:, :16] & 0xF).astype(np.int32), (raw[:, :16] >> 4).astype(np.int32)
