@@ -147,11 +147,9 @@ def render(doc: dict[str, Any]) -> str:
 
 
 def write_render(doc: dict[str, Any], md: Path) -> None:
-    text = md.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{md} has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    md.write_text(head + BEGIN + "\n" + render(doc) + "\n" + END + rest.split(END, 1)[1], encoding="utf-8")
+    from _docs import write_between  # bench/_docs.py, beside this script
+
+    write_between(md, BEGIN, END, render(doc))
 
 
 def main() -> None:
