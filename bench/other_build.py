@@ -146,13 +146,9 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def write_render(doc: dict[str, Any], md: Path) -> None:
+def main() -> None:
     from _docs import write_between  # bench/_docs.py, beside this script
 
-    write_between(md, BEGIN, END, render(doc))
-
-
-def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(otherbuild.TYPES))
     ap.add_argument("--json", type=Path, default=RESULTS)
@@ -161,7 +157,7 @@ def main() -> None:
                     help="model types (fixtures/anyarch.py) built, quantised by both builds and judged; none kept")
     args = ap.parse_args()
     if args.render:
-        write_render(json.loads(args.json.read_text(encoding="utf-8")), args.render)
+        write_between(args.render, BEGIN, END, render(json.loads(args.json.read_text(encoding="utf-8"))))
         return
     doc = measure(tuple(args.models))
     for mt in args.held_out:

@@ -237,13 +237,9 @@ def render(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_render(doc: dict[str, Any], md: Path) -> None:
+def main() -> None:
     from _docs import write_between  # bench/_docs.py, beside this script
 
-    write_between(md, BEGIN, END, render(doc))
-
-
-def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/convdiff-1b"))
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -251,7 +247,7 @@ def main() -> None:
     ap.add_argument("--render", type=Path, help="write the JSON's tables between the markers of this Markdown file")
     args = ap.parse_args()
     if args.render:
-        write_render(json.loads(args.json.read_text(encoding="utf-8")), args.render)
+        write_between(args.render, BEGIN, END, render(json.loads(args.json.read_text(encoding="utf-8"))))
         return
     from pytest_convdiff.backends import dequant
     from pytest_convdiff.backends.pairing import Pair
