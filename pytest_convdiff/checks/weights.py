@@ -493,12 +493,24 @@ def _item(cid: CheckId, where: str, layer: int | None, tensors: list[dict[str, A
     else:
         twinned = details["twinned"]
         msg = (f"{len(checked)} tensors {where} are what a correct conversion of A's gives"
-               + (f" ({twinned} reproduced by llama.cpp's quantiser or the storage type's rounding)" if twinned else "")
+               + (f" ({twinned} reproduced by llama.cpp's quantiser or the storage type's rounding"
+                  f"{_other_build_text(checked)})" if twinned else "")
                + f"; closest to its bound: {worst['name']} ({_type_label(worst)}), {_state_text(worst, bounds)}; "
                "no NaN/Inf.")
     if notes:
         msg += "\n" + "\n".join(notes)
     return CheckResult(cid.name, cid.param, value, 1.0, PASSED, msg, details, UPPER, CORRECTNESS)
+
+
+def _other_build_text(checked: list[dict[str, Any]]) -> str:
+    """The blocks the tie tests accepted, counted over an item's tensors: what a user whose file was quantised on
+    another machine sees differ, and why it passes."""
+    per = [(e.get("twin") or {}).get("ties", 0) + (e.get("twin") or {}).get("scale_ties", 0) for e in checked]
+    blocks, tensors = sum(per), sum(1 for n in per if n)
+    if not blocks:
+        return ""
+    return (f", {tensors} of them with {blocks} block(s) as another build of the quantiser writes them: a near-tie "
+            "of its rounding, or other scales from its search with every value rounded under them (docs/twins.md)")
 
 
 def _notes(m: dict[str, Any], layer: int | None, layers: set[int]) -> list[str]:

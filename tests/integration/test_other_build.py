@@ -88,3 +88,11 @@ def test_the_files_are_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(otherbuild, "_quantize", lambda *a: pytest.fail(f"quantised again: {a[1:]}"))
     assert [f.path for f in otherbuild.build(("tiny-qwen2",), log=lambda _line: None)] == \
         [f.path for f in otherbuild.files("tiny-qwen2")]
+
+
+def test_a_passing_item_says_what_another_build_changed(tmp_path: Path) -> None:
+    """The item of a layer whose blocks the tie tests accepted says how many, and why they pass."""
+    weights = _weights("tiny-qwen2", "Q5_K_M", "correct", tmp_path)
+    item = weights["weights[layer-1]"]
+    assert item.outcome == "passed", item.message
+    assert "block(s) as another build of the quantiser writes them" in item.message, item.message
