@@ -67,26 +67,31 @@ def build_diff(ours: Path, theirs: Path) -> dict[str, dict[str, float]]:
     return per
 
 
-def measure(models: tuple[str, ...]) -> dict[str, Any]:
+def _row(model: str, type_: str, kind: str, source: Path, theirs: Path, ours: Path, cache: Path) -> dict[str, Any]:
+    """One file of the other build: how its blocks differ from ours (correct files) and what the weights family
+    says of it against A (``compare(static_only=True)``)."""
     from pytest_convdiff import compare
 
+    r = compare(str(source), str(theirs), corpus="quick", cache_dir=cache, static_only=True)
+    weights = [c for c in r.checks if c.name == "weights"]
+    worst = max(weights, key=lambda c: c.value if c.value is not None else float("inf"))
+    row = {"model": model, "type": type_, "kind": kind, "file": theirs.name,
+           "types": build_diff(ours, theirs) if kind == "correct" else None,
+           "defect_type": _blocks(theirs).get(otherbuild.DEFECT["tensor"], (None,))[0] if kind == "bug" else None,
+           "worst": worst.value, "worst_item": f"weights[{worst.param}]",
+           "failed": [f"weights[{c.param}]" for c in weights if c.outcome == "failed"],
+           "worst_message": worst.message.splitlines()[0]}
+    print(f"{model} {type_} {kind}: worst {worst.value:.3f} at {row['worst_item']}; failed {row['failed']}",
+          file=sys.stderr)
+    return row
+
+
+def measure(models: tuple[str, ...]) -> dict[str, Any]:
     rows = []
     for f in otherbuild.build(models, log=lambda line: print(line, file=sys.stderr)):
         ours = pipeline.DEFAULT_OUT / f.model / f"{f.model}.{f.type.lower()}.gguf"
         with tempfile.TemporaryDirectory() as tmp:
-            r = compare(str(f.source_path), str(f.path), corpus="quick", cache_dir=tmp, static_only=True)
-        weights = [c for c in r.checks if c.name == "weights"]
-        worst = max(weights, key=lambda c: c.value if c.value is not None else float("inf"))
-        rows.append({
-            "model": f.model, "type": f.type, "kind": f.kind, "file": f.path.name,
-            "types": build_diff(ours, f.path) if f.kind == "correct" else None,
-            "defect_type": _blocks(f.path).get(otherbuild.DEFECT["tensor"], (None,))[0] if f.kind == "bug" else None,
-            "worst": worst.value, "worst_item": f"weights[{worst.param}]",
-            "failed": [f"weights[{c.param}]" for c in weights if c.outcome == "failed"],
-            "worst_message": worst.message.splitlines()[1] if len(worst.message.splitlines()) > 1 else worst.message,
-        })
-        print(f"{f.model} {f.type} {f.kind}: worst {worst.value:.3f} at {rows[-1]['worst_item']}; "
-              f"failed {rows[-1]['failed']}", file=sys.stderr)
+            rows.append(_row(f.model, f.type, f.kind, f.source_path, f.path, ours, Path(tmp)))
     return {"machine": platform.machine(), "builds": {
         "ours": "llama-cpp-python's libggml-base (installed wheel, x86-64, GGML_NATIVE=OFF: no FMA)",
         "theirs": "llama-quantize-fma (fixtures/llama_tools.py: the same sources, -mfma -ffp-contract=fast)"},
@@ -98,7 +103,6 @@ def held_out(model_type: str, types: tuple[str, ...] = ("Q2_K", "Q4_K_M", "Q5_K_
     converter), quantised by both builds at ``types``, plus the ×1.02 defect at Q4_K_M by the FMA build: the rows
     ``measure`` gives, without a fixture kept for them."""
     from fixtures import anyarch, llama_tools
-    from pytest_convdiff import compare
 
     tool = llama_tools.build_tool(llama_tools.QUANTIZE_FMA, log=lambda line: print(line, file=sys.stderr))
     paths = anyarch.build(model_type, correct_only=True)
@@ -107,22 +111,11 @@ def held_out(model_type: str, types: tuple[str, ...] = ("Q2_K", "Q4_K_M", "Q5_K_
         d = Path(tmp)
         scaled = d / "scaled.f16.gguf"
         otherbuild._scaled(paths["f16"], scaled)
-        made = [(t, "correct", paths["f16"]) for t in types] + [("Q4_K_M", "bug", scaled)]
-        for t, kind, src in made:
+        for t, kind, src in [(t, "correct", paths["f16"]) for t in types] + [("Q4_K_M", "bug", scaled)]:
             theirs, ours = d / f"{kind}.{t}.fma.gguf", d / f"{kind}.{t}.gguf"
             otherbuild._quantize(tool, src, theirs, t)
             pipeline.quantize(src, ours, pipeline.FTYPES[t.lower()])
-            r = compare(str(paths["hf"]), str(theirs), corpus="quick", cache_dir=d / "cache", static_only=True)
-            weights = [c for c in r.checks if c.name == "weights"]
-            worst = max(weights, key=lambda c: c.value if c.value is not None else float("inf"))
-            rows.append({"model": f"{model_type} (held out)", "type": t, "kind": kind, "file": theirs.name,
-                         "types": build_diff(ours, theirs) if kind == "correct" else None,
-                         "defect_type": _blocks(theirs).get(otherbuild.DEFECT["tensor"], (None,))[0]
-                         if kind == "bug" else None,
-                         "worst": worst.value, "worst_item": f"weights[{worst.param}]",
-                         "failed": [f"weights[{c.param}]" for c in weights if c.outcome == "failed"],
-                         "worst_message": worst.message.splitlines()[0]})
-            print(f"{model_type} {t} {kind}: worst {worst.value:.3f}; failed {rows[-1]['failed']}", file=sys.stderr)
+            rows.append(_row(f"{model_type} (held out)", t, kind, paths["hf"], theirs, ours, d / "cache"))
     return rows
 
 

@@ -270,22 +270,20 @@ class TwinStats:
             per = raw_b.shape[1] // n_blocks
             rb, rt = raw_b.reshape(vb.shape[0], n_blocks, per), raw_t.reshape(vb.shape[0], n_blocks, per)
             diff = (rb != rt).any(-1)
-            if quantised is not None and self.type in ROUNDING_TYPES and diff.any():
+            rounding = self.type in ROUNDING_TYPES
+            if quantised is not None and (rounding or self.type in SCALE_SEARCH_TYPES) and diff.any():
                 shape = (vb.shape[0], n_blocks, block)
                 at = np.nonzero(diff)
-                tie = np.zeros_like(diff)
-                tie[at] = rounding_ties(self.type, quantised.reshape(shape)[at], rb[at], rt[at],
-                                        vb.reshape(shape)[at], vt.reshape(shape)[at])
-                self.ties += int(tie.sum())
-                diff &= ~tie
-            if quantised is not None and self.type in SCALE_SEARCH_TYPES and diff.any():
-                shape = (vb.shape[0], n_blocks, block)
-                at = np.nonzero(diff)
-                rescaled = np.zeros_like(diff)
-                rescaled[at] = scale_search_ties(self.type, quantised.reshape(shape)[at], rb[at],
-                                                 vb.reshape(shape)[at])
-                self.scale_ties += int(rescaled.sum())
-                diff &= ~rescaled
+                x_at, b_at = quantised.reshape(shape)[at], vb.reshape(shape)[at]
+                accepted = np.zeros_like(diff)
+                accepted[at] = (rounding_ties(self.type, x_at, rb[at], rt[at], b_at, vt.reshape(shape)[at])
+                                if rounding else scale_search_ties(self.type, x_at, rb[at], b_at))
+                if rounding:  # a tipped rounding is another build's twin: no distance from it either
+                    self.ties += int(accepted.sum())
+                    tie = accepted
+                else:
+                    self.scale_ties += int(accepted.sum())
+                diff &= ~accepted
         else:
             diff = ~((vb == vt) | (np.isnan(vb) & np.isnan(vt)))
         self.blocks += diff.size
