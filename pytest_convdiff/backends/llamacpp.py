@@ -318,6 +318,7 @@ class LlamaCppBackend:
         self._ggml = _ggml_lib(lc)
         self._wanted: set[str] = set()
         self._captured: dict[str, list[np.ndarray]] = {}
+        self._router_biases: dict[int, np.ndarray] | None = None  # a biased router's bias, by layer
         self._unreadable: dict[str, str] = {}
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
@@ -391,9 +392,36 @@ class LlamaCppBackend:
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def _router(self, n_tokens: int) -> np.ndarray | None:
-        """``[L, T, E]`` router logits of the layers that have experts (NaN rows for those that do not)."""
-        return routing.stack_layers({i: np.concatenate(c, axis=0) for i in range(self.n_layer)
-                                     if (c := self._captured.get(f"ffn_moe_logits-{i}"))}, self.n_layer, n_tokens)
+        """``[L, T, E]`` router logits of the layers that have experts (NaN rows for those that do not), as the
+        experts were chosen by. A router with a bias (gpt-oss) chooses by its biased logits: llama.cpp's MoE
+        graph adds ``ffn_gate_inp.bias`` to ``ffn_moe_logits`` and names the sum ``ffn_moe_logits_biased``, unless
+        the gating uses the logits themselves as probabilities, which renames that sum ``ffn_moe_probs``. So the
+        biased logits are read where the graph names them, else the file's bias is added here; without it every
+        comparison with A's router would be a bias off."""
+        out = {}
+        for i in range(self.n_layer):
+            if c := self._captured.get(f"ffn_moe_logits_biased-{i}"):
+                out[i] = np.concatenate(c, axis=0)
+            elif c := self._captured.get(f"ffn_moe_logits-{i}"):
+                bias = self._router_bias(i)
+                out[i] = np.concatenate(c, axis=0) + (bias if bias is not None else 0.0)
+        return routing.stack_layers(out, self.n_layer, n_tokens)
+
+    def _router_bias(self, layer: int) -> np.ndarray | None:
+        """The file's ``blk.N.ffn_gate_inp.bias`` (float32 ``[E]``), read once; None when it has none."""
+        if self._router_biases is None:
+            from . import tensors
+
+            self._router_biases = {}
+            w = tensors.GGUFWeights(self.path)
+            try:
+                for i in range(self.n_layer):
+                    t = w.tensors.get(f"blk.{i}.ffn_gate_inp.bias")
+                    if t is not None:
+                        self._router_biases[i] = w.read(t, 0, t.rows).reshape(-1).astype(np.float32)
+            finally:
+                w.close()
+        return self._router_biases.get(layer)
 
     # ------------------------------------------------------------------ eval callback
     def _eval_callback(self, tensor: int, ask: bool, _user: Any) -> bool:
@@ -573,7 +601,8 @@ class LlamaCppBackend:
         self._wanted = ({f"{p}-{i}" for p in ("l_out", "attn_out", "ffn_out") for i in range(self.n_layer)}
                         if hidden_states else set())
         if hidden_states and self.experts_used:
-            self._wanted |= {f"ffn_moe_logits-{i}" for i in range(self.n_layer)}
+            self._wanted |= {f"{p}-{i}" for p in ("ffn_moe_logits", "ffn_moe_logits_biased")
+                             for i in range(self.n_layer)}
         self._captured = {}
         self._unreadable = {}
         try:

@@ -473,3 +473,34 @@ def test_copy_of_gguf_is_recognised(ggufs, tmp_path):
     dst = tmp_path / "model.bin"
     shutil.copy(ggufs["tiny-f16"], dst)
     assert detect_backend(dst) == "llama.cpp"
+
+
+def _router_backend(path: Path, n_layer: int, captured: dict[str, list[np.ndarray]]) -> llamacpp.LlamaCppBackend:
+    """A backend with nothing loaded but what ``_router`` reads: the file, its layer count, the captured tensors."""
+    be = object.__new__(llamacpp.LlamaCppBackend)
+    be.path, be.n_layer, be._captured, be._router_biases = path, n_layer, captured, None
+    return be
+
+
+def test_a_biased_router_is_read_as_it_chooses(tmp_path):
+    """llama.cpp's MoE graph adds ``ffn_gate_inp.bias`` to ``ffn_moe_logits`` before choosing; where the graph's
+    name for that sum is not captured (gpt-oss's gating renames it ``ffn_moe_probs``), the file's bias is added.
+    Without it, a correct gpt-oss file was compared with A's router a bias off (its F16 rerouted 13 % of positions
+    instead of 0.5 %)."""
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "router.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    bias = np.array([0.5, -0.25, 0.0, 1.0], dtype=np.float32)
+    w.add_tensor("blk.0.ffn_gate_inp.bias", bias)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    logits = np.arange(12, dtype=np.float32).reshape(3, 4)
+    biased = logits + 10.0
+    be = _router_backend(path, 3, {"ffn_moe_logits-0": [logits], "ffn_moe_logits-1": [logits],
+                                   "ffn_moe_logits_biased-1": [biased], "ffn_moe_logits-2": [logits[:2], logits[2:]]})
+    r = be._router(3)
+    np.testing.assert_array_equal(r[0], logits + bias)  # the graph's sum not captured: the file's bias added
+    np.testing.assert_array_equal(r[1], biased)  # the graph's own sum, not biased twice
+    np.testing.assert_array_equal(r[2], logits)  # a layer without a bias in the file: its logits as they are
