@@ -40,8 +40,11 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("pytest_convdiff.core.compact", "summarise_logits", "  of which logits"),
     ("pytest_convdiff.core.compact", "summarise_states", "  of which hidden states and sub-blocks"),
     ("pytest_convdiff.pair", "PairReducer.add", "B: reducing its outputs against A's entry"),
-    ("pytest_convdiff.runner", "_greedy", "greedy check (A decodes, B teacher-forced)"),
-    ("pytest_convdiff.runner", "_causality_probe", "causality probe"),
+    ("pytest_convdiff.checks.greedy", "produce", "greedy check (A decodes, B teacher-forced)"),
+    ("pytest_convdiff.checks.causality", "produce", "causality probe"),
+    ("pytest_convdiff.checks.runtime", "companions", "runtime twin: T, before B (B's run then serves the twin's)"),
+    ("pytest_convdiff.checks.runtime", "measure", "runtime twin: T8 (and B when its run was stored before)"),
+    ("pytest_convdiff.checks.position", "measure", "position: T over the long prompts, when B's growth asks"),
     ("pytest_convdiff.store.cache", "EntryWriter.commit", "committing cache entries"),
 )
 
@@ -64,6 +67,13 @@ def _wrap(times: collections.Counter, calls: collections.Counter, module: str, q
             calls[key] += 1
 
     setattr(owner, name, timed)
+    # a check family holds its functions (produce, measure, companions) in a frozen record: time those too
+    from pytest_convdiff import checks
+
+    for family in checks.families():
+        for fld in ("produce", "measure", "companions"):
+            if getattr(family, fld, None) is fn:
+                object.__setattr__(family, fld, timed)
 
 
 def main(argv: list[str] | None = None) -> int:

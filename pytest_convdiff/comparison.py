@@ -305,9 +305,25 @@ class Comparison:
                 self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
             self._stage = f"running model B ({self.b.path})"
             run_b = runner.run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
-                              progress=self.progress, label=self._label + "B ", producers=checks.producers())
+                              progress=self.progress, label=self._label + "B ", producers=checks.producers(),
+                              companions=self._companions(run_a))
             self._runs = (run_a, run_b)
         return self._runs
+
+    def _companions(self, run_a: ModelRun) -> list[Any]:
+        """Other runs of B that B's run over the corpus computes as well (the runtime twin's B), from the planned
+        families that declare them; none when B's run is served from the cache."""
+        if runner.run_cached(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
+                             producers=checks.producers()):
+            return []
+        plan = self.plan_by_family()
+        out: list[Any] = []
+        for family in checks.families():
+            if family.companions is not None and plan.get(family.name):
+                self._stage = f"preparing the {family.name} family's runs"
+                out += family.companions(self.a, self.b, self.corpus, self.settings, self.cache,
+                                         lambda msg: self.progress(self._label + msg))
+        return out
 
     def _fit_context(self, settings: RunSettings) -> RunSettings:
         """Prompts longer than either model's context are cut to fit (and the report says so), rather than

@@ -188,9 +188,10 @@ def _key_parts(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None) -> dict[s
     }
 
 
-# What a run records besides logits and states; raised when a run gains arrays (2: MoE routers), so that an
-# entry cached by an older version is recomputed rather than read without them.
-OUTPUTS_VERSION = 2
+# What a run records besides logits and states; raised when a run gains arrays (2: MoE routers) or reads them
+# otherwise (3: a biased router's logits as llama.cpp chooses by them), so that an entry cached by an older
+# version is recomputed rather than read without them.
+OUTPUTS_VERSION = 3
 
 # The modules that bring B's tensors into A's architecture for a runtime twin (names, conventions, placement).
 TWIN_LOADING = ("pytest_convdiff.backends.hf", "pytest_convdiff.backends.pairing", "pytest_convdiff.backends.tensors",
@@ -215,6 +216,116 @@ def run_key(spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: Ru
     return _key(_key_parts(spec, corpus, feed), feed, settings)
 
 
+@dataclass(frozen=True)
+class Companion:
+    """Another run of the same model whose outputs the main run's forwards already compute: the prompts of
+    ``corpus``, each on ``feed``'s tokens, reduced against ``feed`` (the runtime twin's B against T, over the
+    twin's prompts' first tokens). A causal model's outputs at a prompt's first n positions are those of a run
+    over those n tokens, so the main run writes this run's entry too, as ``run_model(spec, corpus, feed=feed,
+    settings=settings)`` would, and that later call finds it in the cache instead of loading the model again.
+    A prompt whose tokens are not a prefix of the main run's leaves the companion out (it then runs itself)."""
+
+    corpus: Corpus
+    feed: ModelRun
+    settings: RunSettings
+
+    def usable_with(self, corpus: Corpus, feed: ModelRun | None, settings: RunSettings) -> bool:
+        """Whether a main run of ``corpus`` on ``feed``'s tokens computes every output this one needs."""
+        if feed is None or feed.base_file or not _streams(self.feed, self.settings) or self.settings.keep_b:
+            return False
+        if self.settings.hidden_states and not settings.hidden_states:
+            return False
+        main = {p.id for p in corpus}
+        for p in self.corpus:
+            if p.id not in main or p.id not in feed.prompt_ids or p.id not in self.feed.prompt_ids:
+                return False
+            mine, theirs = list(self.feed.inputs(p.id)), list(feed.inputs(p.id))
+            if not mine or mine != theirs[: len(mine)]:
+                return False
+        return True
+
+
+def run_cached(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun | None = None,
+               settings: RunSettings | None = None, producers: Sequence[Producer] = ()) -> bool:
+    """Whether ``run_model`` with these arguments would be served from the cache (nothing loaded)."""
+    settings = settings or RunSettings()
+    if spec.kind().open_run is not None:
+        return True
+    parts = _key_parts(spec, corpus, feed)
+    parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
+    if cache.get(_key(parts, feed, settings)) is not None:
+        return True
+    return _streams(feed, settings) and cache.get(_key(parts, feed, replace(settings, keep_b=True))) is not None
+
+
+def _companion_key(spec: ModelSpec, c: Companion) -> str:
+    parts = _key_parts(spec, c.corpus, c.feed)
+    parts["producers"] = []  # as run_model(spec, c.corpus, cache, feed=c.feed, settings=c.settings) keys it
+    return _key(parts, c.feed, c.settings)
+
+
+class _CompanionWriter:
+    """One companion's entry, written from the main run's outputs prompt by prompt (``Companion``)."""
+
+    def __init__(self, c: Companion, writer: Any, cache: Cache, key: str) -> None:
+        self.c, self.writer, self.cache, self.key = c, writer, cache, key
+        self.reducer = PairReducer(c.feed)
+        self.wanted = {p.id for p in c.corpus}
+        self.prompts: list[str] = []
+        self.pieces: dict[str, list[str]] = {}
+        self.truncated: dict[str, int] = {}
+        self.sub_names: set[str] = set()
+        self.shapes: dict[str, Any] = {}
+        self.routed = False
+
+    def add(self, pid: str, own: list[int], full_length: int, out: Any, pieces: list[str]) -> None:
+        """The main run's outputs of prompt ``pid`` (``own``: its tokens by the model's tokenizer, cut to the
+        main run's limit; ``full_length``: their number uncut)."""
+        if pid not in self.wanted:
+            return
+        c, store = self.c, np.dtype(self.c.settings.cache_dtype)
+        inputs = list(c.feed.inputs(pid))
+        n = len(inputs)
+        limit = c.settings.max_tokens
+        mine = own[:limit] if limit else own
+        if limit and full_length > limit:
+            self.truncated[pid] = full_length
+        i = len(self.prompts)
+        self.prompts.append(pid)
+        self.writer.add(f"p{i}.own_tokens", np.asarray(mine, dtype=np.int64))
+        self.writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))
+        logits = np.asarray(out.logits[:n], dtype=store)
+        hidden = (np.asarray(out.hidden[:, :n], dtype=store) if out.hidden is not None and c.settings.hidden_states
+                  else None)
+        subs = ({k: np.asarray(v[:, :n], dtype=store) for k, v in out.sublayers.items()}
+                if c.settings.hidden_states else {})
+        self.sub_names.update(subs)
+        router = routing.summarise(out.router[:, :n]) if out.router is not None else None
+        self.routed = self.routed or router is not None
+        if not self.shapes:
+            self.shapes = {"vocab": int(logits.shape[-1]),
+                           "hidden": [int(hidden.shape[0]), int(hidden.shape[-1])] if hidden is not None else None}
+        self.reducer.add(pid, logits, hidden, subs, None, router)
+        self.pieces[pid] = pieces[: len(mine)]
+
+    def commit(self, base: dict[str, Any], experts_used: int | None) -> None:
+        """The entry, with the main run's description of the model (``base``) and this run's own records."""
+        if set(self.prompts) != self.wanted:  # a prompt the main run never reached: nothing written
+            self.writer.abort()
+            return
+        order = [p.id for p in self.c.corpus]
+        if self.prompts != order:  # entries list prompts in the corpus's order, as run_model writes them
+            self.writer.abort()
+            return
+        meta = {**base, "prompts": self.prompts, "pieces": self.pieces, "truncated": self.truncated,
+                "max_tokens": self.c.settings.max_tokens, "sublayers": sorted(self.sub_names),
+                "router": {"k": int(experts_used)} if self.routed and experts_used else None,
+                "layer_swap": None, "created": time.time(), "shapes": self.shapes,
+                "streamed": {**reduced_against(self.c.feed), "a_path": self.c.feed.spec.path},
+                "pair_metrics": self.reducer.result().to_dict(), "companion_of": base["spec"]["path"]}
+        self.writer.commit(meta)
+
+
 def _safe_piece(backend, token_id: int) -> str:
     try:
         return backend.decode_piece(int(token_id))
@@ -224,7 +335,7 @@ def _safe_piece(backend, token_id: int) -> str:
 
 def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun | None = None,
               settings: RunSettings | None = None, progress: Progress = quiet, label: str = "",
-              producers: Sequence[Producer] = ()) -> ModelRun:
+              producers: Sequence[Producer] = (), companions: Sequence[Companion] = ()) -> ModelRun:
     """The model's outputs for the corpus: from the cache when valid, else computed and cached.
 
     ``feed``: the run whose token ids this model must be evaluated on (A's), so a
@@ -232,6 +343,8 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     ``producers``: what check families record from the loaded model besides its outputs (greedy
     continuations, the causality probe, tokenizer cases: ``checks.producers()``); each enabled one's
     value is kept in the run's ``meta`` under its key.
+    ``companions``: other runs of this model that this run's forwards compute as well (``Companion``); their
+    entries are written beside this one when it runs, and are not when it is served from the cache.
     """
     settings = settings or RunSettings()
     kind = spec.kind()
@@ -260,7 +373,12 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
         options = {**getattr(mod, "TOOL_DEFAULTS", {}), **options}
     backend = mod.load(Path(spec.path), options)
     writer = cache.writer(key)
+    extra: list[_CompanionWriter] = []
     try:
+        for c in companions:
+            ckey = _companion_key(spec, c)
+            if c.usable_with(corpus, feed, settings) and cache.get(ckey) is None:
+                extra.append(_CompanionWriter(c, cache.writer(ckey), cache, ckey))
         # Before any forward pass: room for the entry in the cache's budget and on the disk, or a readable
         # CacheError saying how much is needed and where.
         tokens = sum(len(feed.inputs(p.id)) if feed is not None
@@ -269,11 +387,20 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
                       f"{spec.path} ({spec.resolved_backend()})", writer=writer)
         progress(f"{label}loaded in {time.perf_counter() - t0:.1f}s; running {len(corpus)} prompts"
                  + (", reduced against A's outputs as they come" if _streams(feed, settings) else ""))
-        meta = _produce(backend, spec, corpus, feed, settings, writer, progress, label, producers)
+        meta = _produce(backend, spec, corpus, feed, settings, writer, progress, label, producers, extra)
         entry = writer.commit(meta)
     except BaseException:
         writer.abort()
+        for w in extra:
+            w.writer.abort()
         raise
+    else:
+        base = {k: meta[k] for k in ("info", "spec", "special")}
+        for w in extra:  # a companion that cannot be written is run by itself when asked for: never an error here
+            try:
+                w.commit(base, getattr(backend, "experts_used", None))
+            except Exception:  # noqa: BLE001
+                w.writer.abort()
     finally:
         backend.close()
     progress(f"{label}done in {time.perf_counter() - t0:.1f}s")
@@ -290,7 +417,8 @@ def _served(run: ModelRun, kind: SourceKind) -> str:
 
 
 def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, settings: RunSettings,
-             writer, progress: Progress, label: str, producers: Sequence[Producer]) -> dict[str, Any]:
+             writer, progress: Progress, label: str, producers: Sequence[Producer],
+             companions: Sequence[_CompanionWriter] = ()) -> dict[str, Any]:
     info: ModelInfo = backend.info
     store = np.dtype(settings.cache_dtype)
     cfg = compact.CompactConfig() if feed is None and settings.store == "compact" else None
@@ -310,6 +438,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     special = backend.special_tokens()
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
+        full_length = len(own)
         if settings.max_tokens and len(own) > settings.max_tokens:
             truncated[prompt.id] = len(own)
             own = own[: settings.max_tokens]
@@ -324,6 +453,11 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                 f"({info.vocab_size}); the models do not share a vocabulary, so logits cannot be compared."
             )
         out = backend.forward(inputs, hidden_states=settings.hidden_states)
+        wanting = [c for c in companions if prompt.id in c.wanted]
+        if wanting:
+            own_pieces = [_safe_piece(backend, t) for t in own]
+            for c in wanting:
+                c.add(prompt.id, own, full_length, out, own_pieces)
         prompts.append(prompt.id)
         writer.add(f"p{i}.own_tokens", np.asarray(own, dtype=np.int64))
         writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))

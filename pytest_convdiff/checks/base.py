@@ -187,6 +187,10 @@ class CheckFamily:
     # run over the corpus; those that need only B's scored log-probabilities (``sources.SCORES``) are judged
     # against a llama-perplexity base file too, which gives nothing else
     reads: frozenset[str] = frozenset({sources.OUTPUTS})
+    # other runs of model B that B's run over the corpus computes as well (``runner.Companion``): called with
+    # (spec_a, spec_b, corpus, settings, cache, progress) just before B runs, after A; what the family needs
+    # run first (the runtime twin's T) runs there
+    companions: Callable[..., list[Any]] | None = None
 
 
 def per_class(float_: float, bf16: float, q8: float, q5_6: float, q4: float, q2_3: float) -> dict[str, float]:

@@ -19,6 +19,11 @@ which asks T for its own profile over the long prompts when B's grows). B runs w
 unless asked (``backends.llamacpp.flash_default``): its F16 accumulator is a rounding T8 does not emulate,
 which made an F16 file's KL at positions 1k-4k 20x its early level with identical weights. One model in
 memory at a time, as for A and B; the runs are cached like theirs.
+
+B is not run twice: when B is about to run over the corpus, T runs first (``companions``), and B's main run
+reduces its outputs at the twin prompts' first positions against T as well, writing the twin's B entry (a
+causal model's outputs at a prompt's first n positions are those of a run over those n tokens). The twin's B
+run then comes from the cache; it runs by itself only when B's main run was already stored.
 """
 
 from __future__ import annotations
@@ -113,6 +118,33 @@ def subset(corpus: Corpus) -> Corpus:
     return Corpus(tuple(keep), f"{corpus.source}:twin-subset")
 
 
+def twin_settings(settings: Any) -> Any:
+    """The twin runs' settings: outputs only, float32, each prompt cut to ``TWIN_TOKENS``."""
+    return replace(outputs_only(settings), cache_dtype="float32",
+                   max_tokens=min(settings.max_tokens or TWIN_TOKENS, TWIN_TOKENS))
+
+
+def twin_corpus(corpus: Corpus, settings: Any) -> Corpus:
+    return corpus if settings.runtime_twin == "full" else subset(corpus)
+
+
+def companions(spec_a: Any, spec_b: Any, corpus: Corpus, settings: Any, cache: Any, progress: Any) -> list[Any]:
+    """Before B runs over the corpus: T (which ``measure`` runs first anyway), and the twin's B run as a
+    companion of B's main run (``runner.Companion``), so that B is loaded once. Nothing when the pair has no
+    twin, and nothing on any failure: ``measure`` then runs (and reports) the twin as it always did."""
+    if settings.runtime_twin == "off" or cache is None or _applies(spec_a, spec_b) is not None:
+        return []
+    from ..runner import Companion, run_model
+
+    tw_settings, tw_corpus = twin_settings(settings), twin_corpus(corpus, settings)
+    try:
+        run_t = run_model(twin_spec(spec_a, spec_b), tw_corpus, cache, settings=tw_settings, progress=progress,
+                          label="twin ")
+    except Exception:  # noqa: BLE001 - measure reports it, as an item of this family, never as the pair's error
+        return []
+    return [Companion(tw_corpus, run_t, tw_settings)]
+
+
 def measure(ctx: EvalContext) -> dict[str, Any]:
     """Run T, T8 (fed T's tokens) and B (fed T's tokens) on the subset; B's and T8's metrics against T.
 
@@ -124,9 +156,7 @@ def measure(ctx: EvalContext) -> dict[str, Any]:
     from ..pair import PairMetrics
 
     # T is stored as A is (compact by default: a few kB per token); T8 and B are reduced against it as they run
-    settings = replace(outputs_only(ctx.settings), cache_dtype="float32",
-                       max_tokens=min(ctx.settings.max_tokens or TWIN_TOKENS, TWIN_TOKENS))
-    corpus = ctx.corpus if ctx.settings.runtime_twin == "full" else subset(ctx.corpus)
+    settings, corpus = twin_settings(ctx.settings), twin_corpus(ctx.corpus, ctx.settings)
     twin, twin8 = twin_spec(ctx.spec_a, ctx.spec_b), twin_spec(ctx.spec_a, ctx.spec_b, emulate=True)
     from ..backends.hf import TwinUnavailable
 
@@ -264,5 +294,6 @@ def evaluate(ctx: EvalContext) -> list[CheckResult] | Findings:
 
 FAMILY = CheckFamily(NAME, 45, plan, evaluate, BOUNDS,
                      doc="B's runtime against A's architecture run with B's weights", measure=measure,
+                     companions=companions,
                      code=(*TWIN_LOADING, "pytest_convdiff.pair"),
                      libraries=("transformers", "torch", "llama-cpp-python"))

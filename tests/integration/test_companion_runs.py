@@ -1,0 +1,91 @@
+"""B is loaded once: its run over the corpus also writes the runtime twin's B run (``runner.Companion``).
+
+A causal model's outputs at a prompt's first n positions are those of a run over those n tokens, so B's main
+run reduces its outputs at the twin prompts' first positions against T as well. What that must give: the very
+entry (and metrics) a separate twin run of B writes, one load of B per pair instead of two, and a companion that
+the main run cannot compute (its tokens are not a prefix of the main run's) left to run by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pytest_convdiff import ModelSpec, RunSettings, compare, load_corpus, run_model
+from pytest_convdiff.checks import runtime
+from pytest_convdiff.runner import Companion
+from pytest_convdiff.store.cache import Cache
+
+pytestmark = pytest.mark.gguf
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_models: Path) -> tuple[ModelSpec, ModelSpec]:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    gguf = tiny_models / "gguf" / "tiny-f16.gguf"
+    if not gguf.is_file():
+        pytest.skip("the tiny GGUF fixtures are not built (python -m fixtures.gguf_writer)")
+    return ModelSpec(str(tiny_models / "tiny-llama")), ModelSpec(str(gguf))
+
+
+def _twin_runs(a: ModelSpec, b: ModelSpec, cache: Cache, settings: RunSettings, companion: bool):
+    """A, T, then B over the corpus (with the twin's B as its companion, or not), then the twin's B run."""
+    corpus = load_corpus("quick")
+    run_a = run_model(a, corpus, cache, settings=settings)
+    tw_settings, tw_corpus = runtime.twin_settings(settings), runtime.twin_corpus(corpus, settings)
+    run_t = run_model(runtime.twin_spec(a, b), tw_corpus, cache, settings=tw_settings)
+    extra = [Companion(tw_corpus, run_t, tw_settings)] if companion else []
+    run_model(b, corpus, cache, feed=run_a, settings=settings, companions=extra)
+    return run_model(b, tw_corpus, cache, feed=run_t, settings=tw_settings)
+
+
+def test_the_companion_is_the_entry_a_separate_run_writes(pair, tmp_path):
+    a, b = pair
+    together = _twin_runs(a, b, Cache(tmp_path / "together"), RunSettings(), companion=True)
+    alone = _twin_runs(a, b, Cache(tmp_path / "alone"), RunSettings(), companion=False)
+    assert together.from_cache and not alone.from_cache  # written by B's main run; the other ran by itself
+    assert together.meta["companion_of"] == b.path
+    assert together.meta["pair_metrics"] == alone.meta["pair_metrics"]
+    for key in ("prompts", "pieces", "truncated", "max_tokens", "sublayers", "shapes", "router", "streamed"):
+        assert together.meta[key] == alone.meta[key], key
+    for pid in together.prompt_ids:
+        assert list(together.inputs(pid)) == list(alone.inputs(pid))
+        assert list(together.own_tokens(pid)) == list(alone.own_tokens(pid))
+
+
+def test_a_companion_the_main_run_cannot_compute_runs_by_itself(pair, tmp_path):
+    """B's main run cut to 64 tokens cannot give the twin's 1,024: no entry is written for it."""
+    a, b = pair
+    run = _twin_runs(a, b, Cache(tmp_path / "short"), RunSettings(max_tokens=64), companion=True)
+    assert run.meta["max_tokens"] == 64 and run.from_cache  # the twin's prompts are cut to 64 as well: a prefix
+    run = _twin_runs(a, b, Cache(tmp_path / "other"), RunSettings(max_tokens=64), companion=False)
+    assert not run.from_cache
+    corpus = load_corpus("quick")
+    cache = Cache(tmp_path / "mismatch")
+    run_a = run_model(a, corpus, cache, settings=RunSettings(max_tokens=64))
+    tw = runtime.twin_settings(RunSettings())  # 1,024 tokens: longer than the main run's 64
+    run_t = run_model(runtime.twin_spec(a, b), runtime.subset(corpus), cache, settings=tw)
+    run_model(b, corpus, cache, feed=run_a, settings=RunSettings(max_tokens=64),
+              companions=[Companion(runtime.subset(corpus), run_t, tw)])
+    assert not run_model(b, runtime.subset(corpus), cache, feed=run_t, settings=tw).from_cache
+
+
+def test_a_comparison_loads_b_once(pair, tmp_path, monkeypatch):
+    from pytest_convdiff.backends import llamacpp
+
+    loads: list[str] = []
+    real = llamacpp.load
+    monkeypatch.setattr(llamacpp, "load", lambda path, *args, **kw: (loads.append(str(path)), real(path, *args, **kw))[1])
+    a, b = pair
+    result = compare(a, b, corpus="quick", cache_dir=tmp_path / "cache")
+    assert result.error is None, result.error
+    assert {c.id: c.outcome for c in result.checks if c.name == "runtime"} == {
+        "runtime[logits]": "passed", "runtime[layers]": "passed"}
+    assert loads == [b.path]  # B's main run wrote the twin's B run too
+    loads.clear()
+    again = compare(a, b, corpus="quick", cache_dir=tmp_path / "cache")
+    assert loads == [] and [c.value for c in again.checks] == [c.value for c in result.checks]
+    off = compare(a, b, corpus="quick", cache_dir=tmp_path / "off", settings=replace(RunSettings(), runtime_twin="off"))
+    assert off.error is None and {c.outcome for c in off.checks if c.name == "runtime"} <= {"skipped"}
