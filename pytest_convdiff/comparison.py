@@ -303,17 +303,19 @@ class Comparison:
                 save_reference(run_a, self.save_reference, self.corpus, self.settings, weights_sketch(self.a),
                                token_record(self.a))
                 self.progress(f"reference for {self.a.path} saved to {self.save_reference}")
+            companions = self._companions(run_a)
             self._stage = f"running model B ({self.b.path})"
             run_b = runner.run_model(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
                               progress=self.progress, label=self._label + "B ", producers=checks.producers(),
-                              companions=self._companions(run_a))
+                              companions=companions)
             self._runs = (run_a, run_b)
         return self._runs
 
     def _companions(self, run_a: ModelRun) -> list[Any]:
         """Other runs of B that B's run over the corpus computes as well (the runtime twin's B), from the planned
-        families that declare them; none when B's run is served from the cache."""
-        if runner.run_cached(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
+        families that declare them; none when B's run is served from the cache, or when the cache is not read
+        (``--convdiff-refresh``: the family's own run would not find them)."""
+        if not self.cache.read or runner.run_cached(self.b, self.corpus, self.cache, feed=run_a, settings=self.settings,
                              producers=checks.producers()):
             return []
         plan = self.plan_by_family()

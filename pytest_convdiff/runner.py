@@ -231,13 +231,16 @@ class Companion:
 
     def usable_with(self, corpus: Corpus, feed: ModelRun | None, settings: RunSettings) -> bool:
         """Whether a main run of ``corpus`` on ``feed``'s tokens computes every output this one needs."""
-        if feed is None or feed.base_file or not _streams(self.feed, self.settings) or self.settings.keep_b:
+        if (feed is None or feed.base_file or self.feed.base_file or not _streams(self.feed, self.settings)
+                or self.settings.keep_b):
             return False
         if self.settings.hidden_states and not settings.hidden_states:
             return False
-        main = {p.id for p in corpus}
+        if settings.max_tokens and not (self.settings.max_tokens and self.settings.max_tokens <= settings.max_tokens):
+            return False  # its own tokens (and their pieces) would be cut shorter than a run of its own cuts them
+        main = {p.id: p.text for p in corpus}
         for p in self.corpus:
-            if p.id not in main or p.id not in feed.prompt_ids or p.id not in self.feed.prompt_ids:
+            if main.get(p.id) != p.text or p.id not in feed.prompt_ids or p.id not in self.feed.prompt_ids:
                 return False
             mine, theirs = list(self.feed.inputs(p.id)), list(feed.inputs(p.id))
             if not mine or mine != theirs[: len(mine)]:
@@ -277,6 +280,7 @@ class _CompanionWriter:
         self.sub_names: set[str] = set()
         self.shapes: dict[str, Any] = {}
         self.routed = False
+        self.failed = False  # its reduction raised: aborted, and run by itself when asked for
 
     def add(self, pid: str, own: list[int], full_length: int, out: Any, pieces: list[str]) -> None:
         """The main run's outputs of prompt ``pid`` (``own``: its tokens by the model's tokenizer, cut to the
@@ -300,7 +304,8 @@ class _CompanionWriter:
         subs = ({k: np.asarray(v[:, :n], dtype=store) for k, v in out.sublayers.items()}
                 if c.settings.hidden_states else {})
         self.sub_names.update(subs)
-        router = routing.summarise(out.router[:, :n]) if out.router is not None else None
+        router = (routing.summarise(out.router[:, :n]) if out.router is not None and c.settings.hidden_states
+                  else None)  # a run without hidden states captures no router either
         self.routed = self.routed or router is not None
         if not self.shapes:
             self.shapes = {"vocab": int(logits.shape[-1]),
@@ -310,11 +315,9 @@ class _CompanionWriter:
 
     def commit(self, base: dict[str, Any], experts_used: int | None) -> None:
         """The entry, with the main run's description of the model (``base``) and this run's own records."""
-        if set(self.prompts) != self.wanted:  # a prompt the main run never reached: nothing written
-            self.writer.abort()
+        if self.failed:
             return
-        order = [p.id for p in self.c.corpus]
-        if self.prompts != order:  # entries list prompts in the corpus's order, as run_model writes them
+        if self.prompts != [p.id for p in self.c.corpus]:  # the corpus's order, as run_model writes them
             self.writer.abort()
             return
         meta = {**base, "prompts": self.prompts, "pieces": self.pieces, "truncated": self.truncated,
@@ -376,9 +379,12 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     extra: list[_CompanionWriter] = []
     try:
         for c in companions:
-            ckey = _companion_key(spec, c)
-            if c.usable_with(corpus, feed, settings) and cache.get(ckey) is None:
-                extra.append(_CompanionWriter(c, cache.writer(ckey), cache, ckey))
+            try:  # a companion is an optimisation: one that cannot be set up runs by itself when asked for
+                ckey = _companion_key(spec, c)
+                if c.usable_with(corpus, feed, settings) and cache.get(ckey) is None:
+                    extra.append(_CompanionWriter(c, cache.writer(ckey), cache, ckey))
+            except Exception:  # noqa: BLE001
+                continue
         # Before any forward pass: room for the entry in the cache's budget and on the disk, or a readable
         # CacheError saying how much is needed and where.
         tokens = sum(len(feed.inputs(p.id)) if feed is not None
@@ -453,11 +459,15 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                 f"({info.vocab_size}); the models do not share a vocabulary, so logits cannot be compared."
             )
         out = backend.forward(inputs, hidden_states=settings.hidden_states)
-        wanting = [c for c in companions if prompt.id in c.wanted]
+        wanting = [c for c in companions if prompt.id in c.wanted and not c.failed]
         if wanting:
             own_pieces = [_safe_piece(backend, t) for t in own]
             for c in wanting:
-                c.add(prompt.id, own, full_length, out, own_pieces)
+                try:
+                    c.add(prompt.id, own, full_length, out, own_pieces)
+                except Exception:  # noqa: BLE001 - dropped, never the main run's error: it runs by itself later
+                    c.failed = True
+                    c.writer.abort()
         prompts.append(prompt.id)
         writer.add(f"p{i}.own_tokens", np.asarray(own, dtype=np.int64))
         writer.add(f"p{i}.inputs", np.asarray(inputs, dtype=np.int64))

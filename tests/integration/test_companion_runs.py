@@ -89,3 +89,18 @@ def test_a_comparison_loads_b_once(pair, tmp_path, monkeypatch):
     assert loads == [] and [c.value for c in again.checks] == [c.value for c in result.checks]
     off = compare(a, b, corpus="quick", cache_dir=tmp_path / "off", settings=replace(RunSettings(), runtime_twin="off"))
     assert off.error is None and {c.outcome for c in off.checks if c.name == "runtime"} <= {"skipped"}
+
+
+def test_a_companion_that_fails_leaves_the_main_run_whole(pair, tmp_path, monkeypatch):
+    """A companion is an optimisation: its reduction raising drops it (the twin's B then runs by itself), never
+    B's main run."""
+    from pytest_convdiff import runner
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the companion's reduction failed")
+
+    monkeypatch.setattr(runner._CompanionWriter, "add", broken)
+    a, b = pair
+    run = _twin_runs(a, b, Cache(tmp_path / "broken"), RunSettings(), companion=True)
+    assert not run.from_cache and run.meta["pair_metrics"]
+    assert not list((tmp_path / "broken").glob(".tmp*"))  # its writer was aborted, nothing half-written is left
