@@ -270,8 +270,8 @@ def _companion_key(spec: ModelSpec, c: Companion) -> str:
 class _CompanionWriter:
     """One companion's entry, written from the main run's outputs prompt by prompt (``Companion``)."""
 
-    def __init__(self, c: Companion, writer: Any, cache: Cache, key: str) -> None:
-        self.c, self.writer, self.cache, self.key = c, writer, cache, key
+    def __init__(self, c: Companion, writer: Any) -> None:
+        self.c, self.writer = c, writer
         self.reducer = PairReducer(c.feed)
         self.wanted = {p.id for p in c.corpus}
         self.prompts: list[str] = []
@@ -382,7 +382,7 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
             try:  # a companion is an optimisation: one that cannot be set up runs by itself when asked for
                 ckey = _companion_key(spec, c)
                 if c.usable_with(corpus, feed, settings) and cache.get(ckey) is None:
-                    extra.append(_CompanionWriter(c, cache.writer(ckey), cache, ckey))
+                    extra.append(_CompanionWriter(c, cache.writer(ckey)))
             except Exception:  # noqa: BLE001
                 continue
         # Before any forward pass: room for the entry in the cache's budget and on the disk, or a readable
