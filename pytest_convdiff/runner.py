@@ -248,23 +248,24 @@ class Companion:
         return True
 
 
+def _lookup(spec: ModelSpec, corpus: Corpus, cache: Cache, feed: ModelRun | None, settings: RunSettings,
+            producers: Sequence[Producer]) -> tuple[str, Any]:
+    """(the run's cache key, its stored entry or None): the entry under that key, or, for a streamed B, the
+    entry of a run that kept B's arrays, which serves as well."""
+    parts = _key_parts(spec, corpus, feed)
+    parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
+    key = _key(parts, feed, settings)
+    entry = cache.get(key)
+    if entry is None and _streams(feed, settings):
+        entry = cache.get(_key(parts, feed, replace(settings, keep_b=True)))
+    return key, entry
+
+
 def run_cached(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun | None = None,
                settings: RunSettings | None = None, producers: Sequence[Producer] = ()) -> bool:
     """Whether ``run_model`` with these arguments would be served from the cache (nothing loaded)."""
     settings = settings or RunSettings()
-    if spec.kind().open_run is not None:
-        return True
-    parts = _key_parts(spec, corpus, feed)
-    parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
-    if cache.get(_key(parts, feed, settings)) is not None:
-        return True
-    return _streams(feed, settings) and cache.get(_key(parts, feed, replace(settings, keep_b=True))) is not None
-
-
-def _companion_key(spec: ModelSpec, c: Companion) -> str:
-    parts = _key_parts(spec, c.corpus, c.feed)
-    parts["producers"] = []  # as run_model(spec, c.corpus, cache, feed=c.feed, settings=c.settings) keys it
-    return _key(parts, c.feed, c.settings)
+    return spec.kind().open_run is not None or _lookup(spec, corpus, cache, feed, settings, producers)[1] is not None
 
 
 class _CompanionWriter:
@@ -285,8 +286,6 @@ class _CompanionWriter:
     def add(self, pid: str, own: list[int], full_length: int, out: Any, pieces: list[str]) -> None:
         """The main run's outputs of prompt ``pid`` (``own``: its tokens by the model's tokenizer, cut to the
         main run's limit; ``full_length``: their number uncut)."""
-        if pid not in self.wanted:
-            return
         c, store = self.c, np.dtype(self.c.settings.cache_dtype)
         inputs = list(c.feed.inputs(pid))
         n = len(inputs)
@@ -358,12 +357,7 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
         run = kind.open_run(spec, corpus, settings)
         progress(f"{label}{spec.path}: {_served(run, kind)}")
         return run
-    parts = _key_parts(spec, corpus, feed)
-    parts["producers"] = sorted([p.key, p.code] for p in producers if p.enabled(settings))
-    key = _key(parts, feed, settings)
-    entry = cache.get(key)
-    if entry is None and _streams(feed, settings):  # B's arrays kept by an earlier run serve as well
-        entry = cache.get(_key(parts, feed, replace(settings, keep_b=True)))
+    key, entry = _lookup(spec, corpus, cache, feed, settings, producers)
     if entry is not None:
         progress(f"{label}{spec.path}: outputs served from cache {entry.path.name}")
         return ModelRun(spec, entry, from_cache=True)
@@ -380,8 +374,8 @@ def run_model(spec: ModelSpec, corpus: Corpus, cache: Cache, *, feed: ModelRun |
     try:
         for c in companions:
             try:  # a companion is an optimisation: one that cannot be set up runs by itself when asked for
-                ckey = _companion_key(spec, c)
-                if c.usable_with(corpus, feed, settings) and cache.get(ckey) is None:
+                ckey, stored = _lookup(spec, c.corpus, cache, c.feed, c.settings, ())  # as its own run keys it
+                if c.usable_with(corpus, feed, settings) and stored is None:
                     extra.append(_CompanionWriter(c, cache.writer(ckey)))
             except Exception:  # noqa: BLE001
                 continue
@@ -459,12 +453,11 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                 f"({info.vocab_size}); the models do not share a vocabulary, so logits cannot be compared."
             )
         out = backend.forward(inputs, hidden_states=settings.hidden_states)
-        wanting = [c for c in companions if prompt.id in c.wanted and not c.failed]
-        if wanting:
-            own_pieces = [_safe_piece(backend, t) for t in own]
-            for c in wanting:
+        pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
+        for c in companions:
+            if prompt.id in c.wanted and not c.failed:
                 try:
-                    c.add(prompt.id, own, full_length, out, own_pieces)
+                    c.add(prompt.id, own, full_length, out, pieces[prompt.id])
                 except Exception:  # noqa: BLE001 - dropped, never the main run's error: it runs by itself later
                     c.failed = True
                     c.writer.abort()
@@ -500,7 +493,6 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
                 writer.add(f"p{i}.hidden_swap", swap)
             for name, arr in subs.items():
                 writer.add(f"p{i}.sub_{name}", arr)
-        pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
             probe_rows = np.array(logits[:LEADING_ROWS])
