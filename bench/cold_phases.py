@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--case", default="smollm2", choices=("smollm2", "tiny"))
     ap.add_argument("--corpus", default=None, help="default: quick for smollm2, default for tiny (as bench.py)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--twin-off", action="store_true", help="with --convdiff-runtime-twin off (bench.py's cold_no_twin)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.case == "smollm2":
@@ -102,18 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(cwd)
     t0 = time.perf_counter()
     rc = pytest.main(["-p", "no:cacheprovider", "-q", f"--model-a={a}", f"--model-b={b}",
-                      f"--convdiff-cache-dir={work / 'cache'}", f"--convdiff-prompts={corpus}"])
+                      f"--convdiff-cache-dir={work / 'cache'}", f"--convdiff-prompts={corpus}",
+                      *(["--convdiff-runtime-twin", "off"] if args.twin_off else [])])
     session = time.perf_counter() - t0
     rows = []
     for module, qual, what in PHASES:
         key = f"{module.rsplit('.', 1)[-1]}.{qual}"
         rows.append({"phase": key, "what": what.strip(), "indent": what.startswith("  "),
                      "seconds": round(times[key], 3), "calls": calls[key]})
-    res = {"case": args.case, "corpus": corpus, "pytest_rc": int(rc), "session_s": session, "phases": rows,
+    res = {"case": args.case, "corpus": corpus, "runtime_twin": not args.twin_off, "pytest_rc": int(rc), "session_s": session, "phases": rows,
            "loadavg": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"cold-phases-{args.case}.json").write_text(json.dumps(res, indent=1))
+    (out / f"cold-phases-{args.case}{'-no-twin' if args.twin_off else ''}.json").write_text(json.dumps(res, indent=1))
     print(f"\n{args.case}, corpus {corpus}: pytest.main {session:.2f} s (rc {int(rc)})")
     for r in rows:
         print(f"{r['seconds']:8.2f} s  x{r['calls']:<4} {'  ' if r['indent'] else ''}{r['what']}  [{r['phase']}]")

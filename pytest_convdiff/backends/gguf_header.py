@@ -165,22 +165,45 @@ def _bad(path: Path, what: str) -> ModelLoadError:
                           "Re-download or re-convert it.")
 
 
+# The last few headers parsed, by file identity: a run asks for the same file's header several times (config,
+# weights, tokens, routing), and parsing one walks every token string of the vocabulary in Python.
+_HEADERS: dict[tuple[Any, ...], _Header] = {}
+_HEADERS_KEPT = 8
+
+
 def read_header(path: str | os.PathLike[str]) -> _Header:
-    """Parse a GGUF header (metadata and tensor table) without reading tensor data."""
+    """Parse a GGUF header (metadata and tensor table) without reading tensor data.
+
+    A file read before and unchanged since (same device, inode, size and modification time) is not parsed
+    again; each caller gets its own copy of the containers, so none can change what another reads."""
     path = Path(path)
     try:
         fh = path.open("rb")
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot open ({exc.strerror or exc}).") from exc
     with fh:
-        size = os.fstat(fh.fileno()).st_size
+        st = os.fstat(fh.fileno())
+        size = st.st_size
+        key = (str(path.resolve()), st.st_dev, st.st_ino, size, st.st_mtime_ns)
+        if (kept := _HEADERS.get(key)) is not None:
+            return _copy(kept)
         if size < 24:
             raise _bad(path, f"only {size} bytes, too short for a GGUF header")
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            return _parse(path, buf, size)
+            hdr = _parse(path, buf, size)
         finally:
             buf.close()
+    while len(_HEADERS) >= _HEADERS_KEPT:
+        _HEADERS.pop(next(iter(_HEADERS)))
+    _HEADERS[key] = hdr
+    return _copy(hdr)
+
+
+def _copy(hdr: _Header) -> _Header:
+    out = _Header()
+    out.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in hdr.__dict__.items()})
+    return out
 
 
 def token_texts(path: str | os.PathLike[str], ids: list[int], hdr: _Header | None = None) -> dict[int, str]:

@@ -248,18 +248,34 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
     return out
 
 
+_DRAW_BLOCK = 64
+
+
 def _draw_rest(rest: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
     """``n`` token ids per row drawn from ``rest`` (A's unnormalised probabilities with its top K zeroed; systematic
-    sampling from one uniform per row, taken from the row's key); -1 where that mass is 0."""
-    cdf = np.cumsum(rest, axis=1, dtype=np.float64)
+    sampling from one uniform per row, taken from the row's key); -1 where that mass is 0.
+
+    The cumulative mass is taken block by block (sums of ``_DRAW_BLOCK`` columns, then a cumulative sum within
+    the few blocks the draws land in), not over the whole vocabulary: a full float64 cumulative sum of every row
+    cost more than the rest of the summary (numpy's cumsum does not vectorise)."""
+    rows, v = rest.shape
+    out = np.full((rows, n), -1, dtype=np.int64)
+    pad = -v % _DRAW_BLOCK
+    padded = np.concatenate([rest, np.zeros((rows, pad), dtype=rest.dtype)], axis=1) if pad else rest
+    blocks = padded.reshape(rows, -1, _DRAW_BLOCK)
+    cdf = np.cumsum(blocks.sum(axis=2, dtype=np.float64), axis=1)  # [rows, blocks]
     u0 = (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    out = np.full((rest.shape[0], n), -1, dtype=np.int64)
-    for r in range(rest.shape[0]):
+    steps = np.arange(n, dtype=np.float64)
+    for r in range(rows):
         total = cdf[r, -1]
         if not total > 0 or not np.isfinite(total):
             continue
-        u = (np.arange(n) + u0[r]) / n * total
-        out[r] = np.minimum(np.searchsorted(cdf[r], u, side="right"), rest.shape[1] - 1)
+        u = (steps + u0[r]) / n * total
+        j = np.minimum(np.searchsorted(cdf[r], u, side="right"), cdf.shape[1] - 1)
+        within = u - np.where(j > 0, cdf[r, np.maximum(j - 1, 0)], 0.0)
+        inner = np.cumsum(blocks[r, j], axis=1, dtype=np.float64)  # [n, block]: only the blocks drawn from
+        k = np.minimum((inner <= within[:, None]).sum(axis=1), _DRAW_BLOCK - 1)
+        out[r] = np.minimum(j * _DRAW_BLOCK + k, v - 1)
     return out
 
 

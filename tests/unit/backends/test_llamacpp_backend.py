@@ -168,6 +168,25 @@ def test_probe_truncated_file(ggufs, tmp_path, keep):
     assert "\n" not in msg
 
 
+def test_a_header_is_parsed_once_per_unchanged_file_and_again_when_it_changes(ggufs, tmp_path, monkeypatch):
+    from pytest_convdiff.backends import gguf_header
+
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(ggufs["tiny-f16"], path)
+    parses = []
+    real = gguf_header._parse
+    monkeypatch.setattr(gguf_header, "_parse", lambda *a: parses.append(a[0]) or real(*a))
+    first, second = gguf_header.read_header(path), gguf_header.read_header(path)
+    assert len(parses) == 1 and first.kv == second.kv and first.tensors == second.tensors
+    first.kv["general.architecture"] = "changed by a caller"
+    assert gguf_header.read_header(path).kv["general.architecture"] != "changed by a caller"  # each its own copy
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the same file, cut: parsed again, and found truncated
+    with pytest.raises(ModelLoadError, match="truncated|ends early"):
+        gguf_header.read_header(path)
+    assert len(parses) == 2
+
+
 def test_probe_not_gguf(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"PK\x03\x04" + b"\0" * 100)

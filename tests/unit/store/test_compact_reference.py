@@ -126,6 +126,33 @@ def test_kl_over_top_k_and_the_sampled_rest_matches_the_full_kl():
     assert comp.nmse == pytest.approx(full.nmse, rel=0.01)
 
 
+def _draw_by_full_cumsum(rest: np.ndarray, keys: np.ndarray, n: int) -> np.ndarray:
+    """The rest's systematic draw by definition: one cumulative sum over the whole row, searched."""
+    cdf = np.cumsum(rest, axis=1, dtype=np.float64)
+    u0 = (keys >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    out = np.full((rest.shape[0], n), -1, dtype=np.int64)
+    for r in range(rest.shape[0]):
+        if cdf[r, -1] > 0:
+            u = (np.arange(n) + u0[r]) / n * cdf[r, -1]
+            out[r] = np.minimum(np.searchsorted(cdf[r], u, side="right"), rest.shape[1] - 1)
+    return out
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 65])
+def test_the_rests_draw_by_blocks_is_the_draw_by_its_definition(vocab):
+    rng = np.random.default_rng(vocab)
+    x = _logits(rng, 24, vocab)
+    e, _, _ = metrics.exp_lse(x)
+    rest = compact.outside_top(e, metrics.topk_indices(x, 16))
+    rest[5] = 0.0  # no mass outside the top: nothing drawn
+    keys = compact.row_keys(CFG.seed, "p", np.arange(24))
+    drawn = compact._draw_rest(rest, keys, 128)
+    assert np.array_equal(drawn, _draw_by_full_cumsum(rest, keys, 128))
+    assert (drawn[5] == -1).all()
+    hit = drawn >= 0
+    assert (rest[np.nonzero(hit)[0], drawn[hit]] > 0).all()  # never a token of the top, nor one without mass
+
+
 def test_equal_logits_give_exactly_zero_and_nan_is_kept():
     rng = np.random.default_rng(3)
     a = _logits(rng, 300, 2048)
