@@ -321,16 +321,20 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
     n_head = pair.groups.get("q", 0)
     stats = TensorStats()
     sa, sb = Sketch.for_shape(rows, cols), Sketch.for_shape(rows, cols)
+    pending: list[tuple[_Twin, Any, np.ndarray]] = []  # the previous chunk's twins, made, not yet compared
     for r0, r1 in chunks(rows, cols, align):
         a, b = ra.rows(r0, r1), rb.rows(r0, r1)
         if a.shape != b.shape:
             a, b = a.reshape(r1 - r0, cols), b.reshape(r1 - r0, cols)
-        started = [(tw, _overlap().submit(tw.start, srcs[1], a, r0, r1)) for tw in twins or ()]
-        stats.update(a, b, r0)  # while the quantiser makes the twin of the chunk
+        started = [(tw, _overlap().submit(tw.start, srcs[1], a, r0, r1), b) for tw in twins or ()]
+        # while the quantiser makes this chunk's twin: this chunk's sums, and B against the previous chunk's twin
+        # (in chunk order, as in line: the same numbers, with the comparison off the quantiser's path)
+        stats.update(a, b, r0)
         sa.update(a, r0)
         sb.update(b, r0)
-        for tw, future in started:
-            tw.finish(future.result(), b)
+        for tw, future, pb in pending:
+            tw.finish(future.result(), pb)
+        pending = started
         if alternatives and n:
             k = (r1 - r0) // align
             stats.add_alt("unpermuted", a, rope_permute(b, k))
@@ -338,6 +342,8 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
             if pair.qk == "k" and n_head and n_head != n and check_groups(rows, n_head) and n_head % n == 0:
                 per_h = rows // n_head
                 stats.add_alt("heads", a, rope_unpermute(rope_permute(b, k), (r1 - r0) // per_h))
+    for tw, future, pb in pending:
+        tw.finish(future.result(), pb)
     return stats, sa, sb
 
 

@@ -66,8 +66,14 @@ _VEC_DOT = {**{t: ("Q8", 32) for t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "
 
 
 def _round_activation(torch: Any, x: Any, kind: str, block: int) -> Any:
-    """x rounded as llama.cpp rounds a matmul's input: 8-bit blocks with one scale each (max |x| / 127, the
-    scale stored in f16), or a float type."""
+    """x rounded as llama.cpp's CPU kernels round a matmul's input (ggml-quants.c's reference quantisers), or to
+    a float type.
+
+    - 8-bit blocks of 32 (Q8_0, Q8_1): scale max |x| / 127 stored in f16, x times its f32 inverse rounded half
+      away from zero (roundf).
+    - 8-bit blocks of 256 (Q8_K, the K- and I-quants' activations): the scale comes from the block's signed
+      extreme (the first value of largest magnitude), -127 / max, and is kept in f32; rounded half to even
+      (``nearest_int``), capped at 127."""
     if kind == "F16":
         return x.to(torch.float16).to(x.dtype)
     if kind == "BF16":
@@ -77,10 +83,19 @@ def _round_activation(torch: Any, x: Any, kind: str, block: int) -> Any:
     if n % block:
         return x
     xb = x.reshape(-1, n // block, block).to(torch.float32)
+    if block == 256:  # Q8_K
+        extreme = torch.gather(xb, -1, xb.abs().argmax(-1, keepdim=True))  # argmax: the first of equal maxima
+        live = extreme != 0
+        iscale = torch.where(live, -127.0 / torch.where(live, extreme, 1.0), 0.0)
+        q = torch.clamp(torch.round(xb * iscale), max=127.0)  # torch.round: half to even, as nearest_int
+        d = torch.where(live, 1.0 / torch.where(live, iscale, 1.0), 0.0)
+        return (q * d).reshape(shape).to(x.dtype)
     d = xb.abs().amax(-1, keepdim=True) / 127.0
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = torch.sign(xb * inv) * torch.floor((xb * inv).abs() + 0.5)  # roundf: halves away from zero
     return (q * d.to(torch.float16).to(torch.float32)).reshape(shape).to(x.dtype)
+
+
 CAPABILITIES: frozenset[str] = frozenset({HIDDEN_STATES, SUBBLOCKS, LAYER_SWAP, INCREMENTAL_DECODE, WEIGHTS_TWIN,
                                           TWIN_HOST})
 

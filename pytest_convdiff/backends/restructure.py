@@ -312,10 +312,19 @@ def regroup_error(a_rows: np.ndarray, b_rows: np.ndarray, rows: int, g: Regroup 
     """B's first two blocks against A's rows that ``g`` (None: no regrouping) puts there, from A's and B's
     first ``regroup_sample`` rows (2-D: rows, columns)."""
     d = rows // (g.heads * g.parts) if g is not None else max(1, b_rows.shape[0] // 2)
-    have = np.asarray(b_rows[:2 * d], dtype=np.float64)
-    want = np.asarray(a_rows[:2 * d] if g is None else np.concatenate([a_rows[:d], a_rows[g.parts * d:(g.parts + 1) * d]]),
-                      dtype=np.float64)
+    have = np.ascontiguousarray(b_rows[:2 * d], dtype=np.float32)
+    want = np.ascontiguousarray(a_rows[:2 * d] if g is None
+                                else np.concatenate([a_rows[:d], a_rows[g.parts * d:(g.parts + 1) * d]]),
+                                dtype=np.float32)
     if have.shape != want.shape:
         return math.inf
-    num, den = float(((have - want) ** 2).sum()), float((want ** 2).sum())
+    # float32 differences, squares summed by BLAS (sums of positive terms: relative error of order 1e-5), far finer
+    # than the threshold it is held to (conventions.EXPLAINED) or than two regroupings differ by; no float64 copies
+    # of the rows, which cost more than the rest of the pass. Identical rows still give exactly 0.
+    diff = (have - want).ravel()
+    flat = want.ravel()
+    num, den = float(np.dot(diff, diff)), float(np.dot(flat, flat))
+    if not (math.isfinite(num) and math.isfinite(den)):  # non-finite rows, or squares beyond float32: as before
+        h64, w64 = have.astype(np.float64), want.astype(np.float64)
+        num, den = float(((h64 - w64) ** 2).sum()), float((w64 ** 2).sum())
     return math.sqrt(num / den) if den else (0.0 if num == 0.0 else math.inf)

@@ -298,6 +298,16 @@ class TwinStats:
         # differences in float32 (B, the twin and A are close, so each difference is exact or nearly), their squares
         # summed by BLAS: the chunk is never widened to float64, which cost more than the quantiser's own run
         vb, vt, va = (np.asarray(v, dtype=np.float32) for v in (vb, vt, va))
+        if not len(hit) and tie is None:
+            # every block is the twin's (bytes or values): B's values are the twin's, so B - T is zero and B - A
+            # is T - A; one difference instead of three, and no finiteness masks when its sum is finite
+            with np.errstate(invalid="ignore", over="ignore"):
+                e = vt - va
+            s = _sumsq(e)
+            if math.isfinite(s) and np.array_equal(vb, vt):
+                self.e2 += s
+                self.b2 += s
+                return
         with np.errstate(invalid="ignore", over="ignore"):
             d, e, f = vb - vt, vt - va, vb - va
         if tie is not None and tie.any():  # a tipped near-tie is another build's twin: no distance from it

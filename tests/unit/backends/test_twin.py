@@ -88,6 +88,29 @@ def test_a_correct_file_is_its_twin() -> None:
     assert s.differing == 0 and s.share == 0.0 and s.excess() == 0.0 and s.tie_ratio() == 0.0
 
 
+def _sq(x: np.ndarray) -> float:
+    x = np.where(np.isfinite(x), x, 0.0).astype(np.float64)
+    return float((x * x).sum())
+
+
+@pytest.mark.parametrize("nan_in_b", [False, True])
+def test_the_sums_are_their_definitions_when_every_block_is_the_twins(nan_in_b: bool) -> None:
+    """The path for a chunk whose every block is the twin's (one difference, no masks) sums what the definitions
+    say, and a non-finite value in B still goes the masked way."""
+    _need_ggml()
+    a = np.random.default_rng(4).standard_normal((8, 512)).astype(np.float32)
+    raw_t, vt = twin.twin_rows(a, "Q4_K", "F32")
+    vb = vt.copy()
+    if nan_in_b:
+        vb[3, 7] = vt[3, 7] = np.nan  # as B's bytes read back: the twin's values are B's where the bytes agree
+    s = twin.TwinStats("F32")
+    s.update(raw_t.copy(), raw_t, vb, vt, a, 256, np.arange(8))
+    assert s.differing == 0
+    assert s.d2 == 0.0
+    assert s.e2 == pytest.approx(_sq(vt - a), rel=1e-6) and s.b2 == pytest.approx(_sq(vb - a), rel=1e-6)
+    assert math.isfinite(s.e2)
+
+
 @pytest.mark.parametrize("type_name", ["Q2_K", "Q4_K", "Q8_0", "F16"])
 def test_a_defect_below_the_noise_moves_most_blocks(type_name: str) -> None:
     """×1.02 is 2 % of A, some 15× below Q2_K's error: still nearly every block differs from the twin."""
