@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.threads import numpy_blas_alone
 from ..core.weight_errors import (
     Sketch,
     TensorStats,
@@ -146,9 +147,15 @@ class _Twin:
             quantised = rope_unpermute(src, k) if k and stored is None else src  # in A's order
         return _Chunk(r0, a2, rows_a, x, raw_b, raw_t, vt, quantised)
 
-    def finish(self, c: _Chunk, b: np.ndarray) -> None:
-        """B's rows against the twin ``start`` made (and, sampled, every row of B against A's)."""
+    def finish(self, c: _Chunk, b: np.ndarray, b_a2: float | None = None) -> None:
+        """B's rows against the twin ``start`` made (and, sampled, every row of B against A's). ``b_a2``: the
+        chunk's ||B - A||^2 where ``TensorStats.update`` summed it over finite entries only; when B's bytes are
+        all the twin's, that is the twin's sum too, and nothing is compared or summed again."""
         b2 = b.reshape(b.shape[0], -1)
+        if (b_a2 is not None and self.sampled is None and c.vt is None and c.raw_t is not None
+                and c.raw_b is not None and _same_bytes(c.raw_b, c.raw_t)):
+            self.stats.identical(b2.shape[0] * (b2.shape[1] // self.block), b_a2)
+            return
         if self.sampled is not None:
             self.sampled.check_rows(c.a, b2, c.r0)
         if not len(c.rows_a):
@@ -303,6 +310,16 @@ def _first_intermediate(type_name: str, preferred: dict[str, str]) -> str:
     return preferred.get(group) or ("F32" if group == "float" else "F16")
 
 
+def _same_bytes(x: np.ndarray, y: np.ndarray) -> bool:
+    """Whether two byte arrays hold the same bytes (compared eight at a time where they split so)."""
+    if x.shape != y.shape:
+        return False
+    x, y = np.ascontiguousarray(x).reshape(-1), np.ascontiguousarray(y).reshape(-1)
+    if x.size % 8 == 0 and x.dtype == y.dtype == np.uint8:
+        x, y = x.view(np.uint64), y.view(np.uint64)
+    return bool(np.array_equal(x, y))
+
+
 @functools.lru_cache(maxsize=1)
 def _overlap() -> ThreadPoolExecutor:
     """The thread that runs the quantiser's twin of a chunk (itself spread over llama.cpp's threads) while
@@ -321,7 +338,7 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
     n_head = pair.groups.get("q", 0)
     stats = TensorStats()
     sa, sb = Sketch.for_shape(rows, cols), Sketch.for_shape(rows, cols)
-    pending: list[tuple[_Twin, Any, np.ndarray]] = []  # the previous chunk's twins, made, not yet compared
+    pending: list[tuple[_Twin, Any, np.ndarray, float | None]] = []  # the previous chunk's twins, made, not yet compared
     for r0, r1 in chunks(rows, cols, align):
         a, b = ra.rows(r0, r1), rb.rows(r0, r1)
         if a.shape != b.shape:
@@ -329,12 +346,12 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
         started = [(tw, _overlap().submit(tw.start, srcs[1], a, r0, r1), b) for tw in twins or ()]
         # while the quantiser makes this chunk's twin: this chunk's sums, and B against the previous chunk's twin
         # (in chunk order, as in line: the same numbers, with the comparison off the quantiser's path)
-        stats.update(a, b, r0)
+        b_a2 = stats.update(a, b, r0)
         sa.update(a, r0)
         sb.update(b, r0)
-        for tw, future, pb in pending:
-            tw.finish(future.result(), pb)
-        pending = started
+        for tw, future, pb, done in pending:
+            tw.finish(future.result(), pb, done)
+        pending = [(tw, future, pb, b_a2) for tw, future, pb in started]
         if alternatives and n:
             k = (r1 - r0) // align
             stats.add_alt("unpermuted", a, rope_permute(b, k))
@@ -342,8 +359,8 @@ def _stream(srcs: tuple[Source, Source], pair: Pair, rows: int, cols: int,
             if pair.qk == "k" and n_head and n_head != n and check_groups(rows, n_head) and n_head % n == 0:
                 per_h = rows // n_head
                 stats.add_alt("heads", a, rope_unpermute(rope_permute(b, k), (r1 - r0) // per_h))
-    for tw, future, pb in pending:
-        tw.finish(future.result(), pb)
+    for tw, future, pb, done in pending:
+        tw.finish(future.result(), pb, done)
     return stats, sa, sb
 
 
@@ -416,7 +433,15 @@ def measure_weights(a: Source, b: Source, n_layers: int | None = None,
     (``weights_imatrix``).
 
     ``sample``: the share of each tensor's rows its twin quantises (``SampledRows``); None: every row.
+
+    numpy's BLAS runs on one thread meanwhile (``threads.numpy_blas_alone``): the quantiser has the cores.
     """
+    with numpy_blas_alone():
+        return _measure_weights(a, b, n_layers, matrix, sample)
+
+
+def _measure_weights(a: Source, b: Source, n_layers: int | None, matrix: ImportanceMatrix | None,
+                     sample: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = plan_pairs(a, b)
     plan.pairs = [q for pair in plan.pairs for q in per_expert(pair)]

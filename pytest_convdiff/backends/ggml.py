@@ -21,16 +21,18 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .gguf_header import GGML_TYPES
 
-__all__ = ["GGMLUnavailable", "available", "block_bytes", "dequantize", "library_path", "quantize",
-           "requires_imatrix", "type_id"]
+__all__ = ["GGMLUnavailable", "available", "block_bytes", "dequantize", "f16_round", "f16_widen", "library_path",
+           "quantize", "requires_imatrix", "type_id"]
 
 _TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
 _LIB_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll")
+_CPU_NAMES = ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll")
 
 
 class GGMLUnavailable(Exception):
@@ -210,6 +212,100 @@ def dequantize(name: str, raw: np.ndarray, cols: int) -> np.ndarray:
         raise GGMLUnavailable(f"llama.cpp has no to_float for {name}")
     fn = _TO_FLOAT(traits.to_float)
     fn(data.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), nrows * cols)
+    return out
+
+
+# --------------------------------------------------------------------------- float16 conversions
+# numpy converts float32 <-> float16 one value at a time (about 200 M values/s here); the twin writes every value of A
+# through the converter's F16 intermediate, which then cost a tenth of the quantiser's own time. ggml's CPU library
+# converts eight or sixteen at a time with the processor's instructions. It is used only after it gave numpy's
+# result bit for bit on a probe of every kind of value (normal, subnormal, overflowing, signed zeros, infinities,
+# NaN, odd lengths): a build whose conversion differs, or no such library, leaves numpy's.
+
+_cpu_state: list[ctypes.CDLL | None] = []  # [] not tried yet; [None] not usable; [lib] usable
+
+
+def _probe_values() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(4099) * np.exp(rng.uniform(-26.0, 13.0, 4099))).astype(np.float32)
+    x[:9] = [0.0, -0.0, np.inf, -np.inf, np.nan, 65504.0, 65519.0, 65520.0, 2.0 ** -25]
+    return x
+
+
+def _cpu() -> ctypes.CDLL | None:
+    if _cpu_state:
+        return _cpu_state[0]
+    lib: ctypes.CDLL | None = None
+    try:
+        base = library_path()
+        path = next((base.parent / n for n in _CPU_NAMES if (base.parent / n).is_file()), None) if base else None
+        if path is not None:
+            lib = ctypes.CDLL(str(path))
+            for fn in (lib.ggml_cpu_fp32_to_fp16, lib.ggml_cpu_fp16_to_fp32):
+                fn.restype = None
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+            lib.ggml_cpu_init.restype = None
+            lib.ggml_cpu_init()  # the scalar tails read a table this fills
+    except (OSError, AttributeError):
+        lib = None
+    if lib is not None and not _agrees(lib):
+        lib = None
+    with _lock:
+        if not _cpu_state:
+            _cpu_state.append(lib)
+    return _cpu_state[0]
+
+
+def _agrees(lib: Any) -> bool:
+    """Whether ``lib``'s two conversions give numpy's results on the probe, bit for bit (NaN as some NaN)."""
+    x = _probe_values()
+    with np.errstate(over="ignore"):
+        want16 = x.astype(np.float16)
+    got16, got32 = _to_f16(lib, x), np.empty(x.shape, np.float32)
+    lib.ggml_cpu_fp16_to_fp32(got16.ctypes.data, got32.ctypes.data, got16.size)
+    num = ~np.isnan(want16)
+    return (np.array_equal(want16.view(np.uint16)[num], got16.view(np.uint16)[num])
+            and bool(np.isnan(got16[~num]).all())
+            and np.array_equal(want16.astype(np.float32).view(np.uint32)[num], got32.view(np.uint32)[num])
+            and bool(np.isnan(got32[~num]).all()))
+
+
+def _to_f16(lib: Any, x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape, np.float16)
+    lib.ggml_cpu_fp32_to_fp16(x.ctypes.data, out.ctypes.data, x.size)
+    return out
+
+
+def f16_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to float16 (to nearest, ties to even; beyond 65504 infinite) and back, as float32:
+    ``x.astype(np.float16).astype(np.float32)``, by ggml's vector conversion where it reproduces numpy's."""
+    src = np.ascontiguousarray(x, dtype=np.float32)
+    lib = _cpu()
+    if lib is None or src.size < 64:
+        with np.errstate(over="ignore"):
+            return src.astype(np.float16).astype(np.float32)
+    out = np.empty(src.shape, np.float32)
+    flat_in, flat_out = src.reshape(-1), out.reshape(-1)
+    half = np.empty(min(src.size, _F16_PIECE), np.float16)  # a piece at a time: the halves stay in the cache
+    for i in range(0, src.size, _F16_PIECE):
+        n = min(_F16_PIECE, src.size - i)
+        lib.ggml_cpu_fp32_to_fp16(flat_in[i:].ctypes.data, half.ctypes.data, n)
+        lib.ggml_cpu_fp16_to_fp32(half.ctypes.data, flat_out[i:].ctypes.data, n)
+    return out
+
+
+_F16_PIECE = 1 << 16
+
+
+def f16_widen(x: np.ndarray) -> np.ndarray:
+    """float16 values as float32 (``x.astype(np.float32)``), by ggml's vector conversion where it reproduces
+    numpy's."""
+    src = np.ascontiguousarray(x, dtype=np.float16)
+    lib = _cpu()
+    if lib is None or src.size < 64:
+        return src.astype(np.float32)
+    out = np.empty(src.shape, np.float32)
+    lib.ggml_cpu_fp16_to_fp32(src.ctypes.data, out.ctypes.data, src.size)
     return out
 
 

@@ -135,7 +135,9 @@ class GGUFWeights:
         if t.type == "F32":
             return raw.view("<f4").reshape(r1 - r0, t.cols).copy()
         if t.type == "F16":
-            return raw.view("<f2").reshape(r1 - r0, t.cols).astype(np.float32)
+            from . import ggml
+
+            return ggml.f16_widen(raw.view("<f2").reshape(r1 - r0, t.cols))
         if _ggml_ready():
             from . import ggml
 
@@ -229,10 +231,14 @@ class SafetensorsWeights:
             return flat.reshape(t.rows, t.cols)[r0:r1]
         np_dtype = _ST_DTYPES[t.type][0]
         raw = self._maps.get(t.file)[t.offset:t.offset + t.nbytes].view(np_dtype).reshape(t.rows, t.cols)[r0:r1]
-        if t.type == "BF16":
-            return (np.asarray(raw).astype(np.uint32) << 16).view(np.float32)
+        if t.type == "BF16":  # the bits, shifted into float32's upper half in one pass (cast and shift fused)
+            return np.left_shift(np.asarray(raw), np.uint32(16), dtype=np.uint32).view(np.float32)
         if t.type == "F32":
             return np.asarray(raw)
+        if t.type == "F16":
+            from . import ggml
+
+            return ggml.f16_widen(np.asarray(raw))
         return np.asarray(raw, dtype=np.float32)
 
     def close(self) -> None:

@@ -45,8 +45,9 @@ def round_to(x: np.ndarray, type_name: str) -> np.ndarray:
     if t in ("F32", "F64"):
         return x
     if t == "F16":
-        with np.errstate(over="ignore"):
-            return x.astype(np.float16).astype(np.float32)
+        from . import ggml  # numpy's own cast where ggml's vector conversion is not there or not numpy's
+
+        return ggml.f16_round(x)
     if t == "BF16":
         u = x.view(np.uint32).astype(np.uint64)
         nan = (u & 0x7FFFFFFF) > 0x7F800000
@@ -326,6 +327,13 @@ class TwinStats:
             floor = np.abs(va.reshape(vb.shape[0], nb, -1)[diff].astype(np.float64)) * self.half_ulp
             self.diff_b2 += float((fb * fb).sum())
             self.diff_t2 += float(np.maximum((et * et).sum(-1), (floor * floor).sum(-1)).sum())
+
+    def identical(self, blocks: int, b_a2: float) -> None:
+        """A chunk whose bytes are all the twin's (B's values are the twin's), with ``b_a2`` its ||B - A||^2 summed
+        already (finite, every entry finite): what ``update`` adds for it, without comparing values again."""
+        self.blocks += blocks
+        self.e2 += b_a2
+        self.b2 += b_a2
 
     @property
     def share(self) -> float:

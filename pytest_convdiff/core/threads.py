@@ -10,9 +10,11 @@ there are in ``PYTEST_XDIST_WORKER_COUNT``. A thread count the user sets (the ll
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
-__all__ = ["cores", "default_threads", "workers"]
+__all__ = ["cores", "default_threads", "numpy_blas_alone", "workers"]
 
 
 def cores() -> int:
@@ -34,3 +36,18 @@ def workers() -> int:
 def default_threads() -> int:
     """This process's share of the cores."""
     return max(1, cores() // workers())
+
+
+@contextlib.contextmanager
+def numpy_blas_alone() -> Iterator[None]:
+    """numpy's BLAS on one thread within the block. Its sums here are single passes that a second thread barely
+    speeds up, while the quantiser's threads use every core; OpenBLAS's threads spin after each call and took
+    cores from them (measured: the weights twin 1.09 x llama-quantize at 2 threads with one BLAS thread, 1.44
+    with two). Needs ``threadpoolctl``; without it, nothing changes."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -154,12 +154,29 @@ class TensorStats:
     first_nonfinite: dict[str, Any] | None = None
     alt: dict[str, float] = field(default_factory=dict)  # name -> sum of squared differences of a candidate
 
-    def update(self, a: np.ndarray, b: np.ndarray, row0: int = 0) -> None:
-        """Add a chunk (same shape on both sides; ``row0``: the chunk's first row, for locating NaNs)."""
+    def update(self, a: np.ndarray, b: np.ndarray, row0: int = 0) -> float | None:
+        """Add a chunk (same shape on both sides; ``row0``: the chunk's first row, for locating NaNs).
+
+        Returns the chunk's ||B - A||^2 when every entry on both sides was finite and so was the sum (None
+        otherwise): a caller whose own sum over the chunk is that same difference takes it instead of summing
+        it again (``TwinStats.identical``)."""
         a = np.ascontiguousarray(a, dtype=np.float32).reshape(a.shape[0], -1)
         b = np.ascontiguousarray(b, dtype=np.float32).reshape(a.shape)
+        sums = _block_sums(a, b)
+        if sums is not None:  # every sum finite: so is every entry, and no square overflowed
+            sa, sb, ab, d2, d1, b1 = sums
+            self.n += a.size
+            self.a2 += sa
+            self.b2 += sb
+            self.ab += ab
+            self.d2 += d2
+            self.d1 += d1
+            self.b1 += b1
+            return d2
+        # some entry is not finite, or some square overflows float32: the whole chunk, masked
         sa, sb = _sumsq(a), _sumsq(b)
-        if not (math.isfinite(sa) and math.isfinite(sb)):
+        clean = math.isfinite(sa) and math.isfinite(sb)
+        if not clean:
             fa, fb = np.isfinite(a), np.isfinite(b)
             bad_a, bad_b = int(a.size - fa.sum()), int(b.size - fb.sum())
             self.nonfinite_a += bad_a
@@ -178,13 +195,15 @@ class TensorStats:
                 a, b = a.astype(np.float64), b.astype(np.float64)
                 sa, sb = _sumsq(a), _sumsq(b)
         d = b - a
+        d2 = _sumsq(d)
         self.n += a.size
         self.a2 += sa
         self.b2 += sb
         self.ab += float(np.dot(a.ravel(), b.ravel()))
-        self.d2 += _sumsq(d)
-        self.d1 += float(d.sum(dtype=np.float64))
-        self.b1 += float(b.sum(dtype=np.float64))
+        self.d2 += d2
+        self.d1 += _total(d)
+        self.b1 += _total(b)
+        return d2 if clean and math.isfinite(d2) else None
 
     def add_alt(self, name: str, a: np.ndarray, candidate: np.ndarray) -> None:
         """Accumulate how far ``candidate`` (B transformed some other way) is from A."""
@@ -234,6 +253,43 @@ class TensorStats:
 def _sumsq(x: np.ndarray) -> float:
     flat = x.ravel()
     return float(np.dot(flat, flat))
+
+
+BLOCK_ELEMENTS = 1 << 16  # entries per side summed at a time by ``_block_sums``: 256 KiB, within a core's cache
+
+
+def _block_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float, float, float] | None:
+    """(A.A, B.B, A.B, |B - A|^2, sum(B - A), sum(B)) of two float32 chunks (rows, columns), or None when any of
+    them is not finite. Taken a block of rows at a time: each block's six passes read it from the cache, not
+    from memory (half the time of whole-chunk passes), and its difference goes into one reused buffer. Each
+    block's sums are BLAS's in float32 over at most ``BLOCK_ELEMENTS`` entries, added up in float64."""
+    rows, cols = a.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    buf = np.empty((min(step, rows), cols), dtype=np.float32)
+    ones = np.ones(cols, dtype=np.float32)
+    sa = sb = ab = d2 = d1 = b1 = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for r in range(0, rows, step):
+            x, y = a[r:r + step], b[r:r + step]
+            d = np.subtract(y, x, out=buf[:x.shape[0]])
+            xf, yf, df = x.reshape(-1), y.reshape(-1), d.reshape(-1)
+            sa += float(np.dot(xf, xf))
+            sb += float(np.dot(yf, yf))
+            ab += float(np.dot(xf, yf))
+            d2 += float(np.dot(df, df))
+            d1 += float(np.dot(d, ones).sum(dtype=np.float64))
+            b1 += float(np.dot(y, ones).sum(dtype=np.float64))
+    out = (sa, sb, ab, d2, d1, b1)
+    return out if all(math.isfinite(v) for v in out) else None
+
+
+def _total(x: np.ndarray) -> float:
+    """The sum of a 2-D chunk: each row's by BLAS in float32 (a row's rounding is of order its length times
+    float32's epsilon, far below what an offset or a constant is told apart by), the rows' in float64. numpy's
+    float64 sum of float32 values converts them on the way and took twice as long."""
+    if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
+        return float(x.sum(dtype=np.float64))
+    return float(np.dot(x, np.ones(x.shape[1], dtype=np.float32)).sum(dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- sketches

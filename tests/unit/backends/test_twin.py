@@ -147,3 +147,25 @@ def test_float_types_floor_the_twin_error_at_half_an_ulp() -> None:
     s.update(None, None, b, a, a, 1, np.arange(1))
     assert s.differing == 1 and s.share == 0.25
     assert s.tie_ratio() == pytest.approx(2.0, rel=1e-6)  # one ulp against the half-ulp floor
+
+
+def test_a_chunk_whose_bytes_are_the_twins_adds_what_update_adds() -> None:
+    """``TwinStats.identical`` (the weights pass's shortcut when B's bytes are the twin's) is ``update`` on that
+    chunk, given the chunk's |B - A|^2 summed already."""
+    _need_ggml()
+    from pytest_convdiff.backends.dequant import _same_bytes
+    from pytest_convdiff.core.weight_errors import TensorStats
+
+    a = (0.02 * np.random.default_rng(4).standard_normal((48, 256))).astype(np.float32)
+    raw = ggml.quantize("Q4_K", a)
+    b = ggml.dequantize("Q4_K", raw, 256)
+    full, short = twin.TwinStats("F32", type="Q4_K"), twin.TwinStats("F32", type="Q4_K")
+    full.update(raw, raw.copy(), b, b.copy(), a, 256, np.arange(48))
+    d2 = TensorStats().update(a, b)
+    assert d2 is not None and _same_bytes(raw, raw.copy())
+    short.identical(48 * 1, d2)
+    assert (short.blocks, short.differing, short.d2) == (full.blocks, full.differing, 0.0)
+    assert short.e2 == pytest.approx(full.e2, rel=1e-5) and short.b2 == pytest.approx(full.b2, rel=1e-5)
+    other = raw.copy()
+    other[7, 100] ^= 1
+    assert not _same_bytes(raw, other) and not _same_bytes(raw, raw[:, :-8])

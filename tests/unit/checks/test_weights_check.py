@@ -136,6 +136,26 @@ def test_stats_in_chunks_equal_the_whole_and_name_scale_offset_and_nan() -> None
     assert math.isfinite(s.error()) and s.error() < 0.05  # the rest is still measured
 
 
+@pytest.mark.parametrize("shape", [(37, 3000), (5, 70000), (1, 16)])
+def test_the_block_sums_are_their_definitions(shape) -> None:
+    """The sums are taken a block of rows at a time (and one row at a time for rows wider than a block): each is
+    its definition in float64 to float32's precision, and the chunk's |B - A|^2 is handed back when all is finite."""
+    rng = np.random.default_rng(3)
+    a = (0.02 * rng.normal(size=shape)).astype(np.float32)
+    b = (a + 0.001 * rng.normal(size=shape) + 0.0005).astype(np.float32)
+    s = TensorStats()
+    back = s.update(a, b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    want = {"a2": (a64 * a64).sum(), "b2": (b64 * b64).sum(), "ab": (a64 * b64).sum(),
+            "d2": ((b64 - a64) ** 2).sum(), "d1": (b64 - a64).sum(), "b1": b64.sum()}
+    for name, value in want.items():
+        assert getattr(s, name) == pytest.approx(value, rel=1e-5), name
+    assert s.n == a.size and back == s.d2
+    bad = b.copy()
+    bad[0, 0] = np.nan
+    assert TensorStats().update(a, bad) is None  # a chunk with a NaN: its sums are over the rest, nothing handed back
+
+
 def test_sketches_compare_entry_for_entry_and_transpose() -> None:
     rng = np.random.default_rng(2)
     w = rng.normal(size=(100, 100)).astype(np.float32)
