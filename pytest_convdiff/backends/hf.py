@@ -11,9 +11,11 @@ final norm's input, so index i is always "output of decoder layer i".
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +213,21 @@ def _experts_used(cfg: Any) -> int | None:
     return None
 
 
+_frozen: list[bool] = []
+
+
+def _freeze_imports() -> None:
+    """Once per process, after torch's and transformers' imports and before any model: every object alive now
+    (millions, nearly all of them modules' own) leaves the cyclic collector's generations (``gc.freeze``). A
+    model's cycles are still collected when it closes, but no collection walks the imports again: each
+    ``gc.collect`` of ``close`` and pytest's own at the session's end took 0.2 s or more for that walk."""
+    if not _frozen:
+        import gc
+
+        _frozen.append(True)
+        gc.freeze()
+
+
 class TransformersBackend:
     """A causal LM from transformers, in eval mode, on one device."""
 
@@ -222,6 +239,7 @@ class TransformersBackend:
             raise MissingDependencyError("transformers", "transformers and torch", "transformers") from exc
         self._torch = torch
         _share_cores(torch)
+        _freeze_imports()
         self.path = path
         self.options = opts = _options(path, options)
         device = opts["device"]
@@ -237,19 +255,26 @@ class TransformersBackend:
         tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
         oom_advice = "Use a smaller dtype (dtype=bfloat16) or another GPU (device=cuda:N)."
         with hfdir.quiet_transformers(transformers), hfdir.readable_oom(torch, path, "while loading", oom_advice):
-            try:
-                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **tok_kwargs)
-                self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                if hfdir.is_oom(torch, exc):
-                    raise
-                raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
             self._emulation: list[Any] = []
             self._placed: dict[str, set[str]] = {}  # a fused or stacked parameter: the GGUF types placed in it
+            self._types: dict[str, str] = {}  # each parameter's GGUF type, with weights_from
+            self._share_key = _share_key(path, opts) if opts["weights_from"] else None
+            kept = _take_kept(self._share_key)
+            if kept is not None:  # the same checkpoint with the same weights, just run: the model is reused
+                self.tokenizer, self.model, self._types, self._placed = kept
+            else:
+                try:
+                    self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **tok_kwargs)
+                    self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+                except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    if hfdir.is_oom(torch, exc):
+                        raise
+                    raise ModelLoadError(f"{path}: transformers could not load it: {exc}") from exc
+                if opts["weights_from"]:
+                    self._types = self._load_weights_from(Path(opts["weights_from"]))
             if opts["weights_from"]:
-                types = self._load_weights_from(Path(opts["weights_from"]))
                 if opts["emulate"] == "llama.cpp":
-                    self._emulate_llamacpp(types)
+                    self._emulate_llamacpp(self._types)
             elif opts["emulate"] != "none":
                 raise ModelLoadError(f"{path}: emulate={opts['emulate']} needs weights_from (a GGUF whose runtime to "
                                      "emulate)")
@@ -569,6 +594,14 @@ class TransformersBackend:
 
     def close(self) -> None:
         torch = self._torch
+        if self.model is not None and self._share_key is not None and _kept_slot:
+            for hook in self._emulation:  # the next run of these weights sets its own roundings
+                hook.remove()
+            self._emulation = []
+            _kept_slot[0] = (self._share_key, (self.tokenizer, self.model, self._types, self._placed))
+            self.model = None
+            self.tokenizer = None
+            return
         self.model = None
         self.tokenizer = None
         import gc
@@ -576,6 +609,49 @@ class TransformersBackend:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- one model for T and T8
+
+_kept_slot: list[Any] = []  # inside ``sharing_weights``: [None] or [(key, (tokenizer, model, types, placed))]
+
+
+def _share_key(path: Path, opts: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two loads the same model: everything but ``emulate`` (hooks, added and removed)."""
+    return (str(Path(path).resolve()), str(Path(opts["weights_from"]).resolve()),
+            *(str(opts.get(k)) for k in ("device", "dtype", "gguf_file", "trust_remote_code")))
+
+
+def _take_kept(key: tuple[Any, ...] | None) -> tuple[Any, Any, dict[str, str], dict[str, set[str]]] | None:
+    if key is None or not _kept_slot or _kept_slot[0] is None or _kept_slot[0][0] != key:
+        return None
+    kept = _kept_slot[0][1]
+    _kept_slot[0] = None
+    return kept
+
+
+@contextlib.contextmanager
+def sharing_weights() -> Iterator[None]:
+    """Runs of one checkpoint with one model's weights (``weights_from``) in a row: T, then T8 (the same with
+    ``emulate``). A closed one's model is kept, and the next load of the same checkpoint and weights takes it,
+    its roundings set anew, instead of reading and dequantising both files again. On leaving the block
+    whatever is kept is freed, so that the next model (B) loads alone, as every model does."""
+    outer = bool(_kept_slot)
+    if not outer:
+        _kept_slot.append(None)
+    try:
+        yield
+    finally:
+        if not outer:
+            kept = _kept_slot.pop()
+            if kept is not None:
+                del kept
+                import gc
+
+                gc.collect()
+                torch = sys.modules.get("torch")
+                if torch is not None and torch.cuda.is_available():
+                    torch.cuda.empty_cache()
 
 
 def load(path: Path, options: dict[str, Any] | None = None) -> TransformersBackend:

@@ -137,12 +137,29 @@ def companions(spec_a: Any, spec_b: Any, corpus: Corpus, settings: Any, cache: A
     from ..runner import Companion, run_model
 
     tw_settings, tw_corpus = twin_settings(settings), twin_corpus(corpus, settings)
-    try:
-        run_t = run_model(twin_spec(spec_a, spec_b), tw_corpus, cache, settings=tw_settings, progress=progress,
-                          label="twin ")
-    except Exception:  # noqa: BLE001 - measure reports it, as an item of this family, never as the pair's error
-        return []
+    with _one_load(spec_a):
+        try:
+            run_t = run_model(twin_spec(spec_a, spec_b), tw_corpus, cache, settings=tw_settings, progress=progress,
+                              label="twin ")
+        except Exception:  # noqa: BLE001 - measure reports it, as an item of this family, never as the pair's error
+            return []
+        try:  # T8 right after T, on T's model (``measure`` finds it stored; it runs it itself if this failed)
+            run_model(twin_spec(spec_a, spec_b, emulate=True), tw_corpus, cache, feed=run_t, settings=tw_settings,
+                      progress=progress, label="twin8 ")
+        except Exception:  # noqa: BLE001
+            pass
     return [Companion(tw_corpus, run_t, tw_settings)]
+
+
+def _one_load(spec_a: Any) -> Any:
+    """T and T8 are one checkpoint with one file's weights: loaded once where A's backend can keep a model between
+    runs (``sharing_weights``), else each loads its own."""
+    import contextlib
+
+    from ..backends import backend_module
+
+    share = getattr(backend_module(spec_a.resolved_backend()), "sharing_weights", None)
+    return share() if share is not None else contextlib.nullcontext()
 
 
 def measure(ctx: EvalContext) -> dict[str, Any]:

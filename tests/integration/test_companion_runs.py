@@ -104,3 +104,42 @@ def test_a_companion_that_fails_leaves_the_main_run_whole(pair, tmp_path, monkey
     run = _twin_runs(a, b, Cache(tmp_path / "broken"), RunSettings(), companion=True)
     assert not run.from_cache and run.meta["pair_metrics"]
     assert not list((tmp_path / "broken").glob(".tmp*"))  # its writer was aborted, nothing half-written is left
+
+
+def test_t8_runs_on_ts_model_and_gives_what_it_gives_alone(pair, tmp_path, monkeypatch):
+    """T and T8 are one checkpoint with one file's weights: within ``sharing_weights`` T8 takes T's model (B's file
+    read once) and sets its own roundings; its entry is the one a T8 loaded by itself writes, and the model is
+    freed when the block ends."""
+    import contextlib
+    import gc
+    import weakref
+
+    from pytest_convdiff.backends import hf
+
+    a, b = pair
+    settings = runtime.twin_settings(RunSettings())
+    corpus = runtime.twin_corpus(load_corpus("quick"), RunSettings())
+    reads: list[str] = []
+    real = hf.TransformersBackend._load_weights_from
+    monkeypatch.setattr(hf.TransformersBackend, "_load_weights_from",
+                        lambda self, other: (reads.append(str(other)), real(self, other))[1])
+    kept: list[weakref.ref] = []
+
+    def t_and_t8(cache: Cache, share: bool):
+        with hf.sharing_weights() if share else contextlib.nullcontext():
+            run_t = run_model(runtime.twin_spec(a, b), corpus, cache, settings=settings)
+            if share:
+                kept.append(weakref.ref(hf._kept_slot[0][1][1]))  # T's model, kept for T8
+            run_8 = run_model(runtime.twin_spec(a, b, emulate=True), corpus, cache, feed=run_t, settings=settings)
+        return run_t, run_8
+
+    shared = t_and_t8(Cache(tmp_path / "shared"), True)
+    assert len(reads) == 1  # B's weights read once for both
+    gc.collect()
+    assert kept and kept[0]() is None and hf._kept_slot == []  # freed on leaving the block
+    alone = t_and_t8(Cache(tmp_path / "alone"), False)
+    assert len(reads) == 3
+    assert shared[1].meta["pair_metrics"] == alone[1].meta["pair_metrics"]  # T8's roundings were set on T's model
+    from pytest_convdiff.pair import PairMetrics
+
+    assert PairMetrics.from_dict(shared[1].meta["pair_metrics"]).logits.nmse > 0  # T8 is not T: roundings applied
