@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..core.weight_errors import layer_and_role
+from ..core.weight_errors import layer_and_role, sum_of_squares
 
 __all__ = ["MAX_PIECES", "Piece", "Regroup", "Split", "candidates", "cut", "establish", "join", "regroup_error",
            "regroup_sample", "regroups"]
@@ -321,9 +321,7 @@ def regroup_error(a_rows: np.ndarray, b_rows: np.ndarray, rows: int, g: Regroup 
     # float32 differences, squares summed by BLAS (sums of positive terms: relative error of order 1e-5), far finer
     # than the threshold it is held to (conventions.EXPLAINED) or than two regroupings differ by; no float64 copies
     # of the rows, which cost more than the rest of the pass. Identical rows still give exactly 0.
-    diff = (have - want).ravel()
-    flat = want.ravel()
-    num, den = float(np.dot(diff, diff)), float(np.dot(flat, flat))
+    num, den = sum_of_squares(have - want), sum_of_squares(want)
     if not (math.isfinite(num) and math.isfinite(den)):  # non-finite rows, or squares beyond float32: as before
         h64, w64 = have.astype(np.float64), want.astype(np.float64)
         num, den = float(((h64 - w64) ** 2).sum()), float((w64 ** 2).sum())

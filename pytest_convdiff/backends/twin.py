@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from ..core.weight_errors import sum_of_squares
+
 __all__ = ["INTERMEDIATES", "ROUNDING_TYPES", "SCALE_SEARCH_TYPES", "TwinStats", "round_to", "rounding_ties",
            "scale_search_ties", "twin_bytes", "twin_rows"]
 
@@ -87,11 +89,6 @@ ROUNDING_TYPES: dict[str, tuple[str, float, float | None]] = {
     "Q4_0": ("signed-max", -8.0, 8.5), "Q5_0": ("signed-max", -16.0, 16.5),
     "Q4_1": ("min-max", 15.0, 0.5), "Q5_1": ("min-max", 31.0, 0.5), "Q8_0": ("abs-max", 127.0, None),
 }
-
-
-def _sumsq(x: np.ndarray) -> float:
-    flat = np.ascontiguousarray(x).ravel()
-    return float(np.dot(flat, flat))
 
 
 def _ulp32(v: np.ndarray) -> np.ndarray:
@@ -304,7 +301,7 @@ class TwinStats:
             # is T - A; one difference instead of three, and no finiteness masks when its sum is finite
             with np.errstate(invalid="ignore", over="ignore"):
                 e = vt - va
-            s = _sumsq(e)
+            s = sum_of_squares(e)
             if math.isfinite(s) and np.array_equal(vb, vt):
                 self.e2 += s
                 self.b2 += s
@@ -317,9 +314,9 @@ class TwinStats:
         if not ok.all():
             zero = np.float32(0)
             d, e, f = np.where(ok, d, zero), np.where(ok, e, zero), np.where(ok, f, zero)
-        self.d2 += _sumsq(d)
-        self.e2 += _sumsq(e)
-        self.b2 += _sumsq(f)
+        self.d2 += sum_of_squares(d)
+        self.e2 += sum_of_squares(e)
+        self.b2 += sum_of_squares(f)
         if len(hit):  # B's and the twin's errors against A over the blocks that differ
             nb = diff.shape[1]
             fb = f.reshape(vb.shape[0], nb, -1)[diff].astype(np.float64)

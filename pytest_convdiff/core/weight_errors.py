@@ -37,6 +37,7 @@ __all__ = [
     "rope_unpermute",
     "sample_error",
     "sketch_indices",
+    "sum_of_squares",
 ]
 
 # The relative Frobenius error each storage type gives, measured on real and real-like weights: the
@@ -174,7 +175,7 @@ class TensorStats:
             self.b1 += b1
             return d2
         # some entry is not finite, or some square overflows float32: the whole chunk, masked
-        sa, sb = _sumsq(a), _sumsq(b)
+        sa, sb = sum_of_squares(a), sum_of_squares(b)
         clean = math.isfinite(sa) and math.isfinite(sb)
         if not clean:
             fa, fb = np.isfinite(a), np.isfinite(b)
@@ -190,12 +191,12 @@ class TensorStats:
             keep = fa & fb
             a = np.where(keep, a, np.float32(0))
             b = np.where(keep, b, np.float32(0))
-            sa, sb = _sumsq(a), _sumsq(b)
+            sa, sb = sum_of_squares(a), sum_of_squares(b)
             if not (math.isfinite(sa) and math.isfinite(sb)):  # finite values whose squares overflow float32
                 a, b = a.astype(np.float64), b.astype(np.float64)
-                sa, sb = _sumsq(a), _sumsq(b)
+                sa, sb = sum_of_squares(a), sum_of_squares(b)
         d = b - a
-        d2 = _sumsq(d)
+        d2 = sum_of_squares(d)
         self.n += a.size
         self.a2 += sa
         self.b2 += sb
@@ -208,7 +209,7 @@ class TensorStats:
     def add_alt(self, name: str, a: np.ndarray, candidate: np.ndarray) -> None:
         """Accumulate how far ``candidate`` (B transformed some other way) is from A."""
         d = np.asarray(candidate, dtype=np.float32) - np.asarray(a, dtype=np.float32)
-        s = _sumsq(d)
+        s = sum_of_squares(d)
         self.alt[name] = self.alt.get(name, 0.0) + (s if math.isfinite(s) else 0.0)
 
     @property
@@ -250,8 +251,11 @@ class TensorStats:
         return k, math.sqrt(resid / self.a2)
 
 
-def _sumsq(x: np.ndarray) -> float:
-    flat = x.ravel()
+def sum_of_squares(x: np.ndarray) -> float:
+    """The sum of an array's squares by BLAS, in its own precision (float32 stays float32: no float64 copy; a
+    sum of positive terms, so its relative error is of order float32's epsilon times log of its length). Shared
+    by every streaming sum of the weights family: these statistics, the twin's and the regrouping test."""
+    flat = np.ascontiguousarray(x).reshape(-1)
     return float(np.dot(flat, flat))
 
 
