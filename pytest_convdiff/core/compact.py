@@ -37,6 +37,7 @@ import numpy as np
 
 from . import code_version, kernels
 from .kernels import exp_lse, topk_indices
+from .threads import map_ordered
 
 FORMAT = 1
 SEED = 0x5EED_C0DE_2026  # fixed, and stored in each entry: A and every B must sketch with the same S
@@ -211,41 +212,46 @@ def summarise_logits(logits: np.ndarray, tokens: np.ndarray | None, prompt_id: s
     float32, ``sample`` [n, V] (the logits at the sampled positions, their dtype)."""
     t, v = logits.shape
     k = min(cfg.topk, v)
-    parts: dict[str, list[np.ndarray]] = {"top_idx": [], "top_logit": [], "stats": [], "sketch": [],
-                                          "rest_idx": [], "rest_logit": []}
     all_keys = row_keys(cfg.seed, prompt_id, np.arange(t))
-    for start in range(0, t, chunk):
-        stop = min(t, start + chunk)
-        keys = all_keys[start:stop]
-        a32 = np.asarray(logits[start:stop], dtype=np.float32)
-        a64 = a32.astype(np.float64)
-        top = topk_indices(a32, k)
-        stats = np.zeros((stop - start, N_STATS))
-        with np.errstate(invalid="ignore", over="ignore"):
-            e, total, lse = exp_lse(a32)
-            rest = outside_top(e, top)
-            del e
-            stats[:, REST] = np.sum(rest, axis=-1, dtype=np.float64) / total
-            rest_idx = _draw_rest(rest, keys, cfg.rest_samples)
-        del rest
-        parts["rest_idx"].append(rest_idx.astype(np.int32))
-        parts["rest_logit"].append(np.take_along_axis(a32, np.maximum(rest_idx, 0), axis=1))
-        stats[:, LSE] = lse
-        stats[:, SUM] = a64.sum(axis=1)
-        stats[:, SUMSQ] = np.einsum("ij,ij->i", a64, a64)
-        stats[:, NONFINITE] = (~np.isfinite(a32)).sum(axis=1)
-        stats[:, TARGET_LP] = np.nan
-        if tokens is not None and len(tokens) >= 2:
-            targets = np.asarray(tokens[start + 1:min(stop + 1, t)], dtype=np.int64)
-            rows = np.arange(len(targets))
-            stats[rows, TARGET_LP] = a64[rows, targets] - lse[rows]
-        parts["top_idx"].append(top.astype(np.uint16 if v <= 1 << 16 else np.int32))
-        parts["top_logit"].append(np.take_along_axis(a32, top, axis=1))
-        parts["stats"].append(stats)
-        parts["sketch"].append(sketch(a32, keys, cfg.logit_sketch))
+    spans = [(start, min(t, start + chunk)) for start in range(0, t, chunk)]
+    pieces = map_ordered(lambda span: _logit_chunk(logits, tokens, all_keys, span, k, cfg), spans)
+    names = ("top_idx", "top_logit", "stats", "sketch", "rest_idx", "rest_logit")
+    parts: dict[str, list[np.ndarray]] = {name: [p[name] for p in pieces] for name in names}
     out = {name: np.concatenate(p) for name, p in parts.items()}
     out["sample"] = np.array(logits[np.nonzero(sampled_rows(all_keys, cfg.sample_every))[0]])
     return out
+
+
+def _logit_chunk(logits: np.ndarray, tokens: np.ndarray | None, all_keys: np.ndarray, span: tuple[int, int], k: int,
+                 cfg: CompactConfig) -> dict[str, np.ndarray]:
+    """``summarise_logits`` of the rows ``span``: each chunk's arrays depend on its own rows (and keys) only."""
+    start, stop = span
+    t, v = logits.shape
+    keys = all_keys[start:stop]
+    a32 = np.asarray(logits[start:stop], dtype=np.float32)
+    a64 = a32.astype(np.float64)
+    top = topk_indices(a32, k)
+    stats = np.zeros((stop - start, N_STATS))
+    with np.errstate(invalid="ignore", over="ignore"):
+        e, total, lse = exp_lse(a32)
+        rest = outside_top(e, top)
+        del e
+        stats[:, REST] = np.sum(rest, axis=-1, dtype=np.float64) / total
+        rest_idx = _draw_rest(rest, keys, cfg.rest_samples)
+    del rest
+    stats[:, LSE] = lse
+    stats[:, SUM] = a64.sum(axis=1)
+    stats[:, SUMSQ] = np.einsum("ij,ij->i", a64, a64)
+    stats[:, NONFINITE] = (~np.isfinite(a32)).sum(axis=1)
+    stats[:, TARGET_LP] = np.nan
+    if tokens is not None and len(tokens) >= 2:
+        targets = np.asarray(tokens[start + 1:min(stop + 1, t)], dtype=np.int64)
+        rows = np.arange(len(targets))
+        stats[rows, TARGET_LP] = a64[rows, targets] - lse[rows]
+    return {"top_idx": top.astype(np.uint16 if v <= 1 << 16 else np.int32),
+            "top_logit": np.take_along_axis(a32, top, axis=1), "stats": stats,
+            "sketch": sketch(a32, keys, cfg.logit_sketch), "rest_idx": rest_idx.astype(np.int32),
+            "rest_logit": np.take_along_axis(a32, np.maximum(rest_idx, 0), axis=1)}
 
 
 _DRAW_BLOCK = 64
@@ -291,7 +297,8 @@ def summarise_states(states: np.ndarray, prompt_id: str, cfg: CompactConfig, row
     norm2 = np.empty((n_layers, t))
     bad = np.zeros(n_layers, dtype=np.int64)
     row_sk = np.empty((n_layers, t, cfg.row_sketch), dtype=np.float32) if rows else None
-    for layer in range(n_layers):
+
+    def one(layer: int) -> None:  # each layer writes its own rows of the outputs: layers run on the cores
         a = np.asarray(states[layer], dtype=np.float32)
         a64 = a.astype(np.float64)
         norm2[layer] = np.einsum("ij,ij->i", a64, a64)
@@ -299,6 +306,8 @@ def summarise_states(states: np.ndarray, prompt_id: str, cfg: CompactConfig, row
         flat[layer] = flat_sketch(a, layout)
         if row_sk is not None:
             row_sk[layer] = sketch(a, keys, cfg.row_sketch)
+
+    map_ordered(one, range(n_layers))
     out = {"sketch": flat, "norm2": norm2, "nonfinite": bad}
     if row_sk is not None:
         out["rows"] = row_sk

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import compact, llama_stats
 from .kernels import exp_lse, log_softmax, topk_indices
+from .threads import map_ordered
 
 TOPK_MAX = 5
 # Position buckets of the position profile: conversion bugs in position handling (rope base, rope
@@ -264,6 +265,21 @@ class LogitMetrics:
         return cls(**kw)
 
 
+def _b_rows(ref: compact.LogitSummary, test: np.ndarray, keys: np.ndarray, span: tuple[int, int], k: int,
+            cfg: compact.CompactConfig) -> dict[str, Any]:
+    """What ``update_compact`` needs of B's rows ``span`` alone (no running sum): their float64 sum, sketch, top
+    ``k``, log-normaliser, mass outside A's top K and which rows are finite."""
+    start, stop = span
+    b32 = np.asarray(test[start:stop], dtype=np.float32)
+    top_idx = np.asarray(ref.top_idx[start:stop], dtype=np.int64)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        exp_b, total_b, lse_b = exp_lse(b32)
+        rest_b = compact.rest_mass(exp_b, total_b, top_idx)
+    del exp_b
+    return {"sum": float(np.sum(b32, dtype=np.float64)), "sketch": compact.sketch(b32, keys[start:stop], cfg.logit_sketch),
+            "top": topk_indices(b32, k), "lse": lse_b, "rest": rest_b, "finite": np.isfinite(b32).all(axis=1)}
+
+
 class LogitAccumulator:
     """Streams per-prompt logits into corpus-wide metrics (float64 sums, Chan's variance merge)."""
 
@@ -331,9 +347,16 @@ class LogitAccumulator:
         if t == 0:
             return
         self.compact = True
+        chunk = chunk or max(8, CHUNK_ELEMENTS // max(1, ref.vocab))
+        keys = compact.row_keys(cfg.seed, prompt, np.arange(t))
+        k = min(self.topk_max, ref.top_idx.shape[1])
+        spans = [(start, min(t, start + chunk)) for start in range(0, t, chunk)]
+        # B's own arrays chunk by chunk on the cores (each chunk's alone), then added up in order as before
+        b_side = dict(zip((s for s, _ in spans), map_ordered(lambda sp: _b_rows(ref, test, keys, sp, k, cfg), spans),
+                          strict=True))
         self._prompt(prompt, t, ref.vocab, tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows_compact(
-                         prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local),
+                         prompt, ref, cfg, start, np.asarray(test[start:stop]), targets, local, b_side[start]),
                      rerouted, reach)
 
     def update_base(self, prompt: str, rows: np.ndarray, test: np.ndarray, targets: np.ndarray, first: int,
@@ -442,8 +465,9 @@ class LogitAccumulator:
                       kl[rows], same[rows])
 
     def _update_rows_compact(self, prompt: str, ref: compact.LogitSummary, cfg: compact.CompactConfig, offset: int,
-                             test: np.ndarray, targets: np.ndarray | None, local: dict[str, Any]) -> None:
-        """One chunk of B's rows against A's compact summary of the same rows."""
+                             test: np.ndarray, targets: np.ndarray | None, local: dict[str, Any],
+                             b_side: dict[str, Any]) -> None:
+        """One chunk of B's rows against A's compact summary of the same rows (``b_side``: ``_b_rows`` of them)."""
         t = test.shape[0]
         sl = slice(offset, offset + t)
         stats = np.asarray(ref.stats[sl], dtype=np.float64)
@@ -451,17 +475,16 @@ class LogitAccumulator:
         top_a = np.asarray(ref.top_logit[sl], dtype=np.float64)
         b32 = np.asarray(test, dtype=np.float32)
         sum_a = float(stats[:, compact.SUM].sum())
-        sum_b = float(np.sum(b32, dtype=np.float64))
+        sum_b = b_side["sum"]
         if not (math.isfinite(sum_a) and math.isfinite(sum_b)):
             self._nonfinite(prompt, offset, stats[:, compact.NONFINITE], b32)
         self._merge_var(local, t * b32.shape[1], sum_a, float(stats[:, compact.SUMSQ].sum()))
         self.positions += t
 
-        if "keys" not in local:  # once per prompt: row keys and the sampled positions (chunks only slice them)
-            local["keys"] = compact.row_keys(cfg.seed, prompt, np.arange(ref.stats.shape[0]))
-            local["sampled"] = compact.sampled_rows(local["keys"], cfg.sample_every)
-        keys = local["keys"][offset:offset + t]
-        d = compact.sketch(b32, keys, cfg.logit_sketch).astype(np.float64) - np.asarray(ref.sketch[sl], np.float64)
+        if "sampled" not in local:  # once per prompt: the sampled positions (chunks only slice them)
+            local["sampled"] = compact.sampled_rows(compact.row_keys(cfg.seed, prompt, np.arange(ref.stats.shape[0])),
+                                                    cfg.sample_every)
+        d = b_side["sketch"].astype(np.float64) - np.asarray(ref.sketch[sl], np.float64)
         sq = float(np.einsum("ij,ij->", d, d))
         self.sq_err += sq
         local["sq"] += sq
@@ -478,7 +501,7 @@ class LogitAccumulator:
             full = np.abs(np.subtract(b32[sampled], a_rows, dtype=np.float64))
             self.abs_err += float(full.sum())
             self.abs_n += full.size
-        bad = ((stats[:, compact.NONFINITE] > 0) | ~np.isfinite(b32).all(axis=1) | np.isnan(absdiff).any(axis=1))
+        bad = (stats[:, compact.NONFINITE] > 0) | ~b_side["finite"] | np.isnan(absdiff).any(axis=1)
         if bad.any():  # where A is not finite is known by row only: the first such row, as NaN
             self._max_abs(prompt, offset, np.full((1, 1), np.nan), np.nonzero(bad)[0][:1], True)
         else:
@@ -486,11 +509,9 @@ class LogitAccumulator:
             self._max_abs(prompt, offset, full, sampled, False)
 
         k = min(self.topk_max, top_idx.shape[1])
-        same = self._topk(top_idx[:, :k], topk_indices(b32, k), local)
+        same = self._topk(top_idx[:, :k], b_side["top"], local)
+        lse_b, rest_b = b_side["lse"], b_side["rest"]
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-            exp_b, total_b, lse_b = exp_lse(b32)
-            rest_b = compact.rest_mass(exp_b, total_b, top_idx)
-            del exp_b
             lse_a, rest_a = stats[:, compact.LSE], stats[:, compact.REST]
             lp_a = top_a - lse_a[:, None]
             lp_b = top_b - lse_b[:, None]
@@ -764,21 +785,26 @@ class LayerAccumulator:
         def seg_sq(sk_a: np.ndarray, b: np.ndarray, lay: compact.FlatLayout = layout) -> np.ndarray:
             return compact.segment_sq(compact.flat_sketch(b, lay).astype(np.float64) - np.asarray(sk_a, np.float64), lay)
 
-        for layer in range(n_layers):
+        def b_layer(layer: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+            """B's side of one layer alone (its segments' distances, non-finite count, rows' distances)."""
             b = np.asarray(test[layer])
-            r2 = np.asarray(ref.norm2[layer], dtype=np.float64)
             if layer == n_layers - 1 and last is not None:  # the finer sketch its position profile needs
                 segs = seg_sq(ref.last, b, last)
             else:
                 segs = seg_sq(ref.sketch[layer], b)
-            self.bad_a[layer] += int(ref.nonfinite[layer])
-            self.bad_b[layer] += int((~np.isfinite(b)).sum())
-            self.num[layer] += float(segs.sum())
-            self.den[layer] += float(r2.sum())
             rows_d2 = None
             if ref.rows is not None:
                 d = compact.sketch(b, keys, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer], np.float64)
                 rows_d2 = np.einsum("ij,ij->i", d, d)
+            return segs, int((~np.isfinite(b)).sum()), rows_d2
+
+        # the layers' own work on the cores, then added up in layer order as before
+        for layer, (segs, bad_b, rows_d2) in enumerate(map_ordered(b_layer, range(n_layers))):
+            r2 = np.asarray(ref.norm2[layer], dtype=np.float64)
+            self.bad_a[layer] += int(ref.nonfinite[layer])
+            self.bad_b[layer] += bad_b
+            self.num[layer] += float(segs.sum())
+            self.den[layer] += float(r2.sum())
             if (layer == self.num_layers - 1 and t > POSITION_BUCKETS[3][0] and rerouted is not None
                     and np.any(rerouted) and rows_d2 is not None):
                 self._profile(rows_d2, r2, rerouted)
@@ -798,8 +824,10 @@ class LayerAccumulator:
                 continue
             num = self.sub_num.setdefault(name, np.zeros(sa.norm2.shape[0]))
             den = self.sub_den.setdefault(name, np.zeros(sa.norm2.shape[0]))
-            for layer in range(sa.norm2.shape[0]):
-                num[layer] += float(seg_sq(sa.sketch[layer], np.asarray(sb[layer])).sum())
+            sums = map_ordered(lambda layer, sa=sa, sb=sb: float(seg_sq(sa.sketch[layer], np.asarray(sb[layer])).sum()),
+                               range(sa.norm2.shape[0]))
+            for layer, value in enumerate(sums):
+                num[layer] += value
                 den[layer] += float(np.sum(sa.norm2[layer], dtype=np.float64))
 
     def _rows(self, prompt: str, layer: int, d2: np.ndarray, r2: np.ndarray, bad_a: int, bad_b: int,

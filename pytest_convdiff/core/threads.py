@@ -12,9 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-__all__ = ["cores", "default_threads", "numpy_blas_alone", "workers"]
+__all__ = ["cores", "default_threads", "map_ordered", "numpy_blas_alone", "workers"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def cores() -> int:
@@ -51,3 +57,22 @@ def numpy_blas_alone() -> Iterator[None]:
         return
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def map_ordered(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on this process's share of the cores, in order. For the numpy work between two
+    forward passes (summarising A's outputs chunk by chunk), when the cores the forward used would otherwise
+    wait: numpy lets go of the GIL in its loops. Each item's result does not depend on the others, so the
+    results are those of the serial loop; one thread (under ``pytest -n`` on two cores, say) runs it serially."""
+    n = min(default_threads(), len(items))
+    if n <= 1:
+        return [fn(x) for x in items]
+    with _lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="convdiff-chunks")
+    return list(pool.map(fn, items))

@@ -187,6 +187,39 @@ def test_layer_rfn_and_sub_blocks_from_the_compact_states():
     assert eq.result().rfn == [0.0] * n_layers
 
 
+def test_summaries_and_reductions_on_two_threads_are_the_serial_ones_exactly(monkeypatch):
+    """A's summaries and B's reductions run chunk by chunk (or layer by layer) on the process's share of the cores
+    (``threads.map_ordered``); each piece depends on its own rows alone and the running sums are added in order,
+    so one thread and two give the very same arrays and metrics, bit for bit."""
+    from pytest_convdiff.core import threads
+
+    rng = np.random.default_rng(6)
+    t, v = 300, 5000
+    a = _logits(rng, t, v)
+    b = (a + 0.1 * rng.standard_normal(a.shape)).astype(np.float32)
+    tokens = rng.integers(0, v, size=t)
+    sa = (rng.standard_normal((4, t, 64))).astype(np.float32)
+    sb = (sa + 0.05 * rng.standard_normal(sa.shape)).astype(np.float32)
+    out = {}
+    for n in (1, 2):
+        monkeypatch.setattr(threads, "default_threads", lambda n=n: n)
+        logit_sum = compact.summarise_logits(a, tokens, "p", CFG, 16)
+        state_sum = compact.summarise_states(sa, "p", CFG)
+        summary = compact.LogitSummary(**{k: logit_sum[k] for k in ("top_idx", "top_logit", "stats", "sketch",
+                                                                   "sample", "rest_idx", "rest_logit")}, vocab=v)
+        la, ly = metrics.LogitAccumulator(), metrics.LayerAccumulator(4)
+        la.update_compact("p", summary, b, CFG, tokens, chunk=16)
+        ly.update_compact("p", compact.StateSummary(**state_sum), sb, CFG, {"attn": compact.StateSummary(**state_sum)},
+                          {"attn": sb})
+        out[n] = (logit_sum, state_sum, la.result(), ly.result())
+    for name in out[1][0]:
+        assert np.array_equal(out[1][0][name], out[2][0][name], equal_nan=True), name
+    for name in out[1][1]:
+        assert np.array_equal(out[1][1][name], out[2][1][name]), name
+    assert out[1][2] == out[2][2] and out[1][3] == out[2][3]
+    assert out[1][2].kl_mean > 0 and out[1][3].rfn[0] > 0  # B differs from A: the figures are not trivially equal
+
+
 # --------------------------------------------------------------------------- runs, entries, references
 
 
