@@ -61,18 +61,20 @@ def numpy_blas_alone() -> Iterator[None]:
 
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
+_POOL_NAME = "convdiff-chunks"
 
 
 def map_ordered(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """``[fn(x) for x in items]`` on this process's share of the cores, in order. For the numpy work between two
     forward passes (summarising A's outputs chunk by chunk), when the cores the forward used would otherwise
     wait: numpy lets go of the GIL in its loops. Each item's result does not depend on the others, so the
-    results are those of the serial loop; one thread (under ``pytest -n`` on two cores, say) runs it serially."""
+    results are those of the serial loop; one thread (under ``pytest -n`` on two cores, say) runs it serially, and
+    so does a call from one of the pool's own threads (which would otherwise wait on a pool it occupies)."""
     n = min(default_threads(), len(items))
-    if n <= 1:
+    if n <= 1 or threading.current_thread().name.startswith(_POOL_NAME):
         return [fn(x) for x in items]
     with _lock:
         pool = _pools.get(n)
         if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="convdiff-chunks")
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=_POOL_NAME)
     return list(pool.map(fn, items))

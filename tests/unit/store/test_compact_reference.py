@@ -220,6 +220,14 @@ def test_summaries_and_reductions_on_two_threads_are_the_serial_ones_exactly(mon
     assert out[1][2].kl_mean > 0 and out[1][3].rfn[0] > 0  # B differs from A: the figures are not trivially equal
 
 
+def test_a_map_inside_a_map_runs_serially_instead_of_waiting_on_its_own_pool(monkeypatch):
+    from pytest_convdiff.core import threads
+
+    monkeypatch.setattr(threads, "default_threads", lambda: 2)
+    inner = lambda i: threads.map_ordered(lambda j: (i, j), range(3))  # noqa: E731
+    assert threads.map_ordered(inner, range(4)) == [[(i, j) for j in range(3)] for i in range(4)]
+
+
 # --------------------------------------------------------------------------- runs, entries, references
 
 
