@@ -281,19 +281,21 @@ def _block_sums(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, floa
             sb += float(np.dot(yf, yf))
             ab += float(np.dot(xf, yf))
             d2 += float(np.dot(df, df))
-            d1 += float(np.dot(d, ones).sum(dtype=np.float64))
-            b1 += float(np.dot(y, ones).sum(dtype=np.float64))
+            d1 += _total(d, ones)
+            b1 += _total(y, ones)
     out = (sa, sb, ab, d2, d1, b1)
     return out if all(math.isfinite(v) for v in out) else None
 
 
-def _total(x: np.ndarray) -> float:
+def _total(x: np.ndarray, ones: np.ndarray | None = None) -> float:
     """The sum of a 2-D chunk: each row's by BLAS in float32 (a row's rounding is of order its length times
     float32's epsilon, far below what an offset or a constant is told apart by), the rows' in float64. numpy's
-    float64 sum of float32 values converts them on the way and took twice as long."""
+    float64 sum of float32 values converts them on the way and took twice as long. ``ones``: a float32 vector of
+    ones as long as a row, for a caller that sums many chunks of that width."""
     if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
         return float(x.sum(dtype=np.float64))
-    return float(np.dot(x, np.ones(x.shape[1], dtype=np.float32)).sum(dtype=np.float64))
+    ones = ones if ones is not None else np.ones(x.shape[1], dtype=np.float32)
+    return float(np.dot(x, ones).sum(dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- sketches
