@@ -98,10 +98,11 @@ class PairReducer:
 
     def add(self, pid: str, logits: np.ndarray | None, hidden: np.ndarray | None = None,
             sublayers: dict[str, np.ndarray] | None = None, hidden_swap: np.ndarray | None = None,
-            router: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+            router: tuple[np.ndarray, np.ndarray] | None = None, shared: metrics.SharedRows | None = None) -> None:
         """One prompt of B, each array as stored: logits ``[T, V]``, hidden ``[L, T, H]``, sub-block outputs
         (the cache dtype), the layer-swap run's hidden states (float32), and a mixture of experts' kept router
-        logits (``core.routing.summarise``); None for what B lacks."""
+        logits (``core.routing.summarise``); None for what B lacks. ``shared``: B's own figures of these logit
+        rows, for the other reductions of the same rows (``metrics.SharedRows``)."""
         a = self.a
         mine = a.router(pid) if router is not None else None  # A's kept router logits, read once
         if not self._started:
@@ -136,7 +137,7 @@ class PairReducer:
             cfg = a.compact_config()
             if self._logits is not None:
                 self._logits.update_compact(pid, a.logit_summary(pid), logits, cfg, a.inputs(pid), rerouted=rerouted,
-                                            reach=reach_logits)
+                                            reach=reach_logits, shared=shared)
             if self._layers is not None:
                 self._layers.update_compact(pid, a.state_summary(pid), hidden, cfg, a.sub_summaries(pid),
                                             sublayers or {}, rerouted, reach)

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import sources
 from .backends import backend_capabilities, backend_module, detect_backend, normalize_backend_name, registry
-from .backends.base import LAYER_SWAP, ModelInfo
+from .backends.base import LAYER_SWAP, ModelInfo, PrefixKeeper
 from .core import compact, metrics, routing
 from .core.code_version import code_digest
 from .core.corpus import Corpus
@@ -90,6 +90,8 @@ class Producer:
     enabled: Callable[[RunSettings], bool]
     run: Callable[[ProduceContext], Any]
     code: str = ""
+    # the token prefixes ``run`` continues from, given (feed, corpus): kept by a backend that can keep them
+    prefixes: Callable[[ModelRun | None, Corpus], list[list[int]]] | None = None
 
 
 @dataclass
@@ -283,9 +285,11 @@ class _CompanionWriter:
         self.routed = False
         self.failed = False  # its reduction raised: aborted, and run by itself when asked for
 
-    def add(self, pid: str, own: list[int], full_length: int, out: Any, pieces: list[str]) -> None:
+    def add(self, pid: str, own: list[int], full_length: int, out: Any, pieces: list[str],
+            shared: metrics.SharedRows | None = None) -> None:
         """The main run's outputs of prompt ``pid`` (``own``: its tokens by the model's tokenizer, cut to the
-        main run's limit; ``full_length``: their number uncut)."""
+        main run's limit; ``full_length``: their number uncut; ``shared``: B's own figures of the rows, made by
+        whichever reduction of them comes first)."""
         c, store = self.c, np.dtype(self.c.settings.cache_dtype)
         inputs = list(c.feed.inputs(pid))
         n = len(inputs)
@@ -309,7 +313,7 @@ class _CompanionWriter:
         if not self.shapes:
             self.shapes = {"vocab": int(logits.shape[-1]),
                            "hidden": [int(hidden.shape[0]), int(hidden.shape[-1])] if hidden is not None else None}
-        self.reducer.add(pid, logits, hidden, subs, None, router)
+        self.reducer.add(pid, logits, hidden, subs, None, router, shared=shared)
         self.pieces[pid] = pieces[: len(mine)]
 
     def commit(self, base: dict[str, Any], experts_used: int | None) -> None:
@@ -436,6 +440,9 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
     probe_rows: np.ndarray | None = None  # the longest prompt's first logits as stored (ProduceContext)
     swap_error: str | None = None
     special = backend.special_tokens()
+    if isinstance(backend, PrefixKeeper):
+        backend.keep_prefixes([p for producer in producers if producer.enabled(settings) and producer.prefixes
+                               for p in producer.prefixes(feed, corpus)])
     for i, prompt in enumerate(corpus):
         own = backend.tokenize(prompt.text)
         full_length = len(own)
@@ -454,10 +461,11 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
             )
         out = backend.forward(inputs, hidden_states=settings.hidden_states)
         pieces[prompt.id] = [_safe_piece(backend, t) for t in own]
+        shared = metrics.SharedRows() if companions else None  # B's rows, reduced against A and the companions'
         for c in companions:
             if prompt.id in c.wanted and not c.failed:
                 try:
-                    c.add(prompt.id, own, full_length, out, pieces[prompt.id])
+                    c.add(prompt.id, own, full_length, out, pieces[prompt.id], shared)
                 except Exception:  # noqa: BLE001 - dropped, never the main run's error: it runs by itself later
                     c.failed = True
                     c.writer.abort()
@@ -482,7 +490,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
             shapes = {"vocab": int(logits.shape[-1]),
                       "hidden": [int(hidden.shape[0]), int(hidden.shape[-1])] if hidden is not None else None}
         if reducer is not None:
-            reducer.add(prompt.id, logits, hidden, subs, swap, router)
+            reducer.add(prompt.id, logits, hidden, subs, swap, router, shared=shared)
         elif cfg is not None:
             _write_compact(writer, i, prompt.id, logits, inputs, hidden, subs, cfg)
         else:
@@ -496,7 +504,7 @@ def _produce(backend, spec: ModelSpec, corpus: Corpus, feed: ModelRun | None, se
         if longest is None or len(inputs) > len(longest[1]):
             longest = (prompt.id, list(inputs))
             probe_rows = np.array(logits[:LEADING_ROWS])
-        del out, logits, hidden, subs, swap, router  # before the next forward: one prompt's outputs in memory at a time
+        del out, logits, hidden, subs, swap, router, shared  # before the next forward: one prompt's outputs in memory at a time
         progress(f"{label}  [{i + 1}/{len(corpus)}] {prompt.id}: {len(inputs)} tokens")
 
     meta: dict[str, Any] = {

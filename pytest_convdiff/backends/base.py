@@ -119,3 +119,25 @@ class IncrementalDecoder(Protocol):
                       pick: Callable[[int, np.ndarray], int]) -> None:
         """Decode ``steps`` tokens after each prefix; ``pick(i, logits)`` gets sequence i's next-token
         logits (float32 ``[V]``) and returns the token appended to it."""
+
+
+@runtime_checkable
+class PrefixKeeper(Protocol):
+    """Optional for a backend: keep the state a run leaves after some token prefixes, so that a later run that
+    starts with one of them computes only what follows it. A causal model's state after a prefix is the same
+    whatever follows, so this is the computation a run from scratch would repeat, not an approximation of it."""
+
+    def keep_prefixes(self, prefixes: Sequence[Sequence[int]]) -> None:
+        """Runs from now on keep their state after any of these prefixes they pass (each kept once)."""
+
+    def forward_from(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        """Logits ``[len(tokens) - start, V]`` of positions ``start..`` of a run over ``tokens``: from the kept
+        state after ``tokens[:start]`` when there is one (used once), else from a run from scratch."""
+
+
+def logits_from(backend: Backend, tokens: Sequence[int], start: int) -> np.ndarray:
+    """Logits of positions ``start..`` of a run over ``tokens``: ``forward_from`` where the backend keeps
+    prefix states (``PrefixKeeper``), else a whole forward, cut."""
+    if isinstance(backend, PrefixKeeper):
+        return np.asarray(backend.forward_from(tokens, start))
+    return np.asarray(backend.forward(tokens, hidden_states=False).logits)[start:]

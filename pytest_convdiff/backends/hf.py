@@ -301,13 +301,25 @@ class TransformersBackend:
         """Hooks that round what llama.cpp's CPU kernels round: each linear layer's input to its weight type's
         activation type, and the keys and values to the F16 of llama.cpp's KV cache."""
         torch = self._torch
+        # the last input rounded to each activation type, and its rounding: q, k and v (gate and up) take the one
+        # tensor, which is rounded once (llama.cpp quantises it per matmul, to the same values)
+        last: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+        def rounded(x: Any, vd: tuple[str, int]) -> Any:
+            hit = last.get(vd)
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            y = _round_activation(torch, x, *vd)
+            last[vd] = (x, y)
+            return y
+
         for name, mod in self.model.named_modules():
             if not isinstance(mod, torch.nn.Linear):
                 continue
             vd = _VEC_DOT.get(types.get(f"{name}.weight", ""))
             if vd is not None:
                 def pre(_m, args, vd=vd):
-                    return (_round_activation(torch, args[0], *vd),) + tuple(args[1:])
+                    return (rounded(args[0], vd),) + tuple(args[1:])
 
                 self._emulation.append(mod.register_forward_pre_hook(pre))
             if name.endswith(".o_proj"):  # the attention's output: flash attention accumulates it in F16

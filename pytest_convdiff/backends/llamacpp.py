@@ -318,8 +318,14 @@ class LlamaCppBackend:
         self._ggml = _ggml_lib(lc)
         self._wanted: set[str] = set()
         self._captured: dict[str, list[np.ndarray]] = {}
+        # a layer's output read straight into its [T, H] row of the [L, T, H] array ``forward`` hands back (one copy,
+        # not one per ubatch, then their join, then the stack of the layers), and the rows read so far
+        self._slots: dict[str, np.ndarray] = {}
+        self._filled: dict[str, int] = {}
         self._router_biases: dict[int, np.ndarray] | None = None  # a biased router's bias, by layer
         self._unreadable: dict[str, str] = {}
+        self._keep: set[tuple[int, ...]] = set()  # prefixes whose KV state a run keeps (``keep_prefixes``)
+        self._kept: dict[tuple[int, ...], bytes] = {}
         self._cb = lc.ggml_backend_sched_eval_callback(self._eval_callback)
 
         with self._console():
@@ -441,6 +447,8 @@ class LlamaCppBackend:
             have = int(self._ggml.ggml_nbytes(tensor))
             if need != have:  # reading more than ggml_nbytes would trip a ggml assert and abort
                 raise UnreadableTensor(f"its layout (ne {ne}, nb {nb}) spans {need} bytes but ggml counts {have}")
+            if self._read_into_slot(name, tensor, ggml_type, ne, nb, need):
+                return True
             raw = np.empty(need, dtype=np.uint8)
             if need:
                 self._ggml.ggml_backend_tensor_get(tensor, raw.ctypes.data, 0, need)
@@ -500,26 +508,65 @@ class LlamaCppBackend:
         else:
             lc.llama_kv_cache_clear(self._ctx)
 
-    def _stack(self, prefix: str, n_tokens: int, required: bool) -> np.ndarray | None:
-        layers = []
+    _LAYER_OUTPUTS = ("l_out", "attn_out", "ffn_out")
+
+    def _set_slots(self, n_tokens: int) -> dict[str, np.ndarray]:
+        """The ``[L, T, H]`` arrays a forward with hidden states fills, one per layer output it captures (pages
+        are only taken as rows are written: an architecture without ``attn_out`` costs nothing)."""
+        arrays = {p: np.empty((self.n_layer, n_tokens, self.n_embd), np.float32) for p in self._LAYER_OUTPUTS}
+        self._slots = {f"{p}-{i}": arr[i] for p, arr in arrays.items() for i in range(self.n_layer)}
+        self._filled = {}
+        return arrays
+
+    def _read_into_slot(self, name: str, tensor: int, ggml_type: int, ne: list[int], nb: list[int],
+                        need: int) -> bool:
+        """A contiguous F32 layer output copied straight into the next rows of its slot; False (the caller keeps
+        it as a chunk) for any other layout, or rows beyond the slot, after moving what the slot holds to the
+        chunks, so that the layer's rows stay in order."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return False
+        done = self._filled.get(name, 0)
+        rows = int(ne[1])
+        if (ggml_type == _F32 and int(ne[0]) == slot.shape[1] and int(ne[2]) == int(ne[3]) == 1 and int(nb[0]) == 4
+                and int(nb[1]) == 4 * int(ne[0]) and need == 4 * rows * int(ne[0]) and done + rows <= slot.shape[0]):
+            if need:
+                self._ggml.ggml_backend_tensor_get(tensor, slot[done].ctypes.data, 0, need)
+            self._filled[name] = done + rows
+            return True
+        del self._slots[name]
+        if done:
+            self._captured.setdefault(name, []).append(slot[:done].copy())
+        self._filled.pop(name, None)
+        return False
+
+    def _stack(self, prefix: str, n_tokens: int, required: bool, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+        """``[L, T, H]`` of one layer output: its array as the slots filled it, each layer that came in chunks
+        joined into its row."""
+        out = arrays[prefix]
         for i in range(self.n_layer):
-            chunks = self._captured.get(f"{prefix}-{i}")
-            if not chunks:
+            name = f"{prefix}-{i}"
+            chunks = self._captured.get(name)
+            if chunks:
+                arr = np.concatenate(chunks, axis=0) if len(chunks) > 1 else chunks[0]
+            elif name in self._filled:
+                arr = out[i, : self._filled[name]]
+            else:
                 if required:
                     raise ModelLoadError(
                         f"{self.path}: llama.cpp's graph has no tensor named '{prefix}-{i}' for this "
                         f"architecture ({self.info.architecture}); per-layer states are not available. "
                         "Run it with --convdiff-no-layers.")
                 return None
-            arr = np.concatenate(chunks, axis=0) if len(chunks) > 1 else chunks[0]
             if arr.shape != (n_tokens, self.n_embd):
                 if required:
                     raise ModelLoadError(
                         f"{self.path}: '{prefix}-{i}' came back with shape {arr.shape}, expected "
                         f"({n_tokens}, {self.n_embd}).")
                 return None
-            layers.append(arr)
-        return np.stack(layers)
+            if chunks:
+                out[i] = arr
+        return out
 
     def _check_open(self) -> None:
         if self._ctx is None:
@@ -605,26 +652,82 @@ class LlamaCppBackend:
                              for i in range(self.n_layer)}
         self._captured = {}
         self._unreadable = {}
+        arrays = self._set_slots(n) if hidden_states else {}
         try:
             with self._console():
                 self._clear_memory()
             logits = self._decode(toks, 0, True, f"on a {n}-token prompt")
+            self._keep_states(toks)
         finally:
             self._wanted = set()
+            self._slots = {}
         hidden = router = None
         sublayers: dict[str, np.ndarray] = {}
         try:
             self._raise_unreadable()
             if hidden_states:
-                hidden = self._stack("l_out", n, required=True)
+                hidden = self._stack("l_out", n, True, arrays)
                 for key, prefix in (("attn", "attn_out"), ("mlp", "ffn_out")):
-                    arr = self._stack(prefix, n, required=False)
+                    arr = self._stack(prefix, n, False, arrays)
                     if arr is not None:
                         sublayers[key] = arr
                 router = self._router(n)
         finally:
             self._captured = {}
+            self._filled = {}
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers, router=router)
+
+    # ------------------------------------------------------------------ kept prefix states
+    _STATE_API = ("llama_get_memory", "llama_memory_seq_rm", "llama_state_seq_get_size", "llama_state_seq_get_data",
+                  "llama_state_seq_set_data")
+
+    def keep_prefixes(self, prefixes: Sequence[Sequence[int]]) -> None:
+        """Runs from now on keep the KV cache after any of these prefixes they pass (``base.PrefixKeeper``). A
+        llama-cpp-python without the sequence-state API keeps nothing: ``forward_from`` then runs from scratch."""
+        if all(hasattr(self._lc, name) for name in self._STATE_API):
+            self._keep = {tuple(int(t) for t in p) for p in prefixes if len(p)}
+
+    def _keep_states(self, toks: list[int]) -> None:
+        """Right after a forward over ``toks``: the KV cache cut to each wanted prefix it starts with (longest
+        first, as each cut shortens it), serialised. A state that cannot be read is not kept."""
+        if not self._keep:
+            return
+        lc = self._lc
+        for prefix in sorted((p for p in self._keep if len(p) <= len(toks) and tuple(toks[:len(p)]) == p),
+                             key=len, reverse=True):
+            self._keep.discard(prefix)
+            try:
+                with self._console():
+                    lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, len(prefix), -1)
+                    size = int(lc.llama_state_seq_get_size(self._ctx, 0))
+                    buf = (ctypes.c_ubyte * size)()
+                    got = int(lc.llama_state_seq_get_data(self._ctx, buf, size, 0))
+            except Exception:  # noqa: BLE001 - only a saving lost: forward_from runs from scratch
+                continue
+            if 0 < got <= size:
+                self._kept[prefix] = bytes(buf)[:got]
+
+    def forward_from(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        """Logits of positions ``start..`` of a run over ``tokens`` (``base.PrefixKeeper``): on the KV cache kept
+        after ``tokens[:start]`` when a run kept it (then dropped), else a whole forward, cut."""
+        toks = [int(t) for t in tokens]
+        state = self._kept.pop(tuple(toks[:start]), None) if 0 < start < len(toks) else None
+        if state is None:
+            return np.asarray(self.forward(toks, hidden_states=False).logits)[start:]
+        self._check_open()
+        if len(toks) > self.n_ctx:
+            raise ContextLengthError(f"{self.path}: a run of {len(toks)} tokens is longer than the llama.cpp "
+                                     f"context (n_ctx={self.n_ctx}); pass a larger n_ctx backend option.")
+        self._check_ids(toks)
+        lc = self._lc
+        self._wanted = set()
+        with self._console():
+            self._clear_memory()
+            buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
+            restored = int(lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0))
+        if restored != len(state):  # not taken back: from scratch
+            return np.asarray(self.forward(toks, hidden_states=False).logits)[start:]
+        return self._decode(toks[start:], start, True, f"after a kept {start}-token prefix")
 
     def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
                       pick: Callable[[int, np.ndarray], int]) -> None:
@@ -652,6 +755,7 @@ class LlamaCppBackend:
                     self._clear_memory()
 
     def close(self) -> None:
+        self._kept = {}
         lc = getattr(self, "_lc", None)
         if lc is None:
             return

@@ -63,7 +63,7 @@ def families() -> tuple[CheckFamily, ...]:
 def producers() -> tuple[Producer, ...]:
     """What the families record from a loaded model, for ``runner.run_model(producers=...)``."""
     return tuple(Producer(f.produce_key or f.name, f.produce_when, f.produce,
-                          code_digest((f.produce.__module__,)))
+                          code_digest((f.produce.__module__,)), f.produce_prefixes)
                  for f in families() if f.produce is not None)
 
 

@@ -183,6 +183,9 @@ class CheckFamily:
     produce: Callable[[Any], Any] | None = None
     produce_key: str = ""
     produce_when: Callable[[Any], bool] = lambda settings: True
+    # token prefixes ``produce`` continues from (``backends.base.PrefixKeeper``), given (A's run or None, the
+    # corpus): the runner asks the backend to keep its state after them while it runs the corpus
+    produce_prefixes: Callable[[Any, Any], list[list[int]]] | None = None
     # what model A must give for the family to judge anything (``sources``' vocabulary): most families read A's
     # run over the corpus; those that need only B's scored log-probabilities (``sources.SCORES``) are judged
     # against a llama-perplexity base file too, which gives nothing else

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import IncrementalDecoder
+from ..backends.base import IncrementalDecoder, logits_from
 from ..core import metrics
 from ..core.bounds import BoundSpec
 from ..core.results import UPPER, CheckId, CheckResult
@@ -33,28 +33,44 @@ GREEDY_PREFIX = 48
 GREEDY_TOPN = 5
 
 
+def _chosen(corpus: Any) -> list[Any]:
+    return [p for p in corpus if p.kind != "long"][:GREEDY_PROMPTS]
+
+
+def _forced(feed: Any, corpus: Any) -> list[tuple[str, list[int], list[int]]]:
+    """(prompt id, A's prefix, A's continuation) of each prompt A decoded: what B is teacher-forced on."""
+    theirs = feed.meta.get("greedy") or {}
+    return [(p.id, [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]], theirs[p.id]["generated"])
+            for p in _chosen(corpus) if p.id in theirs]
+
+
+def prefixes(feed: Any, corpus: Any) -> list[list[int]]:
+    """What B's run over the corpus keeps the state of, for ``produce``: each forced run's tokens before the
+    position whose logits are first compared. B's run over the prompt computed those positions already (B is
+    causal), so the forced run computes only A's continuation."""
+    if feed is None:
+        return []
+    return [prefix[:-1] for _, prefix, _ in _forced(feed, corpus) if len(prefix) > 1]
+
+
 def produce(ctx: ProduceContext) -> dict[str, Any]:
     """Greedy continuations of the first few non-long prompts, with each step's top-N token ids.
 
     A generates (incrementally on its KV cache when the backend has ``greedy_decode``, else one
     full forward per new token). B is teacher-forced on A's continuation in a single
-    forward: up to the first step where they disagree that *is* B's own greedy path, and the check
+    forward (from the state its run over the prompt kept, where the backend keeps one): up to the first step where they disagree that *is* B's own greedy path, and the check
     (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
     """
     backend, feed, prompts, n_new = ctx.backend, ctx.feed, ctx.prompts, ctx.settings.greedy_tokens
     out: dict[str, Any] = {}
-    chosen = [p for p in ctx.corpus if p.kind != "long"][:GREEDY_PROMPTS]
-    theirs = (feed.meta.get("greedy") or {}) if feed is not None else {}
+    chosen = _chosen(ctx.corpus)
     if feed is not None:
-        for p in chosen:
-            if p.id not in theirs:
-                continue
-            prefix = [int(t) for t in feed.inputs(p.id)][: theirs[p.id]["prefix_len"]]
-            forced = theirs[p.id]["generated"]
-            logits = np.asarray(backend.forward(prefix + forced[:-1], hidden_states=False).logits)[len(prefix) - 1:]
+        for pid, prefix, forced in _forced(feed, ctx.corpus):
+            # on the state B's run over the corpus kept after the prefix's first len - 1 tokens (``prefixes``)
+            logits = logits_from(backend, prefix + forced[:-1], len(prefix) - 1)
             tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
-            out[p.id] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
-                         "index": prompts.index(p.id), "teacher_forced": True}
+            out[pid] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
+                        "index": prompts.index(pid), "teacher_forced": True}
     else:
         prefixes = [[int(t) for t in backend.tokenize(p.text)][:GREEDY_PREFIX] for p in chosen]
         steps: list[list[list[int]]] = [[] for _ in chosen]
@@ -121,4 +137,5 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 
 FAMILY = CheckFamily("greedy", 50, plan, evaluate, bounds=BOUNDS, doc="greedy generation stays on A's path",
-                     produce=produce, produce_key="greedy", produce_when=lambda settings: settings.greedy_tokens > 0)
+                     produce=produce, produce_key="greedy", produce_when=lambda settings: settings.greedy_tokens > 0,
+                     produce_prefixes=prefixes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["exp_lse", "log_softmax", "topk_indices"]
+__all__ = ["exp_lse", "exp_lse_max", "log_softmax", "topk_indices"]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -21,18 +21,24 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def exp_lse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise ``e = exp(x - max)`` (float32), its row sums and ``logsumexp(x)`` (both float64)."""
+    e, total, lse, _ = exp_lse_max(x)
+    return e, total, lse
+
+
+def exp_lse_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``exp_lse`` and the row maxima ``e`` is taken from (``np.exp(x - max[:, None])`` gives ``e`` again)."""
     m = x.max(axis=-1, keepdims=True)
     e = np.exp(x - m)
     total = np.sum(e, axis=-1, dtype=np.float64)
-    return e, total, m[:, 0].astype(np.float64) + np.log(total)
+    return e, total, m[:, 0].astype(np.float64) + np.log(total), m[:, 0]
 
 
 def topk_indices(logits: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest logits per row, largest first; ties broken by lower index
     (exactly, also at the k-th place). NaN counts as smallest."""
     x = np.asarray(logits)
-    if x.ndim == 2 and x.shape[-1] >= 64 * 8 * k and not np.issubdtype(x.dtype, np.integer):
-        return _topk_by_blocks(x, k)
+    if x.ndim == 2 and k > 0 and x.shape[-1] // _TOPK_GROUPS >= k and np.issubdtype(x.dtype, np.floating):
+        return _topk_by_groups(x, k)
     if x.ndim == 2 and x.shape[-1] > 4 * k:
         # O(V) selection; exact unless ties at the k-th value (or NaN) leave the choice open
         part = np.argpartition(-x, k - 1, axis=-1)[:, :k]
@@ -47,37 +53,43 @@ def topk_indices(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-x, axis=-1, kind="stable")[..., :k]
 
 
-_TOPK_BLOCK = 64
+_TOPK_GROUPS = 16
 
 
-def _topk_by_blocks(x: np.ndarray, k: int) -> np.ndarray:
-    """Top-k over a large vocabulary without a full selection pass per row.
+def _topk_by_groups(x: np.ndarray, k: int) -> np.ndarray:
+    """Top-k of each row of a large vocabulary from a few candidates, without a selection pass over the row.
 
-    Each row is cut into blocks of 64; the k largest values all lie in the blocks whose maxima are
-    among the k largest block maxima (the k-th largest value is at least the k-th largest block
-    maximum). Rows where ties at that block maximum make the choice ambiguous, or holding NaN, are
-    sorted whole.
+    The columns fall into ``w = V // 16`` groups of 16 (column j with j + w, j + 2w, ...; the columns past 16w
+    are groups of their own). The maxima of k groups are k values of the row, so tau, the k-th largest group
+    maximum, is at most the row's k-th largest value: every value at or above that one (ties included) lies in
+    a group whose maximum is at least tau. Those groups' values at or above tau are sorted (value down, index up)
+    and the first k kept: the exact answer, ties at the k-th place included. A row holding NaN is sorted whole.
     """
     t, v = x.shape
-    nb = v // _TOPK_BLOCK
-    body = x[:, : nb * _TOPK_BLOCK].reshape(t, nb, _TOPK_BLOCK)
-    bmax = body.max(axis=2)
-    if nb * _TOPK_BLOCK < v:  # the tail is one more (short) block
-        bmax = np.concatenate([bmax, x[:, nb * _TOPK_BLOCK:].max(axis=1, keepdims=True)], axis=1)
-    nblk = bmax.shape[1]
-    chosen = np.argpartition(bmax, nblk - k, axis=1)[:, nblk - k:]
-    kth = np.take_along_axis(bmax, chosen, axis=1).min(axis=1)
-    ambiguous = (np.sum(bmax >= kth[:, None], axis=1) != k) | np.isnan(kth)
-    cols = chosen[:, :, None] * _TOPK_BLOCK + np.arange(_TOPK_BLOCK)
-    cols = np.minimum(cols, v - 1).reshape(t, -1)  # the short tail block repeats its last column
-    vals = np.take_along_axis(x, cols, axis=1)
-    order = np.lexsort((cols, -vals), axis=-1)
-    sorted_cols = np.take_along_axis(cols, order, axis=1)
-    out = np.empty((t, k), dtype=np.int64)
-    for r in range(t):  # drop the repeated tail column, keep the first k distinct
-        row = sorted_cols[r]
-        out[r] = row[np.concatenate(([True], row[1:] != row[:-1]))][:k] if not ambiguous[r] else 0
-    if ambiguous.any():
-        rows = np.nonzero(ambiguous)[0]
-        out[rows] = np.argsort(-x[rows], axis=-1, kind="stable")[:, :k]
+    w = v // _TOPK_GROUPS
+    body = x[:, : w * _TOPK_GROUPS].reshape(t, _TOPK_GROUPS, w)
+    gmax = body.max(axis=1)  # [t, w]: elementwise over 16 slabs of w columns (NaN propagates)
+    tail = x[:, w * _TOPK_GROUPS:]
+    maxima = np.concatenate([gmax, tail], axis=1) if tail.shape[1] else gmax
+    n = maxima.shape[1]
+    tau = np.partition(maxima, n - k, axis=1)[:, n - k]
+    rows_g, groups = np.nonzero(gmax >= tau[:, None])
+    cols = groups[:, None] + w * np.arange(_TOPK_GROUPS)
+    vals = body[rows_g, :, groups]  # [candidate groups, 16]
+    keep = vals >= tau[rows_g, None]
+    rows, cols, vals = np.broadcast_to(rows_g[:, None], cols.shape)[keep], cols[keep], vals[keep]
+    if tail.shape[1]:
+        rows_t, cols_t = np.nonzero(tail >= tau[:, None])
+        rows = np.concatenate([rows, rows_t])
+        cols = np.concatenate([cols, cols_t + w * _TOPK_GROUPS])
+        vals = np.concatenate([vals, tail[rows_t, cols_t]])
+    order = np.lexsort((cols, -vals, rows))
+    counts = np.bincount(rows, minlength=t)
+    first = np.cumsum(counts) - counts
+    out = (cols[order][np.minimum(first[:, None] + np.arange(k), order.size - 1)].astype(np.int64) if order.size
+           else np.zeros((t, k), dtype=np.int64))
+    whole = (counts < k) | np.isnan(maxima).any(axis=1)
+    if whole.any():
+        r = np.nonzero(whole)[0]
+        out[r] = np.argsort(-x[r], axis=-1, kind="stable")[:, :k]
     return out

@@ -16,6 +16,7 @@ Definitions follow the tools users already know:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import compact, llama_stats
-from .kernels import exp_lse, log_softmax, topk_indices
+from .kernels import exp_lse, exp_lse_max, log_softmax, topk_indices
 from .threads import map_ordered
 
 TOPK_MAX = 5
@@ -265,19 +266,68 @@ class LogitMetrics:
         return cls(**kw)
 
 
+class SharedRows:
+    """B's own figures of one prompt's logit rows (their sums, sketches, top k, maxima and normalisers), made by the
+    first reduction of those rows and read by the others: B's run over the corpus is reduced against A and, at the
+    runtime twin's prompts' first positions, against T (``runner.Companion``): the same rows of B, so the same
+    figures, computed once. Row by row they do not depend on which other rows were taken with them, so a reduction
+    that reads them gives what one that computes them gives. Rows of other values (another dtype), another sketch
+    or another k are not shared."""
+
+    def __init__(self) -> None:
+        self._sig: tuple[Any, ...] | None = None
+        self._rows: dict[str, np.ndarray] = {}
+        self._done: np.ndarray = np.zeros(0, dtype=bool)
+        self._lock = threading.Lock()  # chunks are put from the cores' threads (``threads.map_ordered``)
+
+    def get(self, sig: tuple[Any, ...], start: int, stop: int) -> dict[str, np.ndarray] | None:
+        """The figures of rows ``start:stop``, when every one of them was put with this signature."""
+        if sig != self._sig or stop > self._done.size or not self._done[start:stop].all():
+            return None
+        return {name: arr[start:stop] for name, arr in self._rows.items()}
+
+    def put(self, sig: tuple[Any, ...], rows: int, start: int, rows_of: dict[str, np.ndarray]) -> None:
+        """Rows ``start..`` of a prompt of ``rows`` rows; the first signature put is the one kept."""
+        with self._lock:
+            if self._sig is None:
+                self._sig = sig
+                self._done = np.zeros(rows, dtype=bool)
+                self._rows = {name: np.empty((rows, *arr.shape[1:]), dtype=arr.dtype) for name, arr in rows_of.items()}
+            if sig != self._sig:
+                return
+            n = min(next(iter(rows_of.values())).shape[0], self._done.size - start)
+            if n <= 0:
+                return
+            for name, arr in rows_of.items():
+                self._rows[name][start:start + n] = arr[:n]
+            self._done[start:start + n] = True
+
+
 def _b_rows(ref: compact.LogitSummary, test: np.ndarray, keys: np.ndarray, span: tuple[int, int], k: int,
-            cfg: compact.CompactConfig) -> dict[str, Any]:
+            cfg: compact.CompactConfig, shared: SharedRows | None = None) -> dict[str, Any]:
     """What ``update_compact`` needs of B's rows ``span`` alone (no running sum): their float64 sum, sketch, top
-    ``k``, log-normaliser, mass outside A's top K and which rows are finite."""
+    ``k``, log-normaliser, mass outside A's top K and which rows are finite. B's own figures come from ``shared``
+    when another reduction of these rows made them; the mass outside A's top K is this reference's own."""
     start, stop = span
     b32 = np.asarray(test[start:stop], dtype=np.float32)
     top_idx = np.asarray(ref.top_idx[start:stop], dtype=np.int64)
+    sig = (b32.dtype.str, test.dtype.str, b32.shape[1], k, cfg.seed, cfg.logit_sketch)
+    own = shared.get(sig, start, stop) if shared is not None else None
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        exp_b, total_b, lse_b = exp_lse(b32)
-        rest_b = compact.rest_mass(exp_b, total_b, top_idx)
+        if own is None:
+            exp_b, total_b, lse_b, max_b = exp_lse_max(b32)
+            own = {"rowsum": np.sum(b32, axis=1, dtype=np.float64), "sketch": compact.sketch(b32, keys[start:stop],
+                                                                                            cfg.logit_sketch),
+                   "top": topk_indices(b32, k), "lse": lse_b, "total": total_b, "max": max_b,
+                   "finite": np.isfinite(b32).all(axis=1)}
+            if shared is not None:
+                shared.put(sig, test.shape[0], start, own)
+        else:
+            exp_b = np.exp(b32 - own["max"][:, None])  # exp_lse's e, from its maxima
+        rest_b = compact.rest_mass(exp_b, own["total"], top_idx)
     del exp_b
-    return {"sum": float(np.sum(b32, dtype=np.float64)), "sketch": compact.sketch(b32, keys[start:stop], cfg.logit_sketch),
-            "top": topk_indices(b32, k), "lse": lse_b, "rest": rest_b, "finite": np.isfinite(b32).all(axis=1)}
+    return {"sum": float(np.sum(own["rowsum"])), "sketch": own["sketch"], "top": own["top"], "lse": own["lse"],
+            "rest": rest_b, "finite": own["finite"]}
 
 
 class LogitAccumulator:
@@ -338,9 +388,11 @@ class LogitAccumulator:
 
     def update_compact(self, prompt: str, ref: compact.LogitSummary, test: np.ndarray, cfg: compact.CompactConfig,
                        tokens: Sequence[int] | None = None, chunk: int | None = None,
-                       rerouted: np.ndarray | None = None, reach: np.ndarray | None = None) -> None:
+                       rerouted: np.ndarray | None = None, reach: np.ndarray | None = None,
+                       shared: SharedRows | None = None) -> None:
         """``update`` against A's compact logits (``core.compact``): top-K/PPL exact, KL over A's top K plus
-        a rest bucket, NMSE from the sketch, max |B - A| over A's top K and the sampled positions."""
+        a rest bucket, NMSE from the sketch, max |B - A| over A's top K and the sampled positions. ``shared``: B's
+        own figures of these rows, when another reduction of them made them (``SharedRows``)."""
         t = ref.stats.shape[0]
         if test.shape != (t, ref.vocab):
             raise ValueError(f"prompt {prompt!r}: logits shape mismatch, A {(t, ref.vocab)} vs B {test.shape}")
@@ -352,7 +404,7 @@ class LogitAccumulator:
         k = min(self.topk_max, ref.top_idx.shape[1])
         spans = [(start, min(t, start + chunk)) for start in range(0, t, chunk)]
         # B's own arrays chunk by chunk on the cores (each chunk's alone), then added up in order as before
-        b_side = dict(zip((s for s, _ in spans), map_ordered(lambda sp: _b_rows(ref, test, keys, sp, k, cfg), spans),
+        b_side = dict(zip((s for s, _ in spans), map_ordered(lambda sp: _b_rows(ref, test, keys, sp, k, cfg, shared), spans),
                           strict=True))
         self._prompt(prompt, t, ref.vocab, tokens, chunk,
                      lambda start, stop, targets, local: self._update_rows_compact(

@@ -31,20 +31,23 @@ def pair(tiny_models: Path) -> tuple[ModelSpec, ModelSpec]:
 
 
 def _twin_runs(a: ModelSpec, b: ModelSpec, cache: Cache, settings: RunSettings, companion: bool):
-    """A, T, then B over the corpus (with the twin's B as its companion, or not), then the twin's B run."""
+    """A, T, then B over the corpus (with the twin's B as its companion, or not), then the twin's B run: (B's run
+    over the corpus, the twin's B run)."""
     corpus = load_corpus("quick")
     run_a = run_model(a, corpus, cache, settings=settings)
     tw_settings, tw_corpus = runtime.twin_settings(settings), runtime.twin_corpus(corpus, settings)
     run_t = run_model(runtime.twin_spec(a, b), tw_corpus, cache, settings=tw_settings)
     extra = [Companion(tw_corpus, run_t, tw_settings)] if companion else []
-    run_model(b, corpus, cache, feed=run_a, settings=settings, companions=extra)
-    return run_model(b, tw_corpus, cache, feed=run_t, settings=tw_settings)
+    main = run_model(b, corpus, cache, feed=run_a, settings=settings, companions=extra)
+    return main, run_model(b, tw_corpus, cache, feed=run_t, settings=tw_settings)
 
 
 def test_the_companion_is_the_entry_a_separate_run_writes(pair, tmp_path):
     a, b = pair
-    together = _twin_runs(a, b, Cache(tmp_path / "together"), RunSettings(), companion=True)
-    alone = _twin_runs(a, b, Cache(tmp_path / "alone"), RunSettings(), companion=False)
+    main_together, together = _twin_runs(a, b, Cache(tmp_path / "together"), RunSettings(), companion=True)
+    main_alone, alone = _twin_runs(a, b, Cache(tmp_path / "alone"), RunSettings(), companion=False)
+    # B's rows reduced against T first lend B's own figures to the reduction against A: its metrics unchanged
+    assert main_together.meta["pair_metrics"] == main_alone.meta["pair_metrics"]
     assert together.from_cache and not alone.from_cache  # written by B's main run; the other ran by itself
     assert together.meta["companion_of"] == b.path
     assert together.meta["pair_metrics"] == alone.meta["pair_metrics"]
@@ -58,9 +61,9 @@ def test_the_companion_is_the_entry_a_separate_run_writes(pair, tmp_path):
 def test_a_companion_the_main_run_cannot_compute_runs_by_itself(pair, tmp_path):
     """B's main run cut to 64 tokens cannot give the twin's 1,024: no entry is written for it."""
     a, b = pair
-    run = _twin_runs(a, b, Cache(tmp_path / "short"), RunSettings(max_tokens=64), companion=True)
+    _, run = _twin_runs(a, b, Cache(tmp_path / "short"), RunSettings(max_tokens=64), companion=True)
     assert run.meta["max_tokens"] == 64 and run.from_cache  # the twin's prompts are cut to 64 as well: a prefix
-    run = _twin_runs(a, b, Cache(tmp_path / "other"), RunSettings(max_tokens=64), companion=False)
+    _, run = _twin_runs(a, b, Cache(tmp_path / "other"), RunSettings(max_tokens=64), companion=False)
     assert not run.from_cache
     corpus = load_corpus("quick")
     cache = Cache(tmp_path / "mismatch")
@@ -101,7 +104,7 @@ def test_a_companion_that_fails_leaves_the_main_run_whole(pair, tmp_path, monkey
 
     monkeypatch.setattr(runner._CompanionWriter, "add", broken)
     a, b = pair
-    run = _twin_runs(a, b, Cache(tmp_path / "broken"), RunSettings(), companion=True)
+    _, run = _twin_runs(a, b, Cache(tmp_path / "broken"), RunSettings(), companion=True)
     assert not run.from_cache and run.meta["pair_metrics"]
     assert not list((tmp_path / "broken").glob(".tmp*"))  # its writer was aborted, nothing half-written is left
 

@@ -70,3 +70,39 @@ def test_q8_0_rounds_half_away_from_zero_with_a_float16_scale():
     got = _round_activation(torch, torch.from_numpy(x[None, :].copy()), "Q8", 32).numpy()[0]
     assert np.array_equal(got, _q8_0_by_rule(x))
     assert list(got[1:4]) == [3.0, -4.0, 1.0]
+
+
+@pytest.mark.gguf
+def test_each_linear_gets_its_own_input_rounded_and_a_shared_input_is_rounded_once(tiny_models, monkeypatch):
+    """T8 rounds what q, k and v (gate and up) share once: each linear still receives exactly the rounding of its
+    own input, and there are fewer roundings than rounded linears."""
+    gguf = tiny_models / "gguf" / "tiny-q8_0.gguf"
+    if not gguf.is_file():
+        pytest.skip("the tiny GGUF fixtures are not built (python -m fixtures.gguf_writer)")
+    from pytest_convdiff.backends import hf, open_backend
+
+    calls: list[object] = []  # the tensors rounded, kept alive so that their ids stay theirs
+    real = hf._round_activation
+    monkeypatch.setattr(hf, "_round_activation", lambda t, x, *vd: calls.append(x) or real(t, x, *vd))
+    backend = open_backend(tiny_models / "tiny-llama", options={"weights_from": str(gguf), "emulate": "llama.cpp"})
+    try:
+        seen: list[tuple[str, object, object]] = []
+        hooks = []
+        for name, mod in backend.model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                hooks.append(mod.register_forward_pre_hook(
+                    lambda m, args, name=name: seen.append((name, "in", args[0])), prepend=True))
+                hooks.append(mod.register_forward_pre_hook(lambda m, args, name=name: seen.append((name, "got", args[0]))))
+        backend.forward(backend.tokenize("The quick brown fox jumps over the lazy dog."), hidden_states=False)
+        for h in hooks:
+            h.remove()
+        ins = [(n, x) for n, what, x in seen if what == "in"]
+        got = [x for _, what, x in seen if what == "got"]
+        assert len(ins) == len(got) > 0
+        for (name, x), y in zip(ins, got, strict=True):
+            if name.endswith(".o_proj"):  # the attention's output is first rounded to F16 (flash attention's)
+                x = x.to(torch.float16).to(x.dtype)
+            assert torch.equal(y, real(torch, x, "Q8", 32)), name
+        assert len({id(x) for x in calls}) == len(calls) < len(ins)  # a shared input once, never one input twice
+    finally:
+        backend.close()

@@ -352,6 +352,58 @@ def test_greedy_decode_with_a_small_n_batch(llama_cpp_mod, ggufs, reference):
     assert chosen == whole
 
 
+@pytest.mark.gguf
+def test_layer_outputs_read_straight_into_their_rows_equal_those_joined_from_chunks(llama_cpp_mod, ggufs, reference,
+                                                                                      monkeypatch):
+    """The eval callback copies a contiguous F32 layer output straight into its rows of the [L, T, H] array; any
+    other layout is kept as a chunk and joined, also when it comes after rows already read straight in."""
+    toks, _ = reference("prose-en")
+    real = llamacpp.LlamaCppBackend._read_into_slot
+
+    def first_ubatch_only(self, name, tensor, ggml_type, ne, nb, need):
+        # straight in for the first ubatch, then a layout the slots refuse: the rows read move to the chunks
+        return real(self, name, tensor, ggml_type if not self._filled.get(name) else -1, ne, nb, need)
+
+    outs = {}
+    for how, patch in (("straight", None), ("chunks", lambda self, *args: False), ("mixed", first_ubatch_only)):
+        with monkeypatch.context() as m, _open(ggufs["tiny-f32"], n_batch="64", n_ubatch="16", **EXACT) as b:
+            if patch is not None:
+                m.setattr(llamacpp.LlamaCppBackend, "_read_into_slot", patch)
+            outs[how] = b.forward(toks)
+    assert len(toks) > 32  # three ubatches or more
+    for how in ("chunks", "mixed"):
+        np.testing.assert_array_equal(outs[how].hidden, outs["straight"].hidden)
+        assert set(outs[how].sublayers) == set(outs["straight"].sublayers) == {"attn", "mlp"}
+        for key in ("attn", "mlp"):
+            np.testing.assert_array_equal(outs[how].sublayers[key], outs["straight"].sublayers[key])
+
+
+@pytest.mark.gguf
+def test_a_run_from_a_kept_prefix_gives_the_logits_of_a_run_from_scratch(llama_cpp_mod, ggufs, reference):
+    """The greedy check's B run continues from the state B's run over the prompt kept (B is causal): the same
+    logits as the whole run, cut, in one run of what follows the prefix; a kept state is used once."""
+    from pytest_convdiff.backends.base import PrefixKeeper, logits_from
+
+    toks, _ = reference("prose-en")
+    forced = [int(t) for t in np.random.default_rng(0).integers(3, 200, 9)]
+    run = toks[:20] + forced
+    with _open(ggufs["tiny-f32"], **EXACT) as b:
+        assert isinstance(b, PrefixKeeper)
+        scratch = np.asarray(b.forward(run, hidden_states=False).logits)[19:]
+        b.keep_prefixes([toks[:19], [1, 2, 3]])
+        b.forward(toks)
+        assert list(b._kept) == [tuple(toks[:19])]  # only the prefix this run passed
+        calls: list[int] = []
+        decode = b._decode
+        b._decode = lambda ids, *a, **k: calls.append(len(ids)) or decode(ids, *a, **k)
+        kept = logits_from(b, run, 19)
+        assert calls == [len(forced) + 1]  # only what follows the kept prefix was run
+        np.testing.assert_array_equal(kept, scratch)
+        again = logits_from(b, run, 19)  # used once: now from scratch
+        assert calls[-1] == len(run)
+        np.testing.assert_array_equal(again, scratch)
+
+
 def test_bad_options_are_refused_before_loading(ggufs):
     with pytest.raises(ModelLoadError, match="unknown option 'n_ctxx' for the llama.cpp backend.*did you mean 'n_ctx'"):
         _open(ggufs["tiny-f16"], n_ctxx=64)
@@ -378,6 +430,8 @@ def test_unreadable_tensor_fails_forward_naming_it(llama_cpp_mod, ggufs, monkeyp
         toks = b.tokenize("The river runs past the city.")
         with monkeypatch.context() as m:
             m.setattr(llamacpp, "tensor_to_float32", unreadable)
+            # as a Q8_0 tensor would be: not the contiguous F32 the [L, T, H] arrays take straight in
+            m.setattr(llamacpp.LlamaCppBackend, "_read_into_slot", lambda self, *args: False)
             with pytest.raises(ModelLoadError) as err:
                 b.forward(toks)
             assert b.forward(toks, hidden_states=False).hidden is None  # logits need no capture

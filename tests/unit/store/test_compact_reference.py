@@ -390,3 +390,33 @@ def test_library_compare_takes_the_store_and_a_compact_a_notes_the_layer_swap(ru
                   feed=runs["compact"], settings=RunSettings(layer_swap=2, store="full"))
     assert "compact" in b.meta["layer_swap"]["error"] and "--convdiff-store full" in b.meta["layer_swap"]["error"]
     assert pair_metrics(runs["compact"], b, runs["corpus"]).swap_rfn is None
+
+
+def test_b_rows_shared_with_another_reduction_give_the_metrics_computed_alone(monkeypatch):
+    """B's run over the corpus is reduced against A and, over a prompt's first rows, against the runtime twin: the
+    second reduction takes B's own figures of those rows from the first (``metrics.SharedRows``), which must give
+    the metrics it gives computing them, and compute B's top k only of the rows not shared."""
+    rng = np.random.default_rng(7)
+    t, n, v = 90, 50, 3000
+    a, twin = _logits(rng, t, v), _logits(rng, t, v)
+    b = a + 0.3 * rng.standard_normal((t, v)).astype(np.float32)
+    tokens = rng.integers(0, v, t)
+    alone = metrics.LogitAccumulator()
+    alone.update_compact("p", _summary(a, tokens), b, CFG, tokens, chunk=16)
+    shared = metrics.SharedRows()
+    first = metrics.LogitAccumulator()  # the twin's reduction of B's first n rows comes first, and fills it
+    first.update_compact("p", _summary(twin[:n], tokens[:n]), b[:n], CFG, tokens[:n], chunk=16, shared=shared)
+    rows: list[int] = []
+    real = metrics.topk_indices
+    monkeypatch.setattr(metrics, "topk_indices", lambda x, k: rows.append(x.shape[0]) or real(x, k))
+    second = metrics.LogitAccumulator()
+    second.update_compact("p", _summary(a, tokens), b, CFG, tokens, chunk=16, shared=shared)
+    assert second.result().to_dict() == alone.result().to_dict()
+    assert sum(rows) == t - 48  # B's top k: n = 50, so chunks 0-15, 16-31 and 32-47 were shared; 48-63 was not
+    rows.clear()  # rows of other values (float16) are not the rows shared: all computed, as alone
+    b16 = b.astype(np.float16)
+    other, other_alone = metrics.LogitAccumulator(), metrics.LogitAccumulator()
+    other.update_compact("p", _summary(a, tokens), b16, CFG, tokens, chunk=16, shared=shared)
+    other_alone.update_compact("p", _summary(a, tokens), b16, CFG, tokens, chunk=16)
+    assert other.result().to_dict() == other_alone.result().to_dict()
+    assert sum(rows) == 2 * t
