@@ -678,8 +678,8 @@ class LlamaCppBackend:
         return ForwardOutput(logits=logits, hidden=hidden, sublayers=sublayers, router=router)
 
     # ------------------------------------------------------------------ kept prefix states
-    _STATE_API = ("llama_get_memory", "llama_memory_seq_rm", "llama_state_seq_get_size", "llama_state_seq_get_data",
-                  "llama_state_seq_set_data")
+    _STATE_API = ("llama_get_memory", "llama_memory_seq_rm", "llama_memory_seq_pos_min", "llama_memory_seq_pos_max",
+                  "llama_state_seq_get_size", "llama_state_seq_get_data", "llama_state_seq_set_data")
 
     def keep_prefixes(self, prefixes: Sequence[Sequence[int]]) -> None:
         """Runs from now on keep the KV cache after any of these prefixes they pass (``base.PrefixKeeper``). A
@@ -688,8 +688,10 @@ class LlamaCppBackend:
             self._keep = {tuple(int(t) for t in p) for p in prefixes if len(p)}
 
     def _keep_states(self, toks: list[int]) -> None:
-        """Right after a forward over ``toks``: the KV cache cut to each wanted prefix it starts with (longest
-        first, as each cut shortens it), serialised. A state that cannot be read is not kept."""
+        """Right after a forward over ``toks``: the memory cut to each wanted prefix it starts with (longest
+        first, as each cut shortens it), serialised. Nothing is kept where the memory cannot be cut back to a
+        prefix (a recurrent state, as in a hybrid like LFM2, holds only its last position) or cannot be read:
+        ``forward_from`` then runs from scratch."""
         if not self._keep:
             return
         lc = self._lc
@@ -698,14 +700,24 @@ class LlamaCppBackend:
             self._keep.discard(prefix)
             try:
                 with self._console():
-                    lc.llama_memory_seq_rm(lc.llama_get_memory(self._ctx), 0, len(prefix), -1)
+                    mem = lc.llama_get_memory(self._ctx)
+                    if not lc.llama_memory_seq_rm(mem, 0, len(prefix), -1):
+                        return  # and the memory still holds all of toks: no shorter prefix can be cut either
+                    if not self._holds(mem, len(prefix)):
+                        return
                     size = int(lc.llama_state_seq_get_size(self._ctx, 0))
                     buf = (ctypes.c_ubyte * size)()
                     got = int(lc.llama_state_seq_get_data(self._ctx, buf, size, 0))
             except Exception:  # noqa: BLE001 - only a saving lost: forward_from runs from scratch
-                continue
+                return
             if 0 < got <= size:
                 self._kept[prefix] = bytes(buf)[:got]
+
+    def _holds(self, mem: Any, n: int) -> bool:
+        """Whether the memory holds sequence 0 at exactly positions 0..n-1: a sliding-window cache drops the
+        positions behind its window as a prompt runs on, and a state without them is not that prefix's."""
+        lc = self._lc
+        return int(lc.llama_memory_seq_pos_min(mem, 0)) == 0 and int(lc.llama_memory_seq_pos_max(mem, 0)) == n - 1
 
     def forward_from(self, tokens: Sequence[int], start: int) -> np.ndarray:
         """Logits of positions ``start..`` of a run over ``tokens`` (``base.PrefixKeeper``): on the KV cache kept
@@ -725,7 +737,8 @@ class LlamaCppBackend:
             self._clear_memory()
             buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
             restored = int(lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0))
-        if restored != len(state):  # not taken back: from scratch
+            whole = self._holds(lc.llama_get_memory(self._ctx), start)
+        if restored != len(state) or not whole:  # not taken back as it was kept: from scratch
             return np.asarray(self.forward(toks, hidden_states=False).logits)[start:]
         return self._decode(toks[start:], start, True, f"after a kept {start}-token prefix")
 

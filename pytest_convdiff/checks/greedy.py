@@ -44,7 +44,7 @@ def _forced(feed: Any, corpus: Any) -> list[tuple[str, list[int], list[int]]]:
             for p in _chosen(corpus) if p.id in theirs]
 
 
-def prefixes(feed: Any, corpus: Any) -> list[list[int]]:
+def forced_prefixes(feed: Any, corpus: Any) -> list[list[int]]:
     """What B's run over the corpus keeps the state of, for ``produce``: each forced run's tokens before the
     position whose logits are first compared. B's run over the prompt computed those positions already (B is
     causal), so the forced run computes only A's continuation."""
@@ -58,7 +58,8 @@ def produce(ctx: ProduceContext) -> dict[str, Any]:
 
     A generates (incrementally on its KV cache when the backend has ``greedy_decode``, else one
     full forward per new token). B is teacher-forced on A's continuation in a single
-    forward (from the state its run over the prompt kept, where the backend keeps one): up to the first step where they disagree that *is* B's own greedy path, and the check
+    forward (from the state its run over the prompt kept, where the backend keeps one): up to
+    the first step where they disagree that *is* B's own greedy path, and the check
     (vLLM's check_logprobs_close) stops comparing a prompt at its first disagreement anyway.
     """
     backend, feed, prompts, n_new = ctx.backend, ctx.feed, ctx.prompts, ctx.settings.greedy_tokens
@@ -66,7 +67,7 @@ def produce(ctx: ProduceContext) -> dict[str, Any]:
     chosen = _chosen(ctx.corpus)
     if feed is not None:
         for pid, prefix, forced in _forced(feed, ctx.corpus):
-            # on the state B's run over the corpus kept after the prefix's first len - 1 tokens (``prefixes``)
+            # on the state B's run over the corpus kept after the prefix's first len - 1 tokens (``forced_prefixes``)
             logits = logits_from(backend, prefix + forced[:-1], len(prefix) - 1)
             tops = [[int(t) for t in row] for row in metrics.topk_indices(logits, GREEDY_TOPN)]
             out[pid] = {"prefix_len": len(prefix), "generated": [top[0] for top in tops], "top": tops,
@@ -138,4 +139,4 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 FAMILY = CheckFamily("greedy", 50, plan, evaluate, bounds=BOUNDS, doc="greedy generation stays on A's path",
                      produce=produce, produce_key="greedy", produce_when=lambda settings: settings.greedy_tokens > 0,
-                     produce_prefixes=prefixes)
+                     produce_prefixes=forced_prefixes)

@@ -404,6 +404,23 @@ def test_a_run_from_a_kept_prefix_gives_the_logits_of_a_run_from_scratch(llama_c
         np.testing.assert_array_equal(again, scratch)
 
 
+@pytest.mark.gguf
+def test_a_memory_that_cannot_be_cut_back_to_the_prefix_keeps_nothing(llama_cpp_mod, ggufs, reference, monkeypatch):
+    """A recurrent state (a hybrid such as LFM2) cannot drop its last positions: llama.cpp refuses the cut, so no
+    state is kept and the forced run runs from scratch (a kept state would continue from the prompt's end)."""
+    from pytest_convdiff.backends.base import logits_from
+
+    toks, _ = reference("prose-en")
+    run = toks[:20] + [5, 6, 7]
+    with _open(ggufs["tiny-f32"], **EXACT) as b:
+        scratch = np.asarray(b.forward(run, hidden_states=False).logits)[19:]
+        b.keep_prefixes([toks[:19]])
+        monkeypatch.setattr(llama_cpp_mod, "llama_memory_seq_rm", lambda *args: False)
+        b.forward(toks)
+        assert b._kept == {}
+        np.testing.assert_array_equal(logits_from(b, run, 19), scratch)
+
+
 def test_bad_options_are_refused_before_loading(ggufs):
     with pytest.raises(ModelLoadError, match="unknown option 'n_ctxx' for the llama.cpp backend.*did you mean 'n_ctx'"):
         _open(ggufs["tiny-f16"], n_ctxx=64)

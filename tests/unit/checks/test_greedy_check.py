@@ -58,8 +58,8 @@ A_GREEDY = {"one": {"prefix_len": 4, "generated": [6, 9, 1]}, "two": {"prefix_le
 
 
 def test_the_kept_prefixes_are_each_forced_run_before_its_first_compared_position():
-    assert greedy.prefixes(_feed(A_GREEDY), CORPUS) == [[1, 2, 3], [2, 2]]  # "two": a 1-token prefix keeps nothing
-    assert greedy.prefixes(None, CORPUS) == []  # A decodes by itself
+    assert greedy.forced_prefixes(_feed(A_GREEDY), CORPUS) == [[1, 2, 3], [2, 2]]  # "two": a 1-token prefix keeps nothing
+    assert greedy.forced_prefixes(None, CORPUS) == []  # A decodes by itself
 
 
 def _produce(backend) -> dict:
