@@ -3,7 +3,8 @@
 A causal model's outputs at a prompt's first n positions are those of a run over those n tokens, so B's main
 run reduces its outputs at the twin prompts' first positions against T as well. What that must give: the very
 entry (and metrics) a separate twin run of B writes, one load of B per pair instead of two, and a companion that
-the main run cannot compute (its tokens are not a prefix of the main run's) left to run by itself.
+the main run cannot compute (its tokens are not a prefix of the main run's) left to run by itself. The same
+reasoning lets the greedy check's B run continue from the state B's run over the prompt kept (last section).
 """
 
 from __future__ import annotations
@@ -146,3 +147,41 @@ def test_t8_runs_on_ts_model_and_gives_what_it_gives_alone(pair, tmp_path, monke
     from pytest_convdiff.pair import PairMetrics
 
     assert PairMetrics.from_dict(shared[1].meta["pair_metrics"]).logits.nmse > 0  # T8 is not T: roundings applied
+
+
+# --------------------------------------------------------------------------- the greedy check's B run
+# The greedy check teacher-forces B on A's continuation of a prompt's first tokens. B's run over the corpus computed
+# those tokens already (B is causal), so the llama.cpp backend keeps its KV cache after them
+# (``backends.base.PrefixKeeper``) and the forced run computes only A's continuation: the records a run from
+# scratch gives, with the prefix not run again.
+
+
+def _greedy_of_b(pair, cache: Cache, monkeypatch, keep: bool) -> tuple[dict, list[int]]:
+    from pytest_convdiff.backends import llamacpp
+
+    a, b = pair
+    corpus = load_corpus("quick")
+    settings = RunSettings(runtime_twin="off")
+    run_a = run_model(a, corpus, cache, settings=settings)
+    decoded: list[int] = []
+    real = llamacpp.LlamaCppBackend._decode
+    monkeypatch.setattr(llamacpp.LlamaCppBackend, "_decode",
+                        lambda self, toks, *args, **kw: decoded.append(len(toks)) or real(self, toks, *args, **kw))
+    if not keep:
+        monkeypatch.setattr(llamacpp.LlamaCppBackend, "keep_prefixes", lambda self, prefixes: None)
+    run_b = run_model(b, corpus, cache, feed=run_a, settings=settings)
+    monkeypatch.undo()
+    return run_b.meta["greedy"], decoded
+
+
+def test_the_forced_runs_compute_only_as_continuation_and_give_what_runs_from_scratch_give(pair, tmp_path,
+                                                                                             monkeypatch):
+    kept, decoded = _greedy_of_b(pair, Cache(tmp_path / "kept"), monkeypatch, keep=True)
+    scratch, decoded_scratch = _greedy_of_b(pair, Cache(tmp_path / "scratch"), monkeypatch, keep=False)
+    assert kept and kept == scratch
+    n_new = RunSettings().greedy_tokens
+    forced = [r["prefix_len"] + n_new - 1 for r in kept.values()]  # prefix + A's continuation but its last token
+    assert all(n in decoded_scratch for n in forced)
+    # each forced run from its prefix's last position: n_new tokens, never the prefix again
+    assert decoded.count(n_new) - decoded_scratch.count(n_new) == len(kept)
+    assert sum(decoded_scratch) - sum(decoded) == sum(r["prefix_len"] - 1 for r in kept.values())
