@@ -140,4 +140,9 @@ def logits_from(backend: Backend, tokens: Sequence[int], start: int) -> np.ndarr
     prefix states (``PrefixKeeper``), else a whole forward, cut."""
     if isinstance(backend, PrefixKeeper):
         return np.asarray(backend.forward_from(tokens, start))
+    return whole_run_from(backend, tokens, start)
+
+
+def whole_run_from(backend: Backend, tokens: Sequence[int], start: int) -> np.ndarray:
+    """Logits of positions ``start..`` of a whole forward over ``tokens`` (no state kept or used)."""
     return np.asarray(backend.forward(tokens, hidden_states=False).logits)[start:]

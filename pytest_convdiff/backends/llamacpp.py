@@ -43,6 +43,7 @@ from .base import (
     ForwardOutput,
     ModelInfo,
     installed_version,
+    whole_run_from,
 )
 from .gguf_header import (
     FILE_TYPES,
@@ -724,23 +725,21 @@ class LlamaCppBackend:
         after ``tokens[:start]`` when a run kept it (then dropped), else a whole forward, cut."""
         toks = [int(t) for t in tokens]
         state = self._kept.pop(tuple(toks[:start]), None) if 0 < start < len(toks) else None
-        if state is None:
-            return np.asarray(self.forward(toks, hidden_states=False).logits)[start:]
+        if state is not None and len(toks) <= self.n_ctx and self._restore(state, start):
+            self._check_ids(toks)
+            return self._decode(toks[start:], start, True, f"after a kept {start}-token prefix")
+        return whole_run_from(self, toks, start)  # its errors (context, ids) are forward's
+
+    def _restore(self, state: bytes, n: int) -> bool:
+        """A kept state back in the emptied memory, holding exactly the prefix's n positions as it was kept."""
         self._check_open()
-        if len(toks) > self.n_ctx:
-            raise ContextLengthError(f"{self.path}: a run of {len(toks)} tokens is longer than the llama.cpp "
-                                     f"context (n_ctx={self.n_ctx}); pass a larger n_ctx backend option.")
-        self._check_ids(toks)
         lc = self._lc
         self._wanted = set()
         with self._console():
             self._clear_memory()
             buf = (ctypes.c_ubyte * len(state)).from_buffer_copy(state)
             restored = int(lc.llama_state_seq_set_data(self._ctx, buf, len(state), 0))
-            whole = self._holds(lc.llama_get_memory(self._ctx), start)
-        if restored != len(state) or not whole:  # not taken back as it was kept: from scratch
-            return np.asarray(self.forward(toks, hidden_states=False).logits)[start:]
-        return self._decode(toks[start:], start, True, f"after a kept {start}-token prefix")
+            return restored == len(state) and self._holds(lc.llama_get_memory(self._ctx), n)
 
     def greedy_decode(self, sequences: Sequence[Sequence[int]], steps: int,
                       pick: Callable[[int, np.ndarray], int]) -> None:
