@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, runner, sources
+from . import checks, measure_worker, runner, sources
 from .backends.base import WEIGHTS_TWIN
 from .checks.base import BaselineConfig, CheckFamily, EvalContext, PlanContext
 from .core.bounds import Bounds
@@ -123,13 +123,19 @@ def _file_digest(path: str) -> str:
         return f"unreadable: {exc}"
 
 
-def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None) -> Any:
-    """The family's bound-independent measurement: from the cache when stored, else computed and stored."""
+def measure(family: CheckFamily, ctx: EvalContext, cache: Cache | None,
+            worker: measure_worker.Worker | None = None) -> Any:
+    """The family's bound-independent measurement: from the cache when stored, else the value of the ``worker``
+    making it (``measure_worker``) when it gives one, else computed here; then stored."""
     key = family_measurement_key(family, ctx.spec_a, ctx.spec_b, ctx) if cache is not None else ""
     doc = cache.get_json(key, folder=MEASUREMENTS) if cache is not None else None
     if doc is not None and "value" in doc:
+        if worker is not None:
+            worker.cancel()
         return doc["value"]
-    value = family.measure(ctx)
+    answered, value = worker.value() if worker is not None else (False, None)
+    if not answered:
+        value = family.measure(ctx)
     if cache is not None:
         cache.put_json(key, {"value": value, "family": family.name, "a": str(ctx.spec_a.path), "b": str(ctx.spec_b.path)},
                        folder=MEASUREMENTS)
@@ -245,6 +251,7 @@ class Comparison:
         self._metrics: PairMetrics | None = None
         self._measurements: dict[str, Any] = {}
         self._results: dict[tuple[tuple[str, float], ...], PairResult] = {}
+        self._workers: dict[str, measure_worker.Worker] = {}  # file-only measurements under way elsewhere
         self._error: str | None = None
         self._stage = "starting"
         self._label = f"[{self.pair_id}] "
@@ -355,8 +362,30 @@ class Comparison:
         return EvalContext(run_a, run_b, self.corpus, bounds, self.settings, res, self.metrics,
                            baseline=self.baseline, plan=self.plan(), plan_families=self.plan_by_family(),
                            spec_a=self.a, spec_b=self.b, measurements=self._measurements,
-                           measure_with=lambda f, c: measure(f, c, self.cache), cache=self.cache,
-                           **quality_policy(self.a, self.b))
+                           measure_with=lambda f, c: measure(f, c, self.cache, self._workers.pop(f.name, None)),
+                           cache=self.cache, **quality_policy(self.a, self.b))
+
+    def _start_workers(self) -> None:
+        """The planned file-only measurements that are neither made nor stored, each begun in a worker process
+        (``measure_worker``) where that pays, to be read when its family is evaluated."""
+        if self._error is not None or not measure_worker.worth_a_worker(self.a, self.b):
+            return
+        plan = self.plan_by_family()
+        for family in checks.families():
+            if (not family.measure_apart or not plan.get(family.name) or family.name in self._measurements
+                    or family.name in self._workers):
+                continue
+            ctx = measure_worker.context(self.a, self.b, self.settings, self.plan())
+            if self.cache.get_json(family_measurement_key(family, self.a, self.b, ctx), folder=MEASUREMENTS):
+                continue
+            worker = measure_worker.start(family.name, self.a, self.b, self.settings, self.plan())
+            if worker is not None:
+                self._workers[family.name] = worker
+
+    def _stop_workers(self) -> None:
+        for worker in self._workers.values():
+            worker.cancel()
+        self._workers.clear()
 
     def _static(self, merged: dict[str, float]) -> tuple[PairResult, Bounds]:
         """The families that need no model outputs, with the bounds of the classes the files declare (the
@@ -383,7 +412,11 @@ class Comparison:
         key = tuple(sorted(merged.items()))
         if key in self._results:
             return self._results[key]
-        static, bounds = self._static(merged)
+        try:
+            self._start_workers()
+            static, bounds = self._static(merged)
+        finally:
+            self._stop_workers()  # any its families did not read (a pair whose planning failed)
         if self.static_only:
             self._results[key] = static
             return static

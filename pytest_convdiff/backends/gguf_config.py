@@ -107,10 +107,10 @@ def _transformers_gguf(path: Path, hdr: Any | None = None) -> tuple[dict[str, An
     or None and why not. With ``hdr`` (this file's ``gguf_header.read_header``) transformers' loader reads
     the header instead of gguf-py's reader: the same config, no tokenizer tables."""
     try:
-        import transformers
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        from .hfdir import import_transformers, quiet_transformers
 
-        from .hfdir import quiet_transformers
+        transformers = import_transformers("modeling_gguf_pytorch_utils")
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
     except Exception as exc:  # noqa: BLE001 - transformers/torch/gguf missing or broken: read the header
         return None, f"transformers' GGUF loader is not available ({type(exc).__name__}: {exc})"
     try:

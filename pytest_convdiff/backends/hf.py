@@ -213,33 +213,17 @@ def _experts_used(cfg: Any) -> int | None:
     return None
 
 
-_frozen: list[bool] = []
-
-
-def _freeze_imports() -> None:
-    """Once per process, after torch's and transformers' imports and before any model: every object alive now
-    (millions, nearly all of them modules' own) leaves the cyclic collector's generations (``gc.freeze``). A
-    model's cycles are still collected when it closes, but no collection walks the imports again: each
-    ``gc.collect`` of ``close`` and pytest's own at the session's end took 0.2 s or more for that walk."""
-    if not _frozen:
-        import gc
-
-        _frozen.append(True)
-        gc.freeze()
-
-
 class TransformersBackend:
     """A causal LM from transformers, in eval mode, on one device."""
 
     def __init__(self, path: Path, options: dict[str, Any]) -> None:
         try:
+            transformers = hfdir.import_transformers("models.auto.modeling_auto", "models.auto.tokenization_auto")
             import torch
-            import transformers
         except ImportError as exc:
             raise MissingDependencyError("transformers", "transformers and torch", "transformers") from exc
         self._torch = torch
         _share_cores(torch)
-        _freeze_imports()
         self.path = path
         self.options = opts = _options(path, options)
         device = opts["device"]
@@ -570,13 +554,15 @@ class TransformersBackend:
         except (TypeError, ValueError):
             accepted = {}
         cache_kw = "cache" if "cache" in accepted else "past_key_values"
+        # only the last position's logits of the prefixes are read: the output layer skips the others
+        last_only = {name: 1 for name in ("logits_to_keep", "num_logits_to_keep") if name in accepted}
 
         def kv_cache(output: Any) -> Any:
             names = output.keys() if hasattr(output, "keys") else ()
             return output["cache"] if "cache" in names else output.past_key_values
 
         with oom, torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
             for step in range(steps):
                 rows = out.logits[:, -1].float().cpu().numpy()
                 chosen = [int(pick(i, rows[i])) for i in range(len(seqs))]

@@ -176,6 +176,9 @@ class CheckFamily:
     # a measurement made only when ``evaluate`` asks for it (``ctx.measurement``), not before every evaluation:
     # a model run that only some pairs need (the position family's twin over the long prompts)
     measure_lazily: bool = False
+    # a measurement that reads only the two files (``ctx.spec_a``, ``spec_b``, ``settings`` and ``plan``): it may be
+    # made in a worker process while this one reads the configuration (``measure_worker``)
+    measure_apart: bool = False
     code: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     # what the family records from a loaded model besides its outputs (``runner.Producer``): ``produce``'s

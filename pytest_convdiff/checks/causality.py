@@ -34,9 +34,10 @@ def produce(ctx: ProduceContext) -> dict[str, Any] | None:
     n = _probe_length(len(tokens))
     stored = ctx.leading_logits[:n]
     prefix = backend.forward(tokens[:n], hidden_states=False).logits
-    full = np.asarray(stored, dtype=np.float64)
+    # float32 holds the stored values (float16 or float32) exactly; nmse sums in float64
+    full = np.asarray(stored, dtype=np.float32)
     # rounded as the stored logits were (--convdiff-cache-dtype float16), so storage is not mistaken for leakage
-    prefix = np.asarray(prefix, dtype=stored.dtype).astype(np.float64)
+    prefix = np.asarray(np.asarray(prefix, dtype=stored.dtype), dtype=np.float32)
     diff = np.abs(prefix - full)
     worst = int(np.argmax(diff.max(axis=1))) if diff.size else 0
     value = metrics.nmse(full, prefix)

@@ -625,7 +625,7 @@ def evaluate(ctx: EvalContext) -> list[CheckResult]:
 
 FAMILY = CheckFamily(NAME, 7, plan, evaluate, BOUNDS,
                      doc="every tensor of B against A's, against the error its storage type gives",
-                     needs_outputs=False, measure=measure,
+                     needs_outputs=False, measure=measure, measure_apart=True,
                      code=tuple(m.__name__ for m in (dequant, pairing, tensors, conventions, weight_errors, twin, replay,
                                                    imatrix, ggml, gguf_header)),
                      libraries=("llama-cpp-python", "gguf"))

@@ -631,3 +631,25 @@ def test_flash_attention_is_off_unless_a_quantised_v_cache_needs_it():
 
     assert flash_default(None) == "false" and flash_default("f16") == "false" and flash_default("f32") == "false"
     assert flash_default("q8_0") == "auto" and flash_default("q4_0") == "auto"
+
+
+def test_transformers_imports_with_the_collector_paused_then_frozen_once():
+    """``hfdir.import_transformers`` in a fresh process: no collection runs during the import, the collector is left
+    as the caller had it, and what the import made leaves its generations once."""
+    pytest.importorskip("transformers")
+    code = (
+        "import gc, sys\n"
+        "from pytest_convdiff.backends import hfdir\n"
+        "started = []\n"
+        "gc.callbacks.append(lambda phase, info: started.append(1) if phase == 'start' else None)\n"
+        "hfdir.import_transformers('modeling_gguf_pytorch_utils')\n"
+        "during, enabled, frozen = len(started), gc.isenabled(), gc.get_freeze_count()\n"
+        "gc.disable()\n"
+        "hfdir.import_transformers()\n"
+        "print(during, enabled, frozen, gc.get_freeze_count(), gc.isenabled(),\n"
+        "      'transformers.modeling_gguf_pytorch_utils' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    during, enabled, frozen, frozen_after, enabled_after, imported = out
+    assert during == "0" and enabled == "True" and imported == "True"
+    assert int(frozen) > 100_000 and frozen_after == frozen  # torch's and transformers' objects, frozen once
+    assert enabled_after == "False"  # a caller's disabled collector stays disabled

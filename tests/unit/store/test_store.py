@@ -399,7 +399,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pair",),
     ("runner",),
     ("checks",),
-    ("comparison", "perplexity"),
+    ("comparison", "measure_worker", "perplexity"),
     ("manifest", "options", "zoo", "reporting", "plugin", "__main__"),
 )
 
