@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES: tuple[tuple[str, str, str], ...] = (
     ("pytest_convdiff.comparison", "Comparison._static", "checks before any model runs (config, weights)"),
     ("pytest_convdiff.checks._config_fields", "read_side", "  config: reading both sides' configuration"),
-    ("pytest_convdiff.backends.dequant", "measure_weights", "  weights: every tensor of B against A's"),
+    ("pytest_convdiff.backends.dequant", "measure_weights", "  weights: every tensor of B against A's (in this process)"),
+    ("pytest_convdiff.measure_worker", "Worker.value", "  weights: waiting for the worker process measuring them"),
     ("pytest_convdiff.backends.hf", "load", "load a transformers model (imports included)"),
     ("pytest_convdiff.backends.llamacpp", "load", "load a GGUF in llama.cpp"),
     ("pytest_convdiff.backends.hf", "TransformersBackend.forward", "transformers forwards (all of them)"),
