@@ -368,19 +368,22 @@ class Comparison:
     def _start_workers(self) -> None:
         """The planned file-only measurements that are neither made nor stored, each begun in a worker process
         (``measure_worker``) where that pays, to be read when its family is evaluated."""
-        if self._error is not None or not measure_worker.worth_a_worker(self.a, self.b):
+        try:
+            if self._error is not None or not measure_worker.worth_a_worker(self.a, self.b):
+                return
+            plan = self.plan_by_family()
+            for family in checks.families():
+                if (not family.measure_apart or not plan.get(family.name) or family.name in self._measurements
+                        or family.name in self._workers):
+                    continue
+                ctx = measure_worker.context(self.a, self.b, self.settings, self.plan())
+                if self.cache.get_json(family_measurement_key(family, self.a, self.b, ctx), folder=MEASUREMENTS):
+                    continue
+                worker = measure_worker.start(family.name, self.a, self.b, self.settings, self.plan())
+                if worker is not None:
+                    self._workers[family.name] = worker
+        except Exception:  # noqa: BLE001 - only a head start: what fails here fails readably where the family measures
             return
-        plan = self.plan_by_family()
-        for family in checks.families():
-            if (not family.measure_apart or not plan.get(family.name) or family.name in self._measurements
-                    or family.name in self._workers):
-                continue
-            ctx = measure_worker.context(self.a, self.b, self.settings, self.plan())
-            if self.cache.get_json(family_measurement_key(family, self.a, self.b, ctx), folder=MEASUREMENTS):
-                continue
-            worker = measure_worker.start(family.name, self.a, self.b, self.settings, self.plan())
-            if worker is not None:
-                self._workers[family.name] = worker
 
     def _stop_workers(self) -> None:
         for worker in self._workers.values():

@@ -106,9 +106,13 @@ class Worker:
 
 
 def start(family: str, spec_a: Any, spec_b: Any, settings: Any, plan: list[Any] | None) -> Worker | None:
-    """A worker measuring ``family`` for these two models, or None when none could start."""
-    payload = pickle.dumps({"family": family, "spec_a": spec_a, "spec_b": spec_b, "settings": settings,
-                            "plan": plan})
+    """A worker measuring ``family`` for these two models, or None when none could start (options that cannot be
+    sent to another process, say: the family then measures in this one)."""
+    try:
+        payload = pickle.dumps({"family": family, "spec_a": spec_a, "spec_b": spec_b, "settings": settings,
+                                "plan": plan})
+    except Exception:  # noqa: BLE001 - pickle raises several types (PicklingError, TypeError, AttributeError)
+        return None
     request = pickle.dumps({"path": list(sys.path), "payload": payload})
     try:
         proc = subprocess.Popen([sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -142,3 +142,9 @@ def test_a_worker_not_read_is_stopped(files, monkeypatch) -> None:
     t = time.perf_counter()
     worker.cancel()
     assert worker.proc.poll() is not None and time.perf_counter() - t < 10
+
+
+def test_options_that_cannot_reach_a_worker_start_none(files) -> None:
+    a, b, _ = files
+    spec_b = ModelSpec(str(b), options={"hook": lambda: 0})  # a notebook's callable, say
+    assert measure_worker.start("weights", ModelSpec(str(a)), spec_b, RunSettings(), None) is None
