@@ -653,3 +653,8 @@ def test_transformers_imports_with_the_collector_paused_then_frozen_once():
     assert during == "0" and enabled == "True" and imported == "True"
     assert int(frozen) > 100_000 and frozen_after == frozen  # torch's and transformers' objects, frozen once
     assert enabled_after == "False"  # a caller's disabled collector stays disabled
+
+
+def test_a_submodule_this_transformers_lacks_is_left_to_its_caller():
+    transformers = pytest.importorskip("transformers")
+    assert hfdir.import_transformers("no_such_submodule", "models.auto.modeling_auto") is transformers
