@@ -28,7 +28,8 @@ def exp_lse(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def exp_lse_max(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``exp_lse`` and the row maxima ``e`` is taken from (``np.exp(x - max[:, None])`` gives ``e`` again)."""
     m = x.max(axis=-1, keepdims=True)
-    e = np.exp(x - m)
+    e = np.subtract(x, m)
+    np.exp(e, out=e)  # in place: one temporary of the rows' size, not two (the same values)
     total = np.sum(e, axis=-1, dtype=np.float64)
     return e, total, m[:, 0].astype(np.float64) + np.log(total), m[:, 0]
 

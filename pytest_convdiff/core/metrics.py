@@ -316,10 +316,11 @@ def _b_rows(ref: compact.LogitSummary, test: np.ndarray, keys: np.ndarray, span:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if own is None:
             exp_b, total_b, lse_b, max_b = exp_lse_max(b32)
-            own = {"rowsum": np.sum(b32, axis=1, dtype=np.float64), "sketch": compact.sketch(b32, keys[start:stop],
-                                                                                            cfg.logit_sketch),
+            rowsum = np.sum(b32, axis=1, dtype=np.float64)
+            # a row is finite exactly where its float64 sum is (compact.nonfinite_rows): no pass of its own
+            own = {"rowsum": rowsum, "sketch": compact.sketch(b32, keys[start:stop], cfg.logit_sketch),
                    "top": topk_indices(b32, k), "lse": lse_b, "total": total_b, "max": max_b,
-                   "finite": np.isfinite(b32).all(axis=1)}
+                   "finite": np.isfinite(rowsum)}
             if shared is not None:
                 shared.put(sig, test.shape[0], start, own)
         else:
@@ -833,22 +834,25 @@ class LayerAccumulator:
         layout = compact.flat_layout(cfg.seed, prompt, t, test.shape[-1], cfg.state_sketch)
         last = compact.flat_layout(cfg.seed, prompt, t, test.shape[-1], cfg.last_sketch) if ref.last is not None else None
         keys = compact.state_keys(compact.row_keys(cfg.seed, prompt, np.arange(t)))
+        row_mask = compact.sign_mask(keys, test.shape[-1]) if ref.rows is not None else None  # every layer's
 
-        def seg_sq(sk_a: np.ndarray, b: np.ndarray, lay: compact.FlatLayout = layout) -> np.ndarray:
-            return compact.segment_sq(compact.flat_sketch(b, lay).astype(np.float64) - np.asarray(sk_a, np.float64), lay)
+        def seg_sq(sk_a: np.ndarray, sk_b: np.ndarray, lay: compact.FlatLayout = layout) -> np.ndarray:
+            return compact.segment_sq(sk_b.astype(np.float64) - np.asarray(sk_a, np.float64), lay)
 
         def b_layer(layer: int) -> tuple[np.ndarray, int, np.ndarray | None]:
             """B's side of one layer alone (its segments' distances, non-finite count, rows' distances)."""
             b = np.asarray(test[layer])
-            if layer == n_layers - 1 and last is not None:  # the finer sketch its position profile needs
-                segs = seg_sq(ref.last, b, last)
-            else:
-                segs = seg_sq(ref.sketch[layer], b)
+            lay, sk_a = (last, ref.last) if layer == n_layers - 1 and last is not None else (layout, ref.sketch[layer])
+            sk_b = compact.flat_sketch(b, lay)  # the last layer: the finer sketch its position profile needs
+            segs = seg_sq(sk_a, sk_b, lay)
+            # every entry lands in a bucket, so a finite sketch means finite states: counted only otherwise
+            bad_b = 0 if np.isfinite(sk_b).all() else int((~np.isfinite(b)).sum())
             rows_d2 = None
-            if ref.rows is not None:
-                d = compact.sketch(b, keys, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer], np.float64)
+            if row_mask is not None:
+                d = compact.sketch_masked(b, row_mask, cfg.row_sketch).astype(np.float64) - np.asarray(ref.rows[layer],
+                                                                                                      np.float64)
                 rows_d2 = np.einsum("ij,ij->i", d, d)
-            return segs, int((~np.isfinite(b)).sum()), rows_d2
+            return segs, bad_b, rows_d2
 
         # the layers' own work on the cores, then added up in layer order as before
         for layer, (segs, bad_b, rows_d2) in enumerate(map_ordered(b_layer, range(n_layers))):
@@ -876,7 +880,8 @@ class LayerAccumulator:
                 continue
             num = self.sub_num.setdefault(name, np.zeros(sa.norm2.shape[0]))
             den = self.sub_den.setdefault(name, np.zeros(sa.norm2.shape[0]))
-            sums = map_ordered(lambda layer, sa=sa, sb=sb: float(seg_sq(sa.sketch[layer], np.asarray(sb[layer])).sum()),
+            sums = map_ordered(lambda layer, sa=sa, sb=sb: float(seg_sq(sa.sketch[layer],
+                                                                          compact.flat_sketch(sb[layer], layout)).sum()),
                                range(sa.norm2.shape[0]))
             for layer, value in enumerate(sums):
                 num[layer] += value

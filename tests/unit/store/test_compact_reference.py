@@ -82,6 +82,8 @@ def test_sketches_equal_their_definition_computed_element_by_element():
     ok = ~np.isnan(want)
     assert np.allclose(got[ok], want[ok].astype(np.float32), rtol=1e-6, atol=1e-6)
     assert 0.4 < bits.mean() < 0.6  # both signs occur
+    # a mask made once for the rows (every layer of a prompt's states) gives the same sketch, bit for bit
+    assert np.array_equal(compact.sketch_masked(x, compact.sign_mask(keys, d), m), got, equal_nan=True)
 
     h = 32
     states = rng.standard_normal((t, h)).astype(np.float32)
@@ -93,6 +95,33 @@ def test_sketches_equal_their_definition_computed_element_by_element():
             flat[layout.index[r * h + j]] += -float(states[r, j]) if negative[r, j] else float(states[r, j])
     assert np.allclose(compact.flat_sketch(states, layout), flat.astype(np.float32), rtol=1e-6, atol=1e-6)
     assert negative.any() and not negative.all()
+
+
+def test_non_finite_values_are_counted_where_they_are_whatever_the_shortcut():
+    """Non-finite values are counted only in rows (layers) whose float64 sum, or sketch, is not finite; that must
+    find every NaN and infinity of either sign, alone or together (inf - inf), and count each, as a plain count
+    over every element does."""
+    rng = np.random.default_rng(8)
+    t, v, n_layers, h = 40, 700, 4, 48
+    a = _logits(rng, t, v)
+    a[3, 5], a[3, 9], a[11, 0], a[20, 699], a[21, 1], a[21, 2] = np.nan, np.inf, -np.inf, np.nan, np.inf, -np.inf
+    stats = compact.summarise_logits(a, rng.integers(0, v, t), "p", CFG, 16)["stats"]
+    want = (~np.isfinite(a)).sum(axis=1)
+    assert stats[:, compact.NONFINITE].tolist() == want.tolist() and want.sum() == 6
+    assert compact.nonfinite_rows(np.full((2, 3), 3e38, np.float32), np.full(2, np.inf)).tolist() == [0, 0]
+
+    sa = rng.standard_normal((n_layers, t, h)).astype(np.float32)
+    sb = sa.copy()
+    sa[1, 7, 3] = sb[2, 0, 0] = np.nan
+    sa[3, 39, 47] = sb[3, 5, 5] = np.inf
+    sb[3, 6, 6] = -np.inf
+    summary = compact.summarise_states(sa, "p", CFG)
+    assert summary["nonfinite"].tolist() == (~np.isfinite(sa)).sum(axis=(1, 2)).tolist() == [0, 1, 0, 1]
+    acc = metrics.LayerAccumulator(n_layers)
+    acc.update_compact("p", compact.StateSummary(**summary), sb, CFG)
+    got = acc.result()
+    assert got.nonfinite_a == [0, 1, 0, 1] and got.nonfinite_b == (~np.isfinite(sb)).sum(axis=(1, 2)).tolist()
+    assert got.nonfinite_b == [0, 0, 1, 2]
 
 
 def test_flat_sketch_estimates_a_layer_whose_error_sits_in_one_position():
